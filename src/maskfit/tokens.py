@@ -1,0 +1,278 @@
+"""The token batch: one structure for every path (padded FiT, packed, masked-and-packed, sampling).
+
+An image's latent (C, H, W) becomes a grid of h x w = (H/p) x (W/p) patch tokens of p*p*C values each,
+in FiT's channel order (c, p1, p2). A batch of B images is a *stream* of T tokens:
+
+- packed layout: the tokens of image b occupy ``cu_seqlens[b]:cu_seqlens[b+1]``; no padding anywhere.
+- padded layout (FiT): every image occupies N slots, the first n_b real and the rest padding
+  (``valid`` is False there). This is FiT's (B, N) tensor flattened, so the model's linear layers pay
+  for padding exactly as in the published code.
+
+``pos`` holds each token's (row, col) in its own image grid: RoPE reads it, never the stream index, so
+a subset of tokens (masked training) keeps its true positions.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TokenLayout:
+    """Where each token of a stream sits: its image, its grid position, and the segment offsets."""
+
+    pos: Tensor  # (T, 2) int64: (row, col) of each token in its own image grid
+    seq_id: Tensor  # (T,) int64: image index of each token
+    cu_seqlens: Tensor  # (B+1,) int32: offsets of each image's segment in the stream
+    grid: Tensor  # (B, 2) int64: full (h, w) token grid of each image
+    max_seqlen: int  # upper bound of a segment's length (a Python int, so kernels need no host sync)
+    valid: Optional[Tensor] = None  # (T,) bool; None means every token is real (no padding)
+    uniform_len: Optional[int] = None  # every segment has exactly this length: attention can run on (B, L)
+    keep: Optional[Tensor] = None  # (T,) int64 raster index (row * w + col) of each token in its full grid
+
+    @property
+    def num_images(self) -> int:
+        return self.grid.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.pos.shape[0]
+
+    def to(self, device, non_blocking: bool = True) -> "TokenLayout":
+        moved = {
+            f.name: (v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v)
+            for f in dataclasses.fields(self)
+            for v in [getattr(self, f.name)]
+        }
+        return TokenLayout(**moved)
+
+    def seqlens(self) -> Tensor:
+        """(B,) int64 number of stream slots of each image (padding included in the padded layout)."""
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+
+    def repeat(self, times: int) -> "TokenLayout":
+        """The same layout ``times`` times in a row (classifier-free guidance runs cond and uncond together)."""
+        T, B = self.num_tokens, self.num_images
+        seq_id = torch.cat([self.seq_id + i * B for i in range(times)])
+        offsets = [self.cu_seqlens[:1]] + [self.cu_seqlens[1:] + i * T for i in range(times)]
+        return TokenLayout(
+            pos=self.pos.repeat(times, 1),
+            seq_id=seq_id,
+            cu_seqlens=torch.cat(offsets),
+            grid=self.grid.repeat(times, 1),
+            max_seqlen=self.max_seqlen,
+            valid=None if self.valid is None else self.valid.repeat(times),
+            uniform_len=self.uniform_len,
+            keep=None if self.keep is None else self.keep.repeat(times),
+        )
+
+
+@dataclass
+class TokenBatch:
+    """Patch tokens of a batch of images plus their layout and labels."""
+
+    tokens: Tensor  # (T, p*p*C) patchified latents (only the kept ones when masked)
+    y: Tensor  # (B,) int64 class labels
+    layout: TokenLayout
+
+    def to(self, device, non_blocking: bool = True) -> "TokenBatch":
+        return TokenBatch(
+            tokens=self.tokens.to(device, non_blocking=non_blocking),
+            y=self.y.to(device, non_blocking=non_blocking),
+            layout=self.layout.to(device, non_blocking=non_blocking),
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Patchify
+# ----------------------------------------------------------------------------------------------------
+
+
+def check_patchable(height: int, width: int, patch_size: int) -> None:
+    if height <= 0 or width <= 0:
+        raise ValueError(f"latent size {height}x{width} is empty; an image needs at least one patch")
+    if height % patch_size or width % patch_size:
+        raise ValueError(
+            f"latent size {height}x{width} is not divisible by patch size {patch_size}; "
+            f"resize the image so each latent side is a multiple of {patch_size}"
+        )
+
+
+def patchify(latent: Tensor, patch_size: int) -> Tensor:
+    """(C, H, W) -> (h*w, C*p*p) in raster order (row-major), values in FiT's (c, p1, p2) order."""
+    C, H, W = latent.shape
+    check_patchable(H, W, patch_size)
+    p = patch_size
+    h, w = H // p, W // p
+    x = latent.reshape(C, h, p, w, p)  # (C, h, p1, w, p2)
+    x = x.permute(1, 3, 0, 2, 4)  # (h, w, C, p1, p2)
+    return x.reshape(h * w, C * p * p)
+
+
+def unpatchify(tokens: Tensor, grid_hw: tuple[int, int], patch_size: int) -> Tensor:
+    """(h*w, C*p*p) -> (C, H, W); the inverse of :func:`patchify`."""
+    h, w = grid_hw
+    p = patch_size
+    n, d = tokens.shape
+    if n != h * w or d % (p * p):
+        raise ValueError(f"cannot unpatchify {tuple(tokens.shape)} tokens to a {h}x{w} grid with patch {p}")
+    C = d // (p * p)
+    x = tokens.reshape(h, w, C, p, p).permute(2, 0, 3, 1, 4)  # (C, h, p1, w, p2)
+    return x.reshape(C, h * p, w * p)
+
+
+def grid_positions(h: int, w: int, device=None) -> Tensor:
+    """(h*w, 2) int64 (row, col) of every token of an h x w grid, raster order."""
+    rows = torch.arange(h, device=device).repeat_interleave(w)
+    cols = torch.arange(w, device=device).repeat(h)
+    return torch.stack([rows, cols], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building streams
+# ----------------------------------------------------------------------------------------------------
+
+
+def pack(
+    tokens: Sequence[Tensor],
+    grids: Sequence[tuple[int, int]],
+    labels: Tensor,
+    keep: Optional[Sequence[Tensor]] = None,
+    max_seqlen: Optional[int] = None,
+) -> TokenBatch:
+    """Concatenate images into one stream with no padding.
+
+    tokens[b]: (n_b, D) tokens of image b (all h*w of them, or the kept subset given by keep[b]).
+    keep[b]: (n_b,) raster indices of those tokens in the full h x w grid (None: all, in raster order).
+    max_seqlen: a static upper bound of n_b (defaults to the largest n_b, read on the CPU).
+    """
+    if len(tokens) != len(grids) or len(tokens) != labels.shape[0]:
+        raise ValueError(f"pack got {len(tokens)} token sets, {len(grids)} grids and {labels.shape[0]} labels")
+    lengths, pos, seq_id, keeps = [], [], [], []
+    for b, (x, (h, w)) in enumerate(zip(tokens, grids)):
+        if keep is None:
+            if x.shape[0] != h * w:
+                raise ValueError(f"image {b} has {x.shape[0]} tokens but its grid is {h}x{w}; pass keep=")
+            idx = torch.arange(h * w)
+        else:
+            idx = keep[b].long().cpu()
+            if idx.shape[0] != x.shape[0]:
+                raise ValueError(f"image {b}: {x.shape[0]} tokens but {idx.shape[0]} keep indices")
+        lengths.append(x.shape[0])
+        pos.append(torch.stack([idx // w, idx % w], dim=1))
+        seq_id.append(torch.full((x.shape[0],), b, dtype=torch.long))
+        keeps.append(idx)
+    lengths_t = torch.tensor(lengths, dtype=torch.int32)
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lengths_t, 0)
+    uniform = lengths[0] if lengths and all(n == lengths[0] for n in lengths) else None
+    layout = TokenLayout(
+        pos=torch.cat(pos),
+        seq_id=torch.cat(seq_id),
+        cu_seqlens=cu,
+        grid=torch.tensor([list(g) for g in grids], dtype=torch.long),
+        max_seqlen=int(max_seqlen if max_seqlen is not None else max(lengths)),
+        uniform_len=uniform,
+        keep=None if keep is None else torch.cat(keeps),
+    )
+    return TokenBatch(tokens=torch.cat(list(tokens)), y=labels.long(), layout=layout)
+
+
+def to_padded(batch: TokenBatch, seq_len: Optional[int] = None) -> TokenBatch:
+    """Packed -> padded (FiT) layout: every image gets ``seq_len`` slots, real tokens first.
+
+    Padding tokens are zeros at position (0, 0) with ``valid`` False, exactly like FiT's data loader.
+    """
+    lay = batch.layout
+    lengths = lay.seqlens()
+    n_max = int(lengths.max()) if seq_len is None else seq_len
+    if int(lengths.max()) > n_max:
+        raise ValueError(f"an image has {int(lengths.max())} tokens, more than the padded length {n_max}")
+    B, D = lay.num_images, batch.tokens.shape[1]
+    slot = torch.arange(lay.num_tokens, device=lay.pos.device) - lay.cu_seqlens.long()[lay.seq_id]
+    dest = lay.seq_id * n_max + slot  # (T,) where each token lands in the (B*N) stream
+    tokens = batch.tokens.new_zeros(B * n_max, D)
+    tokens[dest] = batch.tokens
+    pos = lay.pos.new_zeros(B * n_max, 2)
+    pos[dest] = lay.pos
+    valid = torch.zeros(B * n_max, dtype=torch.bool, device=lay.pos.device)
+    valid[dest] = True
+    keep = None
+    if lay.keep is not None:
+        keep = lay.keep.new_zeros(B * n_max)
+        keep[dest] = lay.keep
+    layout = TokenLayout(
+        pos=pos,
+        seq_id=torch.arange(B, device=lay.pos.device).repeat_interleave(n_max),
+        cu_seqlens=torch.arange(B + 1, dtype=torch.int32, device=lay.pos.device) * n_max,
+        grid=lay.grid,
+        max_seqlen=n_max,
+        valid=valid,
+        uniform_len=n_max,
+        keep=keep,
+    )
+    return TokenBatch(tokens=tokens, y=batch.y, layout=layout)
+
+
+def from_padded(batch: TokenBatch) -> TokenBatch:
+    """Padded -> packed layout: drop the padding slots (the inverse of :func:`to_padded`)."""
+    lay = batch.layout
+    if lay.valid is None:
+        return batch
+    v = lay.valid
+    lengths = torch.zeros(lay.num_images, dtype=torch.long, device=v.device)
+    lengths.index_add_(0, lay.seq_id[v], torch.ones_like(lay.seq_id[v]))
+    cu = torch.zeros(lay.num_images + 1, dtype=torch.int32, device=v.device)
+    cu[1:] = torch.cumsum(lengths, 0)
+    uniform = int(lengths[0]) if bool((lengths == lengths[0]).all()) else None
+    layout = TokenLayout(
+        pos=lay.pos[v],
+        seq_id=lay.seq_id[v],
+        cu_seqlens=cu,
+        grid=lay.grid,
+        max_seqlen=lay.max_seqlen,
+        uniform_len=uniform,
+        keep=None if lay.keep is None else lay.keep[v],
+    )
+    return TokenBatch(tokens=batch.tokens[v], y=batch.y, layout=layout)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-image reductions over a stream
+# ----------------------------------------------------------------------------------------------------
+
+
+def segment_sum(values: Tensor, seq_id: Tensor, num_images: int) -> Tensor:
+    """(T, ...) -> (B, ...): sum of each image's tokens."""
+    out = values.new_zeros((num_images,) + tuple(values.shape[1:]))
+    return out.index_add(0, seq_id, values)
+
+
+def segment_mean(values: Tensor, layout: TokenLayout) -> Tensor:
+    """(T,) per-token values -> (B,) mean over each image's *real* tokens (padding excluded).
+
+    Every image then counts once in a batch mean, whatever its length (FiT, MaskDiT, MicroDiT all
+    normalise this way; see reference/masked.md section 6.3).
+    """
+    weight = values.new_ones(values.shape[0]) if layout.valid is None else layout.valid.to(values.dtype)
+    total = segment_sum(values * weight, layout.seq_id, layout.num_images)
+    count = segment_sum(weight, layout.seq_id, layout.num_images)
+    return total / count.clamp_min(1.0)
+
+
+def per_image(values: Tensor, layout: TokenLayout) -> Tensor:
+    """(B, ...) per-image values -> (T, ...) one row per token (gather by image index)."""
+    return values[layout.seq_id]
+
+
+def split_images(tokens: Tensor, layout: TokenLayout) -> list[Tensor]:
+    """Stream (T, D) -> list of (n_b, D) per image, real tokens only. Reads offsets on the host."""
+    if layout.valid is not None:
+        tokens = tokens[layout.valid]
+        layout = from_padded(TokenBatch(tokens, torch.zeros(layout.num_images), layout)).layout
+    cu = layout.cu_seqlens.tolist()
+    return [tokens[cu[b] : cu[b + 1]] for b in range(layout.num_images)]
