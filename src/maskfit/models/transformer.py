@@ -1,0 +1,311 @@
+"""FiT (Lu et al. 2024) and FiTv2 (Wang et al. 2024) diffusion transformers over a token stream.
+
+The backbone maps (tokens, t, y, layout) -> tokens; the diffusion parameterisation lives outside
+(``maskfit.diffusion``). Tokens of many images travel as one stream (``maskfit.tokens``); per-image
+conditioning (timestep, label, adaLN modulation) is computed once per image and gathered per token.
+
+FiT v1: 2D RoPE, SwiGLU (hidden 4d, with biases as in the released code), adaLN-Zero (DiT), learned
+sigma. FiTv2 adds QK LayerNorm (no affine), AdaLN-LoRA (per block SiLU -> d->r->6d, plus one global
+d->6d modulation added to every block, FiTv2 eq. 11) and SwiGLU of hidden (int(4d)*2)//3.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from maskfit.models.attention import ATTENTION_BACKENDS, AttentionPlan, attention, prepare_attention
+from maskfit.models.rope import RopeExtrapolation, RopeTables, apply_rope, rope_tables
+from maskfit.tokens import TokenLayout
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a FiT/FiTv2 backbone. Presets below reproduce the papers' size tables."""
+
+    version: int = 1  # 1: FiT, 2: FiTv2
+    depth: int = 12
+    hidden_size: int = 768
+    num_heads: int = 12
+    ffn_hidden: int = 3072  # SwiGLU hidden width
+    patch_size: int = 2
+    in_channels: int = 4  # latent channels (3 in pixel space)
+    num_classes: int = 1000  # one extra embedding row is the null class for guidance
+    learn_sigma: bool = True  # FiT v1 predicts eps and the variance interpolation (2x channels)
+    qk_norm: bool = False  # FiTv2: parameter-free LayerNorm on each head's q and k
+    adaln: str = "full"  # "full": per block d->6d | "lora": per block d->r->6d plus a global d->6d
+    adaln_lora_rank: int = 0
+    rope_theta: float = 10000.0
+    attention: str = "dense"  # "dense" | "varlen" | "flex"
+
+    def __post_init__(self):
+        if self.version not in (1, 2):
+            raise ValueError(f"ModelConfig.version={self.version}; use 1 (FiT) or 2 (FiTv2)")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if (self.hidden_size // self.num_heads) % 4:
+            raise ValueError(
+                f"head dim {self.hidden_size // self.num_heads} must be a multiple of 4 for 2D RoPE; "
+                "change hidden_size or num_heads"
+            )
+        if self.adaln not in ("full", "lora"):
+            raise ValueError(f"ModelConfig.adaln={self.adaln!r}; use 'full' or 'lora'")
+        if self.adaln == "lora" and self.adaln_lora_rank <= 0:
+            raise ValueError("adaln='lora' needs adaln_lora_rank > 0 (FiTv2 uses hidden_size // 4)")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"ModelConfig.attention={self.attention!r}; choose one of {ATTENTION_BACKENDS}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def token_dim(self) -> int:
+        return self.patch_size**2 * self.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * (2 if self.learn_sigma else 1)
+
+
+def _fit_v1(depth: int, hidden: int, heads: int, ffn_hidden: Optional[int] = None) -> ModelConfig:
+    # FiT v1: "use_swiglu_large" -> hidden int(4d) unless given.
+    return ModelConfig(1, depth, hidden, heads, ffn_hidden or 4 * hidden, learn_sigma=True)
+
+
+def _fit_v2(depth: int, hidden: int, heads: int) -> ModelConfig:
+    return ModelConfig(
+        2, depth, hidden, heads, ffn_hidden=(4 * hidden * 2) // 3, learn_sigma=False, qk_norm=True,
+        adaln="lora", adaln_lora_rank=hidden // 4,
+    )
+
+
+# Size registry. v1 sizes follow FiT Tab.5/6 (S, L from mindone's registry; B, XL from the papers);
+# v2 sizes follow FiTv2 Tab.I. Counts for 4 latent channels and 1000 classes are pinned by tests.
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    "FiT-S/2": _fit_v1(12, 384, 6),
+    "FiT-B/2": _fit_v1(12, 768, 12),  # the papers' 159M
+    "FiT-B/2-dit": _fit_v1(12, 768, 12, ffn_hidden=2048),  # DiT-B-sized SwiGLU 2048 (130.3M), for speed figures
+    "FiT-L/2": _fit_v1(24, 1024, 16),
+    "FiT-XL/2": _fit_v1(28, 1152, 16),
+    "FiTv2-B/2": _fit_v2(15, 768, 12),
+    "FiTv2-XL/2": _fit_v2(36, 1152, 16),
+    "FiTv2-3B/2": _fit_v2(40, 2304, 24),
+    # Tiny models for tests and the CPU demo.
+    "FiT-tiny": ModelConfig(1, 2, 64, 4, 128, learn_sigma=True),
+    "FiTv2-tiny": ModelConfig(2, 2, 64, 4, 128, learn_sigma=False, qk_norm=True, adaln="lora", adaln_lora_rank=16),
+}
+
+
+def model_config(name: str, **overrides) -> ModelConfig:
+    """A preset by name, with field overrides (e.g. in_channels=3 for pixel space)."""
+    if name not in MODEL_PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; known presets: {', '.join(MODEL_PRESETS)}")
+    return replace(MODEL_PRESETS[name], **overrides)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------------
+
+
+def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
+    """(B,) timesteps -> (B, dim) sinusoidal features [cos, sin] (DiT; Vaswani et al. 2017 §3.5)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.mlp(timestep_embedding(t, self.freq_dim))  # (B, d)
+
+
+class SwiGLU(nn.Module):
+    """W2 (SiLU(W_g x) * W_x x) (Shazeer 2020); biases as in FiT's released code."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1_g = nn.Linear(dim, hidden)
+        self.fc1_x = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.silu(self.fc1_g(x)) * self.fc1_x(x))  # (T, d)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.qk_norm = qk_norm
+
+    def forward(self, x: Tensor, rope: RopeTables, plan: AttentionPlan) -> Tensor:
+        T, D = x.shape
+        q, k, v = self.qkv(x).view(T, 3, self.num_heads, D // self.num_heads).unbind(1)  # (T, H, D_h) each
+        if self.qk_norm:
+            # FiTv2: LayerNorm without affine over each head's dimension, before RoPE.
+            q = F.layer_norm(q, q.shape[-1:], eps=1e-6)
+            k = F.layer_norm(k, k.shape[-1:], eps=1e-6)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)  # (T, H, D_h)
+        out = attention(q, k, v, plan)  # (T, H, D_h)
+        return self.proj(out.reshape(T, D))  # (T, d)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class FiTBlock(nn.Module):
+    """Pre-norm block with adaLN-Zero modulation (DiT §3.2), per-image modulation gathered per token."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.attn = Attention(d, cfg.num_heads, cfg.qk_norm)
+        self.ffn = SwiGLU(d, cfg.ffn_hidden)
+        if cfg.adaln == "full":
+            self.adaLN = nn.Linear(d, 6 * d)
+        else:
+            # AdaLN-LoRA (FiTv2 eq. 11): W2_i W1_i (c) with rank r, no nonlinearity in between.
+            self.adaLN = nn.Sequential(nn.Linear(d, cfg.adaln_lora_rank), nn.Linear(cfg.adaln_lora_rank, 6 * d))
+
+    def forward(
+        self, x: Tensor, cond: Tensor, global_mod: Optional[Tensor], seq_id: Tensor, rope: RopeTables, plan: AttentionPlan
+    ) -> Tensor:
+        mod = self.adaLN(cond)  # (B, 6d), cond is SiLU(c)
+        if global_mod is not None:
+            mod = mod + global_mod
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod[seq_id].chunk(6, dim=-1)  # (T, d) each
+        h = F.layer_norm(x, x.shape[-1:], eps=1e-6)  # no affine: adaLN supplies scale and shift
+        x = x + gate1 * self.attn(modulate(h, shift1, scale1), rope, plan)  # (T, d)
+        h = F.layer_norm(x, x.shape[-1:], eps=1e-6)
+        x = x + gate2 * self.ffn(modulate(h, shift2, scale2))  # (T, d)
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.adaLN = nn.Linear(d, 2 * d)  # plain adaLN also in FiTv2 (no global term)
+        self.linear = nn.Linear(d, cfg.patch_size**2 * cfg.out_channels)
+
+    def forward(self, x: Tensor, cond: Tensor, seq_id: Tensor) -> Tensor:
+        shift, scale = self.adaLN(cond)[seq_id].chunk(2, dim=-1)  # (T, d) each
+        return self.linear(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift, scale))  # (T, p*p*C_out)
+
+
+class FiT(nn.Module):
+    """FiT / FiTv2 backbone on a token stream."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.x_embedder = nn.Linear(cfg.token_dim, d)  # patch embedding on pre-patchified tokens
+        self.t_embedder = TimestepEmbedder(d)
+        self.y_embedder = nn.Embedding(cfg.num_classes + 1, d)  # row num_classes = null label
+        self.global_adaLN = nn.Linear(d, 6 * d) if cfg.adaln == "lora" else None
+        self.blocks = nn.ModuleList(FiTBlock(cfg) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):  # xavier weights, zero biases (DiT, FiT)
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.y_embedder.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # Zero the last modulation layer so every block starts as the identity (adaLN-Zero).
+        for block in self.blocks:
+            last = block.adaLN if isinstance(block.adaLN, nn.Linear) else block.adaLN[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+        if self.global_adaLN is not None:
+            nn.init.zeros_(self.global_adaLN.weight)
+            nn.init.zeros_(self.global_adaLN.bias)
+        # Zero output layer: the network starts by predicting 0.
+        for m in (self.final_layer.adaLN, self.final_layer.linear):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @property
+    def null_class(self) -> int:
+        return self.cfg.num_classes
+
+    def condition(self, t: Tensor, y: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """Per-image conditioning: SiLU(t_emb + y_emb) (B, d) and the FiTv2 global modulation (B, 6d)."""
+        cond = F.silu(self.t_embedder(t) + self.y_embedder(y))  # (B, d)
+        global_mod = self.global_adaLN(cond) if self.global_adaLN is not None else None
+        return cond, global_mod
+
+    def forward(
+        self, x: Tensor, t: Tensor, y: Tensor, layout: TokenLayout, rope: Optional[RopeExtrapolation] = None
+    ) -> Tensor:
+        """x: (T, p*p*C) noisy tokens; t, y: (B,) -> (T, p*p*C_out). Padding slots output 0 (as FiT)."""
+        if x.shape[-1] != self.cfg.token_dim:
+            raise ValueError(
+                f"tokens have {x.shape[-1]} values but the model expects patch^2 x channels = "
+                f"{self.cfg.patch_size}^2 x {self.cfg.in_channels} = {self.cfg.token_dim}"
+            )
+        cond, global_mod = self.condition(t, y)
+        tables = rope_tables(
+            layout.pos, layout.seq_id, layout.grid, self.cfg.head_dim, rope, self.cfg.rope_theta
+        )  # cos/sin (T, D_h)
+        plan = prepare_attention(layout, self.cfg.attention)
+        h = self.x_embedder(x)  # (T, d)
+        for block in self.blocks:
+            h = block(h, cond, global_mod, layout.seq_id, tables, plan)  # (T, d)
+        out = self.final_layer(h, cond, layout.seq_id)  # (T, p*p*C_out)
+        if layout.valid is not None:
+            out = out * layout.valid[:, None].to(out.dtype)
+        return out
+
+
+def build_model(cfg: ModelConfig) -> FiT:
+    return FiT(cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_image(cfg: ModelConfig, n_tokens: int, training: bool = False) -> float:
+    """Real FLOPs (2 per multiply-accumulate) of one image of n_tokens through the backbone.
+
+    Convention (written down once, used by ``maskfit bench`` for MFU):
+    - every matrix multiply counts 2*M*N*K; elementwise ops, norms, softmax and RoPE are not counted;
+    - attention is counted: q.k^T and attn.v are 2 * (2 * n^2 * d) per layer;
+    - per-image work (timestep MLP, adaLN modulation) is counted once per image, not per token;
+    - training = 3 x forward (backward costs twice the forward).
+    """
+    d, n = cfg.hidden_size, n_tokens
+    per_token = 2 * (cfg.token_dim * d)  # patch embedding
+    per_block_token = 2 * (3 * d * d + d * d + 3 * d * cfg.ffn_hidden)  # qkv, proj, SwiGLU
+    per_block_attn = 2 * 2 * n * n * d  # q.k^T and attn.v
+    if cfg.adaln == "full":
+        per_block_image = 2 * 6 * d * d
+    else:
+        per_block_image = 2 * (d * cfg.adaln_lora_rank + cfg.adaln_lora_rank * 6 * d)
+    per_image = 2 * (256 * d + d * d)  # timestep MLP
+    per_image += 2 * 6 * d * d if cfg.adaln == "lora" else 0  # global modulation
+    per_image += 2 * 2 * d * d  # final adaLN
+    per_token += 2 * d * cfg.patch_size**2 * cfg.out_channels  # final linear
+    forward = n * per_token + cfg.depth * (n * per_block_token + per_block_attn + per_block_image) + per_image
+    return float(3 * forward if training else forward)
