@@ -72,18 +72,35 @@ class TokenLayout:
 
 
 @dataclass
-class TokenBatch:
-    """Patch tokens of a batch of images plus their layout and labels."""
+class MaskedView:
+    """The kept subset of a full token stream (masked training).
 
-    tokens: Tensor  # (T, p*p*C) patchified latents (only the kept ones when masked)
+    index: (T_k,) positions of the kept tokens in the full stream, grouped by image in image order;
+    layout: the kept tokens' own layout (their true grid positions, cu_seqlens of the kept counts).
+    """
+
+    index: Tensor
+    layout: TokenLayout
+
+    def to(self, device, non_blocking: bool = True) -> "MaskedView":
+        return MaskedView(self.index.to(device, non_blocking=non_blocking), self.layout.to(device, non_blocking))
+
+
+@dataclass
+class TokenBatch:
+    """Patch tokens of a batch of images plus their layout and labels (and the kept subset when masked)."""
+
+    tokens: Tensor  # (T, p*p*C) patchified latents of the full grids
     y: Tensor  # (B,) int64 class labels
     layout: TokenLayout
+    mask: Optional[MaskedView] = None  # masked training: which tokens the backbone sees
 
     def to(self, device, non_blocking: bool = True) -> "TokenBatch":
         return TokenBatch(
             tokens=self.tokens.to(device, non_blocking=non_blocking),
             y=self.y.to(device, non_blocking=non_blocking),
             layout=self.layout.to(device, non_blocking=non_blocking),
+            mask=None if self.mask is None else self.mask.to(device, non_blocking=non_blocking),
         )
 
 
@@ -180,6 +197,38 @@ def pack(
         keep=None if keep is None else torch.cat(keeps),
     )
     return TokenBatch(tokens=torch.cat(list(tokens)), y=labels.long(), layout=layout)
+
+
+def masked_view(layout: TokenLayout, keep: Sequence[Tensor], max_seqlen: Optional[int] = None) -> MaskedView:
+    """The kept subset of a stream of complete grids (packed or padded, tokens in raster order).
+
+    keep[b]: raster indices (row * w + col) of the tokens of image b that the backbone sees.
+    """
+    if len(keep) != layout.num_images:
+        raise ValueError(f"masked_view got keep indices for {len(keep)} images, the stream has {layout.num_images}")
+    starts = layout.cu_seqlens.long().cpu()
+    grid = layout.grid.cpu()
+    index, counts = [], []
+    for b, idx in enumerate(keep):
+        idx = idx.long().cpu()
+        n = int(grid[b, 0] * grid[b, 1])
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise ValueError(f"image {b}: keep indices must lie in [0, {n}) for its {tuple(grid[b].tolist())} grid")
+        index.append(starts[b] + idx)
+        counts.append(idx.numel())
+    index_t = torch.cat(index).to(layout.pos.device)
+    cu = torch.zeros(len(counts) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(counts), 0)
+    kept = TokenLayout(
+        pos=layout.pos[index_t],
+        seq_id=layout.seq_id[index_t],
+        cu_seqlens=cu.to(layout.pos.device),
+        grid=layout.grid,
+        max_seqlen=int(max_seqlen if max_seqlen is not None else max(counts)),
+        uniform_len=counts[0] if all(c == counts[0] for c in counts) else None,
+        keep=torch.cat([k.long().cpu() for k in keep]).to(layout.pos.device),
+    )
+    return MaskedView(index_t, kept)
 
 
 def to_padded(batch: TokenBatch, seq_len: Optional[int] = None) -> TokenBatch:

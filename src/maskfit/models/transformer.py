@@ -21,7 +21,10 @@ from torch import Tensor
 
 from maskfit.models.attention import ATTENTION_BACKENDS, AttentionPlan, attention, prepare_attention
 from maskfit.models.rope import RopeExtrapolation, RopeTables, apply_rope, rope_tables
-from maskfit.tokens import TokenLayout
+from maskfit.tokens import MaskedView, TokenLayout
+
+
+MASK_DESIGNS = ("plain", "decoder", "mixer", "side_interp")
 
 
 @dataclass
@@ -42,6 +45,17 @@ class ModelConfig:
     adaln_lora_rank: int = 0
     rope_theta: float = 10000.0
     attention: str = "dense"  # "dense" | "varlen" | "flex"
+    # Masked training designs (reference/masked.md). "plain" adds no module: the backbone runs on the kept
+    # tokens and predicts only them. The others add modules that see the full grid:
+    #   "decoder": MaskDiT light decoder on the full grid with a learnable mask token (Zheng et al. 2023 §3);
+    #   "mixer": MicroDiT dense patch-mixer blocks on all tokens before dropping (Sehwag et al. 2024 §3);
+    #   "side_interp": MDT side-interpolator before the last blocks, which run on the full grid (Gao et al. 2023 §3.2).
+    mask_design: str = "plain"
+    decoder_depth: int = 8
+    decoder_hidden: int = 512
+    decoder_heads: int = 16
+    mixer_depth: int = 2
+    side_decode_depth: int = 2  # backbone blocks after the side-interpolator (MDT's decode_layer)
 
     def __post_init__(self):
         if self.version not in (1, 2):
@@ -59,6 +73,14 @@ class ModelConfig:
             raise ValueError("adaln='lora' needs adaln_lora_rank > 0 (FiTv2 uses hidden_size // 4)")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"ModelConfig.attention={self.attention!r}; choose one of {ATTENTION_BACKENDS}")
+        if self.mask_design not in MASK_DESIGNS:
+            raise ValueError(f"ModelConfig.mask_design={self.mask_design!r}; choose one of {MASK_DESIGNS}")
+        if self.mask_design == "decoder" and (self.decoder_hidden // self.decoder_heads) % 4:
+            raise ValueError(
+                f"decoder head dim {self.decoder_hidden}/{self.decoder_heads} must be a multiple of 4 for 2D RoPE"
+            )
+        if self.mask_design == "side_interp" and not 0 < self.side_decode_depth < self.depth:
+            raise ValueError(f"side_decode_depth={self.side_decode_depth} must be in 1..depth-1 ({self.depth - 1})")
 
     @property
     def head_dim(self) -> int:
@@ -172,56 +194,94 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 class FiTBlock(nn.Module):
     """Pre-norm block with adaLN-Zero modulation (DiT §3.2), per-image modulation gathered per token."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(
+        self, width: int, num_heads: int, ffn_hidden: int, cond_dim: int, qk_norm: bool,
+        adaln: str = "full", adaln_lora_rank: int = 0,
+    ):
         super().__init__()
-        d = cfg.hidden_size
-        self.attn = Attention(d, cfg.num_heads, cfg.qk_norm)
-        self.ffn = SwiGLU(d, cfg.ffn_hidden)
-        if cfg.adaln == "full":
-            self.adaLN = nn.Linear(d, 6 * d)
+        self.attn = Attention(width, num_heads, qk_norm)
+        self.ffn = SwiGLU(width, ffn_hidden)
+        if adaln == "full":
+            self.adaLN = nn.Linear(cond_dim, 6 * width)
         else:
             # AdaLN-LoRA (FiTv2 eq. 11): W2_i W1_i (c) with rank r, no nonlinearity in between.
-            self.adaLN = nn.Sequential(nn.Linear(d, cfg.adaln_lora_rank), nn.Linear(cfg.adaln_lora_rank, 6 * d))
+            self.adaLN = nn.Sequential(nn.Linear(cond_dim, adaln_lora_rank), nn.Linear(adaln_lora_rank, 6 * width))
+
+    @classmethod
+    def backbone(cls, cfg: ModelConfig) -> "FiTBlock":
+        return cls(cfg.hidden_size, cfg.num_heads, cfg.ffn_hidden, cfg.hidden_size, cfg.qk_norm, cfg.adaln, cfg.adaln_lora_rank)
 
     def forward(
         self, x: Tensor, cond: Tensor, global_mod: Optional[Tensor], seq_id: Tensor, rope: RopeTables, plan: AttentionPlan
     ) -> Tensor:
-        mod = self.adaLN(cond)  # (B, 6d), cond is SiLU(c)
+        mod = self.adaLN(cond)  # (B, 6w), cond is SiLU(c)
         if global_mod is not None:
             mod = mod + global_mod
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod[seq_id].chunk(6, dim=-1)  # (T, d) each
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod[seq_id].chunk(6, dim=-1)  # (T, w) each
         h = F.layer_norm(x, x.shape[-1:], eps=1e-6)  # no affine: adaLN supplies scale and shift
-        x = x + gate1 * self.attn(modulate(h, shift1, scale1), rope, plan)  # (T, d)
+        x = x + gate1 * self.attn(modulate(h, shift1, scale1), rope, plan)  # (T, w)
         h = F.layer_norm(x, x.shape[-1:], eps=1e-6)
-        x = x + gate2 * self.ffn(modulate(h, shift2, scale2))  # (T, d)
+        x = x + gate2 * self.ffn(modulate(h, shift2, scale2))  # (T, w)
         return x
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, width: int, cond_dim: int, out_dim: int):
         super().__init__()
-        d = cfg.hidden_size
-        self.adaLN = nn.Linear(d, 2 * d)  # plain adaLN also in FiTv2 (no global term)
-        self.linear = nn.Linear(d, cfg.patch_size**2 * cfg.out_channels)
+        self.adaLN = nn.Linear(cond_dim, 2 * width)  # plain adaLN also in FiTv2 (no global term)
+        self.linear = nn.Linear(width, out_dim)
 
     def forward(self, x: Tensor, cond: Tensor, seq_id: Tensor) -> Tensor:
-        shift, scale = self.adaLN(cond)[seq_id].chunk(2, dim=-1)  # (T, d) each
+        shift, scale = self.adaLN(cond)[seq_id].chunk(2, dim=-1)  # (T, w) each
         return self.linear(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift, scale))  # (T, p*p*C_out)
 
 
+class _Stream:
+    """A layout with its RoPE tables and attention plan, computed once and shared by every layer."""
+
+    def __init__(self, layout: TokenLayout, head_dim: int, rope_cfg, theta: float, backend: str, tables=None):
+        self.layout = layout
+        self.rope_cfg = rope_cfg
+        self.tables = tables if tables is not None else rope_tables(
+            layout.pos, layout.seq_id, layout.grid, head_dim, rope_cfg, theta
+        )  # cos/sin (T, D_h)
+        self.plan = prepare_attention(layout, backend)
+
+    def subset(self, view: MaskedView, backend: str) -> "_Stream":
+        # RoPE is relative, so kept tokens keep their full-grid rotations: gather, no renumbering.
+        tables = RopeTables(self.tables.cos[view.index], self.tables.sin[view.index])
+        return _Stream(view.layout, 0, self.rope_cfg, 0.0, backend, tables=tables)
+
+
 class FiT(nn.Module):
-    """FiT / FiTv2 backbone on a token stream."""
+    """FiT / FiTv2 backbone on a token stream, with optional modules for masked training."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         d = cfg.hidden_size
+        out_dim = cfg.patch_size**2 * cfg.out_channels
         self.x_embedder = nn.Linear(cfg.token_dim, d)  # patch embedding on pre-patchified tokens
         self.t_embedder = TimestepEmbedder(d)
         self.y_embedder = nn.Embedding(cfg.num_classes + 1, d)  # row num_classes = null label
         self.global_adaLN = nn.Linear(d, 6 * d) if cfg.adaln == "lora" else None
-        self.blocks = nn.ModuleList(FiTBlock(cfg) for _ in range(cfg.depth))
-        self.final_layer = FinalLayer(cfg)
+        self.blocks = nn.ModuleList(FiTBlock.backbone(cfg) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(d, d, out_dim)
+        design = cfg.mask_design
+        if design in ("decoder", "side_interp"):
+            width = cfg.decoder_hidden if design == "decoder" else d
+            self.mask_token = nn.Parameter(torch.zeros(width))  # fills dropped positions (MaskDiT, MDT)
+        if design == "decoder":
+            dd, dh = cfg.decoder_hidden, cfg.decoder_heads
+            self.decoder_in = nn.Linear(d, dd)
+            self.decoder_blocks = nn.ModuleList(
+                FiTBlock(dd, dh, (4 * dd * 2) // 3, d, cfg.qk_norm) for _ in range(cfg.decoder_depth)
+            )
+            self.decoder_final = FinalLayer(dd, d, out_dim)
+        elif design == "mixer":
+            self.mixer_blocks = nn.ModuleList(FiTBlock.backbone(cfg) for _ in range(cfg.mixer_depth))
+        elif design == "side_interp":
+            self.side_interpolator = FiTBlock.backbone(cfg)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -233,17 +293,22 @@ class FiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # Zero the last modulation layer so every block starts as the identity (adaLN-Zero).
-        for block in self.blocks:
-            last = block.adaLN if isinstance(block.adaLN, nn.Linear) else block.adaLN[-1]
-            nn.init.zeros_(last.weight)
-            nn.init.zeros_(last.bias)
+        for block in self.modules():
+            if isinstance(block, FiTBlock):
+                last = block.adaLN if isinstance(block.adaLN, nn.Linear) else block.adaLN[-1]
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
         if self.global_adaLN is not None:
             nn.init.zeros_(self.global_adaLN.weight)
             nn.init.zeros_(self.global_adaLN.bias)
-        # Zero output layer: the network starts by predicting 0.
-        for m in (self.final_layer.adaLN, self.final_layer.linear):
-            nn.init.zeros_(m.weight)
-            nn.init.zeros_(m.bias)
+        # Zero output layers: the network starts by predicting 0.
+        for final in (self.final_layer, getattr(self, "decoder_final", None)):
+            if final is not None:
+                for m in (final.adaLN, final.linear):
+                    nn.init.zeros_(m.weight)
+                    nn.init.zeros_(m.bias)
+        if hasattr(self, "mask_token"):
+            nn.init.normal_(self.mask_token, std=0.02)  # MaskDiT and MDT initialise it N(0, 0.02)
 
     @property
     def null_class(self) -> int:
@@ -255,27 +320,90 @@ class FiT(nn.Module):
         global_mod = self.global_adaLN(cond) if self.global_adaLN is not None else None
         return cond, global_mod
 
+    def predicts_dropped_tokens(self) -> bool:
+        """Whether a masked forward also outputs the dropped tokens (full-grid decoders)."""
+        return self.cfg.mask_design in ("decoder", "side_interp")
+
     def forward(
-        self, x: Tensor, t: Tensor, y: Tensor, layout: TokenLayout, rope: Optional[RopeExtrapolation] = None
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor,
+        layout: TokenLayout,
+        rope: Optional[RopeExtrapolation] = None,
+        mask: Optional[MaskedView] = None,
     ) -> Tensor:
-        """x: (T, p*p*C) noisy tokens; t, y: (B,) -> (T, p*p*C_out). Padding slots output 0 (as FiT)."""
-        if x.shape[-1] != self.cfg.token_dim:
+        """x: (T, p*p*C) noisy tokens of the full stream; t, y: (B,) -> (T, p*p*C_out).
+
+        With ``mask`` the backbone runs on the kept tokens only; outputs at dropped positions are 0
+        unless the design has a full-grid decoder. Padding slots output 0 (as FiT).
+        """
+        cfg = self.cfg
+        if x.shape[-1] != cfg.token_dim:
             raise ValueError(
                 f"tokens have {x.shape[-1]} values but the model expects patch^2 x channels = "
-                f"{self.cfg.patch_size}^2 x {self.cfg.in_channels} = {self.cfg.token_dim}"
+                f"{cfg.patch_size}^2 x {cfg.in_channels} = {cfg.token_dim}"
             )
-        cond, global_mod = self.condition(t, y)
-        tables = rope_tables(
-            layout.pos, layout.seq_id, layout.grid, self.cfg.head_dim, rope, self.cfg.rope_theta
-        )  # cos/sin (T, D_h)
-        plan = prepare_attention(layout, self.cfg.attention)
+        cond, global_mod = self.condition(t, y)  # (B, d), (B, 6d) or None
+        full = _Stream(layout, cfg.head_dim, rope, cfg.rope_theta, cfg.attention)
         h = self.x_embedder(x)  # (T, d)
-        for block in self.blocks:
-            h = block(h, cond, global_mod, layout.seq_id, tables, plan)  # (T, d)
-        out = self.final_layer(h, cond, layout.seq_id)  # (T, p*p*C_out)
+        if cfg.mask_design == "mixer":
+            for block in self.mixer_blocks:  # dense context on every token before dropping (MicroDiT)
+                h = block(h, cond, global_mod, layout.seq_id, full.tables, full.plan)  # (T, d)
+        if mask is None:
+            out = self._unmasked(h, cond, global_mod, full)
+        else:
+            out = self._masked(h, cond, global_mod, full, mask)
         if layout.valid is not None:
             out = out * layout.valid[:, None].to(out.dtype)
         return out
+
+    def _run_blocks(self, h, cond, global_mod, stream: _Stream, blocks) -> Tensor:
+        for block in blocks:
+            h = block(h, cond, global_mod, stream.layout.seq_id, stream.tables, stream.plan)
+        return h
+
+    def _decode(self, h: Tensor, cond: Tensor, full: _Stream) -> Tensor:
+        """MaskDiT decoder on the full stream: (T, dd) -> (T, p*p*C_out)."""
+        cfg = self.cfg
+        dec_head_dim = cfg.decoder_hidden // cfg.decoder_heads
+        dec = full if dec_head_dim == cfg.head_dim else _Stream(
+            full.layout, dec_head_dim, full.rope_cfg, cfg.rope_theta, cfg.attention
+        )
+        h = self._run_blocks(h, cond, None, dec, self.decoder_blocks)  # (T, dd)
+        return self.decoder_final(h, cond, full.layout.seq_id)
+
+    def _unmasked(self, h, cond, global_mod, full: _Stream) -> Tensor:
+        h = self._run_blocks(h, cond, global_mod, full, self.blocks)  # (T, d); no side-interpolator at sampling (MDT)
+        if self.cfg.mask_design == "decoder":
+            return self._decode(self.decoder_in(h), cond, full)
+        return self.final_layer(h, cond, full.layout.seq_id)  # (T, p*p*C_out)
+
+    def _masked(self, h, cond, global_mod, full: _Stream, mask: MaskedView) -> Tensor:
+        cfg = self.cfg
+        kept = full.subset(mask, cfg.attention)
+        hk = h[mask.index]  # (T_k, d): only these reach the backbone
+        T = full.layout.num_tokens
+        out_dim = self.final_layer.linear.out_features
+        if cfg.mask_design in ("plain", "mixer"):
+            hk = self._run_blocks(hk, cond, global_mod, kept, self.blocks)  # (T_k, d)
+            out_k = self.final_layer(hk, cond, kept.layout.seq_id)  # (T_k, p*p*C_out)
+            return out_k.new_zeros(T, out_dim).index_copy(0, mask.index, out_k)
+        if cfg.mask_design == "decoder":
+            hk = self._run_blocks(hk, cond, global_mod, kept, self.blocks)  # (T_k, d)
+            hk = self.decoder_in(hk)  # (T_k, dd)
+            hf = self.mask_token.to(hk.dtype).expand(T, -1).index_copy(0, mask.index, hk)  # (T, dd)
+            return self._decode(hf, cond, full)
+        # side_interp: encoder blocks on kept tokens, the interpolator fills dropped positions from the
+        # visible ones, then the last blocks run on the full grid (MDT §3.2).
+        n_enc = cfg.depth - cfg.side_decode_depth
+        hk = self._run_blocks(hk, cond, global_mod, kept, self.blocks[:n_enc])  # (T_k, d)
+        hf = self.mask_token.to(hk.dtype).expand(T, -1).index_copy(0, mask.index, hk)  # (T, d)
+        interp = self.side_interpolator(hf, cond, global_mod, full.layout.seq_id, full.tables, full.plan)
+        # Masked shortcut: visible tokens pass through unchanged; only dropped ones take the interpolation.
+        hf = interp.index_copy(0, mask.index, hk)  # (T, d)
+        hf = self._run_blocks(hf, cond, global_mod, full, self.blocks[n_enc:])
+        return self.final_layer(hf, cond, full.layout.seq_id)
 
 
 def build_model(cfg: ModelConfig) -> FiT:

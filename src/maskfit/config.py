@@ -1,0 +1,188 @@
+"""Run configuration: typed dataclasses, one per concern, loaded from JSON or TOML and saved with each run.
+
+A config file holds sections named after the fields of :class:`RunConfig` (``[model]``, ``[data]``, ...).
+Unknown keys are errors that name the key and list the known ones: a typo never falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+
+@dataclass
+class ModelSection:
+    preset: str = "FiT-B/2"  # a name from `maskfit models`
+    overrides: dict = field(default_factory=dict)  # ModelConfig fields to change, e.g. {"in_channels": 3}
+    attention: str = "dense"  # "dense" | "varlen" | "flex"
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # "synthetic" | "folder" | "latents" (a cache made by `maskfit prepare`)
+    root: str = ""  # image folder (ImageNet layout) or latent-cache folder
+    num_images: int = 2048  # synthetic set size
+    num_classes: int = 8  # synthetic classes
+    token_budget: int = 256  # max tokens per image: H*W/(f*p)^2 <= budget, aspect ratio kept (FiT)
+    random_aspect_crop: bool = False  # for square-only sets (e.g. Imagenette): random crops of ratio 1:3..3:1
+    hflip: bool = True
+    autoencoder: str = "sd-vae"  # "sd-vae" (sd-vae-ft-ema from vae_path) | "identity" (pixel space)
+    vae_path: str = ""  # local folder of stabilityai/sd-vae-ft-ema (no hub access)
+    layout: str = "padded"  # "padded" (FiT) | "packed" (no padding)
+    num_workers: int = 0
+
+    def __post_init__(self):
+        _check_choice("data.source", self.source, ("synthetic", "folder", "latents"))
+        _check_choice("data.autoencoder", self.autoencoder, ("sd-vae", "identity"))
+        _check_choice("data.layout", self.layout, ("padded", "packed"))
+        if self.token_budget < 1:
+            raise ValueError(f"data.token_budget={self.token_budget}; it must hold at least one patch token")
+
+
+@dataclass
+class DiffusionConfig:
+    objective: str = "ddpm"  # "ddpm" (FiT v1: eps + learned sigma) | "flow" (FiTv2: rectified flow, velocity)
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    t_sampling: str = "logit_normal"  # flow only: "logit_normal" | "uniform"
+    label_dropout: float = 0.1  # classifier-free guidance training (Ho & Salimans 2022)
+
+    def __post_init__(self):
+        _check_choice("diffusion.objective", self.objective, ("ddpm", "flow"))
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"diffusion.label_dropout={self.label_dropout}; use a probability in [0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # FiT: constant 1e-4 at batch 256, AdamW, no weight decay
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 0  # linear warm-up (FiTv2 paper: 5000 steps)
+    ema_decay: float = 0.9999
+
+
+@dataclass
+class MaskSection:
+    """Masked training (train on a subset of each image's tokens). keep_ratio 1 = no masking."""
+
+    strategy: str = "uniform"  # see maskfit.masking
+    keep_ratio: float = 1.0
+    keep_count: Optional[int] = None  # constant kept count K per image (overrides keep_ratio)
+    ratio_distribution: str = "constant"  # "constant" | "beta"
+    schedule: str = "constant"  # "constant" | "linear" | "cosine": mask ratio over training
+    final_unmasked_steps: int = 0  # unmasked fine-tune at the end of training
+    design: str = "plain"  # "plain" | "decoder" (MaskDiT) | "mixer" (MicroDiT) | "side_interp" (MDT)
+    decoder_depth: int = 2
+    mixer_depth: int = 2
+    aux_loss_weight: float = 0.1  # MaskDiT reconstruction loss on dropped tokens
+
+    def __post_init__(self):
+        if not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(f"mask.keep_ratio={self.keep_ratio} is outside (0, 1]; 1 keeps every token")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    steps: int = 400_000
+    batch_size: int = 256  # images per step (global)
+    seed: int = 0
+    precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU) | "fp32" | "bf16"
+    compile: bool = False
+    log_every: int = 100
+    ckpt_every: int = 10_000
+    sample_every: int = 0  # 0: never write sample grids during training
+    device: str = "auto"
+
+    def __post_init__(self):
+        _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"train.steps={self.steps} and train.batch_size={self.batch_size} must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mask: MaskSection = field(default_factory=MaskSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _check_choice(name: str, value: str, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {allowed}")
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass ``cls`` from a nested dict; unknown keys raise with the list of known ones."""
+    if not isinstance(data, dict):
+        raise ValueError(f"config section [{where or 'root'}] must be a table/object, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in known:
+            raise ValueError(f"unknown config key {path!r}; known keys here: {', '.join(sorted(known))}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value, path)
+        elif hint is tuple or get_origin(hint) is tuple:
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load_config(path: Union[str, os.PathLike], overrides: Optional[list[str]] = None) -> RunConfig:
+    """Read a JSON or TOML config, then apply ``section.key=value`` overrides (values parsed as JSON)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        import tomllib  # Python >= 3.11
+
+        raw = tomllib.loads(text)
+    elif path.suffix == ".json":
+        raw = json.loads(text)
+    else:
+        raise ValueError(f"config {path} must end in .toml or .json")
+    return config_from_dict(raw, overrides)
+
+
+def config_from_dict(raw: dict, overrides: Optional[list[str]] = None) -> RunConfig:
+    raw = json.loads(json.dumps(raw))  # deep copy
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        dotted, value = item.split("=", 1)
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value  # a bare string
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = parsed
+    return from_dict(RunConfig, raw)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: Union[str, os.PathLike]) -> None:
+    from maskfit.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(to_dict(cfg), indent=2, sort_keys=True))

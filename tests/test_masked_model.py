@@ -1,0 +1,126 @@
+"""Masked forward: the backbone sees only kept tokens, with their true positions, in every model design."""
+import pytest
+import torch
+
+from maskfit.models.transformer import FiT, FiTBlock, model_config
+from maskfit.tokens import masked_view, pack, to_padded
+
+
+def _perturbed(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+GRIDS = [(4, 4), (2, 6), (3, 5)]
+
+
+def _batch(token_dim, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = [torch.randn(h * w, token_dim, generator=g) for h, w in GRIDS]
+    keep = [torch.randperm(h * w, generator=g)[: (h * w) // 2].sort().values for h, w in GRIDS]
+    y = torch.tensor([1, 5, 2])
+    return tokens, keep, y
+
+
+@pytest.mark.parametrize("preset", ["FiT-tiny", "FiTv2-tiny"])
+def test_masked_forward_equals_full_forward_on_the_kept_tokens(preset):
+    model = _perturbed(FiT(model_config(preset)))
+    tokens, keep, y = _batch(model.cfg.token_dim)
+    t = torch.tensor([5.0, 100.0, 700.0])
+    full = pack(tokens, GRIDS, y)
+    view = masked_view(full.layout, keep)
+    # Reference: an unmasked forward over a stream that holds only the kept tokens (same positions).
+    kept_only = pack([x[k] for x, k in zip(tokens, keep)], GRIDS, y, keep=keep)
+    with torch.no_grad():
+        masked = model(full.tokens, t, y, full.layout, mask=view)
+        reference = model(kept_only.tokens, t, y, kept_only.layout)
+    torch.testing.assert_close(masked[view.index], reference, atol=1e-5, rtol=1e-5)
+    dropped = torch.ones(full.layout.num_tokens, dtype=torch.bool)
+    dropped[view.index] = False
+    assert masked[dropped].abs().max() == 0  # plain dropping predicts only what it saw
+
+
+def test_masked_view_positions_survive_the_gather():
+    tokens, keep, y = _batch(16)
+    full = pack(tokens, GRIDS, y)
+    view = masked_view(full.layout, keep)
+    for b, ((h, w), k) in enumerate(zip(GRIDS, keep)):
+        seg = slice(int(view.layout.cu_seqlens[b]), int(view.layout.cu_seqlens[b + 1]))
+        expected = torch.stack([k // w, k % w], dim=1)
+        assert torch.equal(view.layout.pos[seg], expected)
+        assert torch.equal(view.layout.seq_id[seg], torch.full((len(k),), b))
+        assert torch.equal(full.tokens[view.index[seg]], tokens[b][k])  # the right tokens were taken
+
+
+def test_masked_view_on_padded_layout_matches_packed():
+    model = _perturbed(FiT(model_config("FiT-tiny")))
+    tokens, keep, y = _batch(model.cfg.token_dim)
+    t = torch.tensor([1.0, 2.0, 3.0])
+    packed = pack(tokens, GRIDS, y)
+    padded = to_padded(packed, seq_len=16)
+    with torch.no_grad():
+        a = model(packed.tokens, t, y, packed.layout, mask=masked_view(packed.layout, keep))
+        view_p = masked_view(padded.layout, keep)
+        b = model(padded.tokens, t, y, padded.layout, mask=view_p)
+    torch.testing.assert_close(a[masked_view(packed.layout, keep).index], b[view_p.index], atol=1e-5, rtol=1e-5)
+
+
+def test_half_masking_halves_the_tokens_the_backbone_sees():
+    model = FiT(model_config("FiT-tiny"))
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
+    grids = [(4, 4), (4, 8), (6, 6)]
+    tokens = [torch.randn(h * w, 16) for h, w in grids]
+    batch = pack(tokens, grids, torch.zeros(3, dtype=torch.long))
+    keep = [torch.randperm(h * w)[: h * w // 2] for h, w in grids]
+    t = torch.zeros(3)
+    with torch.no_grad():
+        model(batch.tokens, t, batch.y, batch.layout)
+        full_count = seen[0]
+        seen.clear()
+        model(batch.tokens, t, batch.y, batch.layout, mask=masked_view(batch.layout, keep))
+    assert full_count == 16 + 32 + 36
+    assert seen == [full_count // 2] * model.cfg.depth
+
+
+@pytest.mark.parametrize("design", ["decoder", "mixer", "side_interp"])
+def test_each_design_trains_masked_and_samples_unmasked(design):
+    overrides = dict(mask_design=design, decoder_depth=1, decoder_hidden=32, decoder_heads=2, mixer_depth=1, side_decode_depth=1)
+    model = _perturbed(FiT(model_config("FiTv2-tiny", **overrides))).train()
+    tokens, keep, y = _batch(model.cfg.token_dim)
+    batch = pack(tokens, GRIDS, y)
+    view = masked_view(batch.layout, keep)
+    t = torch.rand(3)
+    out = model(batch.tokens, t, y, batch.layout, mask=view)
+    assert out.shape == (batch.layout.num_tokens, model.cfg.token_dim)
+    out.square().mean().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    if design in ("decoder", "side_interp"):
+        assert model.predicts_dropped_tokens()
+        assert grads["mask_token"] is not None and grads["mask_token"].abs().sum() > 0
+    with torch.no_grad():
+        full = model(batch.tokens, t, y, batch.layout)  # sampling never masks
+    assert torch.isfinite(full).all() and full.shape == out.shape
+
+
+def test_mixer_sees_every_token_before_dropping():
+    model = FiT(model_config("FiT-tiny", mask_design="mixer", mixer_depth=1))
+    counts = []
+    model.mixer_blocks[0].register_forward_hook(lambda m, i, o: counts.append(i[0].shape[0]))
+    tokens, keep, y = _batch(model.cfg.token_dim)
+    batch = pack(tokens, GRIDS, y)
+    with torch.no_grad():
+        model(batch.tokens, torch.zeros(3), y, batch.layout, mask=masked_view(batch.layout, keep))
+    assert counts == [batch.layout.num_tokens]
+
+
+def test_bad_mask_design_and_keep_indices_are_rejected():
+    with pytest.raises(ValueError, match="mask_design='mae'"):
+        model_config("FiT-tiny", mask_design="mae")
+    batch = pack([torch.randn(4, 16)], [(2, 2)], torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"keep indices must lie in \[0, 4\)"):
+        masked_view(batch.layout, [torch.tensor([0, 4])])
