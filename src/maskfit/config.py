@@ -70,22 +70,36 @@ class OptimConfig:
 
 @dataclass
 class MaskSection:
-    """Masked training (train on a subset of each image's tokens). keep_ratio 1 = no masking."""
+    """Masked training: the backbone sees a subset of each image's tokens (maskfit.masking has the details).
 
-    strategy: str = "uniform"  # see maskfit.masking
-    keep_ratio: float = 1.0
-    keep_count: Optional[int] = None  # constant kept count K per image (overrides keep_ratio)
-    ratio_distribution: str = "constant"  # "constant" | "beta"
-    schedule: str = "constant"  # "constant" | "linear" | "cosine": mask ratio over training
-    final_unmasked_steps: int = 0  # unmasked fine-tune at the end of training
-    design: str = "plain"  # "plain" | "decoder" (MaskDiT) | "mixer" (MicroDiT) | "side_interp" (MDT)
-    decoder_depth: int = 2
+    keep_ratio 1 and no keep_count = no masking (the FiT baseline, or packed training without padding).
+    """
+
+    strategy: str = "uniform"  # "uniform" | "block" | "crop" | "strided"
+    keep_ratio: float = 1.0  # mean fraction of each image's tokens the backbone sees
+    keep_count: Optional[int] = None  # constant kept count K per image (equal lengths) instead of a ratio
+    ratio_distribution: str = "constant"  # "constant" | "beta" (per image, NaViT)
+    resolution_dependent: bool = False  # larger images drop a larger fraction (NaViT)
+    min_keep: int = 1
+    block_size: int = 4  # "block" strategy cell side, in tokens
+    schedule: str = "constant"  # "constant" | "linear" | "cosine": masking decays over train.steps
+    final_unmasked_steps: int = 0  # unmasked fine-tune: the last steps keep every token
+    # Model design for masking (ModelConfig.mask_design): "plain" | "decoder" | "mixer" | "side_interp"
+    design: str = "plain"
+    decoder_depth: int = 8
+    decoder_hidden: int = 512
+    decoder_heads: int = 16
     mixer_depth: int = 2
-    aux_loss_weight: float = 0.1  # MaskDiT reconstruction loss on dropped tokens
+    side_decode_depth: int = 2
+    aux_loss_weight: float = 0.1  # weight of the loss on dropped tokens for full-grid designs (MaskDiT: 0.1)
 
     def __post_init__(self):
         if not 0.0 < self.keep_ratio <= 1.0:
             raise ValueError(f"mask.keep_ratio={self.keep_ratio} is outside (0, 1]; 1 keeps every token")
+        if self.keep_count is not None and self.keep_count < 1:
+            raise ValueError(f"mask.keep_count={self.keep_count} must be a positive number of tokens")
+        if self.aux_loss_weight < 0:
+            raise ValueError(f"mask.aux_loss_weight={self.aux_loss_weight} must be >= 0")
 
 
 @dataclass

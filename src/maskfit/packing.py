@@ -1,0 +1,382 @@
+"""Packing images of different (kept) lengths into steps of a constant token budget.
+
+NaViT (Dehghani et al. 2023, §2.3 and App. A.3) packs several variable-length examples into each
+fixed-length sequence with a greedy first-fit rule and reports "typically less than 2 %" padding. Here the
+sequence is the whole step's token stream (``TokenBatch``): every step carries ``budget`` tokens, the
+real ones of several images plus one dummy segment for the rest, so every dense op has a static shape for
+``torch.compile`` (reference/masked.md §6.4).
+
+- :func:`first_fit_pack`: offline first-fit decreasing over a list of lengths.
+- :class:`StreamingPacker`: online packing from an iterator with a small buffer of candidates, so the
+  data order stays nearly random (the NaViT data pipeline packs a stream, not a sorted list).
+- :class:`PackedBatchSampler`: seeded, resumable bins of dataset indices for a ``DataLoader``.
+- :func:`pad_stream_to_budget`: the dummy tail segment (and empty segments up to a fixed image count).
+
+Contract for consumers of a padded stream: tokens with ``layout.valid`` False are padding. The loss must
+ignore them (``tokens.segment_mean`` already weights by ``valid``) and the mean over images must skip the
+images with no real token (:func:`real_image_mask`): the dummy segment and any zero-length segments.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Generic, Hashable, Iterable, Iterator, Optional, Sequence, TypeVar, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from maskfit.tokens import TokenBatch, TokenLayout
+
+Item = TypeVar("Item", bound=Hashable)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checks and statistics
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_budget(budget: int, max_images: Optional[int]) -> None:
+    if budget < 1:
+        raise ValueError(f"token budget {budget} must be a positive number of tokens per step")
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images={max_images} must be at least 1 (or None for no limit)")
+
+
+def _check_length(name: object, length: int, budget: int) -> None:
+    if length < 1:
+        raise ValueError(f"image {name!r} has {length} tokens; every packed image needs at least one token")
+    if length > budget:
+        raise ValueError(
+            f"image {name!r} has {length} tokens, more than the token budget {budget}; raise the budget to "
+            f"at least the largest image's kept token count (e.g. 256), or keep fewer tokens per image"
+        )
+
+
+def padding_fraction(bins: Sequence[Sequence[int]], lengths: Sequence[int], budget: int) -> float:
+    """Fraction of the budget slots of ``bins`` (lists of indices into ``lengths``) that are padding."""
+    if not bins:
+        return 0.0
+    real = sum(lengths[i] for b in bins for i in b)
+    return 1.0 - real / (len(bins) * budget)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Offline: first-fit decreasing
+# ----------------------------------------------------------------------------------------------------
+
+
+def first_fit_pack(lengths: Sequence[int], budget: int, max_images: Optional[int] = None) -> list[list[int]]:
+    """Pack item indices into bins of at most ``budget`` tokens (and ``max_images`` items) each.
+
+    First-fit decreasing (NaViT §2.3 uses first fit; sorting by length first is the classic
+    improvement, at most 11/9 OPT + 6/9 bins): items in decreasing length, ties by index, each into the
+    first open bin with room. Bins come in the order they were opened; inside a bin, items in the order
+    they were placed. Every index appears exactly once.
+    """
+    _check_budget(budget, max_images)
+    for i, n in enumerate(lengths):
+        _check_length(i, n, budget)
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    smallest = min(lengths) if lengths else 0
+    bins: list[list[int]] = []
+    room: list[int] = []  # free tokens of each bin
+    open_bins: list[int] = []  # bins that can still take the smallest item: the only ones worth scanning
+    for i in order:
+        n = lengths[i]
+        target = next((b for b in open_bins if room[b] >= n), None)
+        if target is None:
+            target = len(bins)
+            bins.append([])
+            room.append(budget)
+            open_bins.append(target)
+        bins[target].append(i)
+        room[target] -= n
+        if room[target] < smallest or (max_images is not None and len(bins[target]) >= max_images):
+            open_bins.remove(target)
+    return bins
+
+
+# ----------------------------------------------------------------------------------------------------
+# Online: a buffer of candidates
+# ----------------------------------------------------------------------------------------------------
+
+
+class StreamingPacker(Generic[Item]):
+    """Packs ``(item, length)`` pairs from an iterator into bins of at most ``budget`` tokens.
+
+    It holds up to ``buffer_size`` pending items in arrival order and fills one bin at a time:
+    - while the free space is at least the longest pending item, take the **oldest** pending item
+      (this keeps the data order: an item waits at most until the bin after it can no longer fit it);
+    - once it is not, take the **longest** pending item that still fits (best fit closes the bin
+      tightly: on lengths 128..256 with a 4096 budget it cuts the padding of plain oldest-first from
+      1.3 % to 0.9 %);
+    - the bin is emitted when no pending item fits, or it holds ``max_images`` items.
+    The buffer is refilled from the iterator after every pick. Every new bin starts with the oldest
+    pending item, so nothing waits forever. At the end of the iterator the buffer drains the same way.
+
+    ``padding_fraction`` reports the padding over all bins emitted so far.
+    """
+
+    def __init__(self, budget: int, buffer_size: int = 64, max_images: Optional[int] = None):
+        _check_budget(budget, max_images)
+        if buffer_size < 1:
+            raise ValueError(f"buffer_size={buffer_size} must be at least 1 (64 keeps padding well under 2 %)")
+        self.budget = budget
+        self.buffer_size = buffer_size
+        self.max_images = max_images
+        self.real_tokens = 0
+        self.num_bins = 0
+
+    @property
+    def padding_fraction(self) -> float:
+        return 0.0 if self.num_bins == 0 else 1.0 - self.real_tokens / (self.num_bins * self.budget)
+
+    def pack(self, items: Iterable[tuple[Item, int]]) -> Iterator[list[Item]]:
+        source = iter(items)
+        pending: list[tuple[Item, int]] = []
+        while self._refill(pending, source) or pending:
+            yield self._fill_bin(pending, source)
+
+    __call__ = pack
+
+    def _refill(self, pending: list[tuple[Item, int]], source: Iterator[tuple[Item, int]]) -> bool:
+        """Top the buffer up to buffer_size; returns whether anything was added."""
+        added = False
+        while len(pending) < self.buffer_size:
+            try:
+                item, length = next(source)
+            except StopIteration:
+                break
+            _check_length(item, int(length), self.budget)
+            pending.append((item, int(length)))
+            added = True
+        return added
+
+    def _fill_bin(self, pending: list[tuple[Item, int]], source: Iterator[tuple[Item, int]]) -> list[Item]:
+        chosen: list[Item] = []
+        room = self.budget
+        while pending and (self.max_images is None or len(chosen) < self.max_images):
+            pick = self._pick(pending, room)
+            if pick is None:
+                break
+            item, length = pending.pop(pick)
+            chosen.append(item)
+            room -= length
+            self._refill(pending, source)
+        self.real_tokens += self.budget - room
+        self.num_bins += 1
+        return chosen
+
+    @staticmethod
+    def _pick(pending: list[tuple[Item, int]], room: int) -> Optional[int]:
+        """Index in ``pending`` of the next item for a bin with ``room`` free tokens, or None."""
+        if room >= max(length for _, length in pending):
+            return 0  # everything fits: the oldest item, to keep the data order
+        best, best_length = None, 0
+        for j, (_, length) in enumerate(pending):
+            if best_length < length <= room:
+                best, best_length = j, length
+        return best
+
+
+# ----------------------------------------------------------------------------------------------------
+# Static shapes: the dummy tail segment
+# ----------------------------------------------------------------------------------------------------
+
+
+def dummy_grid(num_tokens: int) -> tuple[int, int]:
+    """Grid of the dummy segment: near-square (side ceil(sqrt(r))), so its positions stay as small as a
+    real image's and RoPE (or any per-image scale read from ``grid``) sees ordinary values."""
+    if num_tokens <= 0:
+        return (1, 1)
+    cols = math.isqrt(num_tokens - 1) + 1  # ceil(sqrt(r))
+    return (-(-num_tokens // cols), cols)
+
+
+def real_image_mask(layout: TokenLayout) -> Tensor:
+    """(B,) bool: images with at least one real token (False for the dummy and zero-length segments)."""
+    lengths = layout.seqlens()
+    if layout.valid is None:
+        return lengths > 0
+    count = torch.zeros(layout.num_images, dtype=torch.long, device=layout.valid.device)
+    count.index_add_(0, layout.seq_id, layout.valid.long())
+    return count > 0
+
+
+def pad_stream_to_budget(batch: TokenBatch, budget: int, max_images: Optional[int] = None) -> TokenBatch:
+    """Make a packed stream exactly ``budget`` tokens long (and ``max_images + 1`` segments) for static shapes.
+
+    Appends ONE dummy segment, image index B (right after the B real images), holding the budget - T
+    remaining tokens, even when that is 0, so the layout is always "real images, then padding segments".
+    Its tokens are zeros with ``valid`` False; its label is 0 (always a valid class index, unlike the
+    null class whose index depends on the model); its grid is :func:`dummy_grid` and its positions the
+    raster cells of that grid, so per-image conditioning gathered with ``seq_id`` and RoPE read ordinary,
+    finite values. With ``max_images``, zero-length segments (label 0, grid (1, 1)) follow the dummy until
+    there are max_images + 1 segments, i.e. ``cu_seqlens`` has max_images + 2 entries (its last offset
+    repeated), and ``y`` and ``grid`` have max_images + 1 rows.
+
+    ``max_seqlen`` becomes max(old max_seqlen, budget - T): the dummy is one segment, and the attention
+    kernel must see its true length. With NaViT-level packing the remainder is < 2 % of the budget,
+    below a 256-token max_seqlen, so it stays at its static value except on rare tail batches.
+
+    Consumers: the loss ignores tokens with ``valid`` False and the per-image mean skips the images of
+    :func:`real_image_mask`. The real tokens, their order and their layout fields are unchanged.
+    """
+    lay = batch.layout
+    num_real, total = lay.num_images, lay.num_tokens
+    if total > budget:
+        raise ValueError(
+            f"the stream has {total} tokens, more than the budget {budget}; pack fewer images per step "
+            "(first_fit_pack / StreamingPacker with this budget) or raise the budget"
+        )
+    if max_images is not None and num_real > max_images:
+        raise ValueError(
+            f"the stream has {num_real} images, more than max_images={max_images}; pass max_images to the "
+            "packer too, or raise max_images"
+        )
+    remaining = budget - total
+    num_segments = num_real + 1 if max_images is None else max_images + 1
+    num_empty = num_segments - num_real - 1  # zero-length segments after the dummy
+    device = batch.tokens.device
+
+    grid_rows, grid_cols = dummy_grid(remaining)
+    raster = torch.arange(remaining, device=device)  # (r,) the dummy's tokens fill its grid in raster order
+    dummy_pos = torch.stack([raster // grid_cols, raster % grid_cols], dim=1)  # (r, 2)
+    real_valid = lay.valid if lay.valid is not None else torch.ones(total, dtype=torch.bool, device=device)
+    grids = [lay.grid, torch.tensor([[grid_rows, grid_cols]] + [[1, 1]] * num_empty, dtype=lay.grid.dtype)]
+    end = lay.cu_seqlens[-1:]  # (1,) the offset where the dummy starts
+    cu_tail = torch.cat([end + remaining] * (num_empty + 1))  # (num_empty + 1,)
+    lengths = torch.cat([lay.seqlens(), torch.tensor([remaining] + [0] * num_empty, device=device)])
+    uniform = int(lengths[0]) if bool((lengths == lengths[0]).all()) else None
+
+    layout = TokenLayout(
+        pos=torch.cat([lay.pos, dummy_pos.to(lay.pos.dtype)]),
+        seq_id=torch.cat([lay.seq_id, torch.full((remaining,), num_real, dtype=lay.seq_id.dtype, device=device)]),
+        cu_seqlens=torch.cat([lay.cu_seqlens, cu_tail.to(lay.cu_seqlens.dtype)]),
+        grid=torch.cat([g.to(lay.grid.device) for g in grids]),
+        max_seqlen=max(lay.max_seqlen, remaining),
+        valid=torch.cat([real_valid, torch.zeros(remaining, dtype=torch.bool, device=device)]),
+        uniform_len=uniform,
+        keep=None if lay.keep is None else torch.cat([lay.keep, raster.to(lay.keep.dtype)]),
+    )
+    tokens = torch.cat([batch.tokens, batch.tokens.new_zeros(remaining, batch.tokens.shape[1])])
+    y = torch.cat([batch.y, batch.y.new_zeros(num_segments - num_real)])
+    return TokenBatch(tokens=tokens, y=y, layout=layout)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A resumable sampler of packed bins
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplerState:
+    epoch: int = 0
+    position: int = 0  # bins of this rank already handed out in this epoch
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # SeedSequence mixes (seed, epoch) so that seed 0 / epoch 1 and seed 1 / epoch 0 differ.
+    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class PackedBatchSampler:
+    """Yields bins (lists of dataset indices) of at most ``budget`` tokens: a ``batch_sampler`` for a DataLoader.
+
+    ``lengths`` is each image's token count after masking: a sequence, or a function epoch -> sequence
+    when the counts are redrawn every epoch (e.g. NaViT Beta ratios; draw image i's count from
+    ``masking.per_image_generator(seed, epoch, i)`` so the dataset worker can draw the same one).
+
+    Each epoch: a seeded permutation of the indices (or 0..N-1 when ``shuffle`` is False) streams through
+    :class:`StreamingPacker`; with ``num_replicas`` > 1 every rank takes bins rank, rank + R, ... and the
+    last incomplete group of R bins is dropped so all ranks run the same number of steps.
+
+    Resume: ``state_dict()`` holds the epoch and the number of this rank's bins already handed out; the
+    bins are a deterministic function of (seed, epoch, lengths), so ``load_state_dict`` followed by
+    ``iter`` continues with exactly the next bin. A DataLoader prefetches, so the count handed out can run
+    ahead of the training loop: save ``{"epoch": e, "position": steps_consumed_this_epoch}`` from the loop
+    in that case. After a full pass the sampler moves to the next epoch on its own.
+    """
+
+    def __init__(
+        self,
+        lengths: Union[Sequence[int], Callable[[int], Sequence[int]]],
+        budget: int,
+        *,
+        buffer_size: int = 64,
+        max_images: Optional[int] = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
+        _check_budget(budget, max_images)
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank={rank} is outside [0, num_replicas={num_replicas})")
+        self.lengths = lengths
+        self.budget = budget
+        self.buffer_size = buffer_size
+        self.max_images = max_images
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.state = SamplerState()
+        self._cache: Optional[tuple[int, list[list[int]], float]] = None  # (epoch, bins, padding)
+
+    def lengths_for(self, epoch: int) -> Sequence[int]:
+        return self.lengths(epoch) if callable(self.lengths) else self.lengths
+
+    def _order(self, epoch: int, num_items: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(num_items))
+        generator = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+        return torch.randperm(num_items, generator=generator).tolist()
+
+    def _epoch_bins(self, epoch: int) -> tuple[list[list[int]], float]:
+        """This rank's bins of ``epoch`` and the padding fraction of all ranks' bins (cached per epoch)."""
+        if self._cache is None or self._cache[0] != epoch:
+            lengths = self.lengths_for(epoch)
+            packer = StreamingPacker(self.budget, self.buffer_size, self.max_images)
+            bins = list(packer.pack((i, lengths[i]) for i in self._order(epoch, len(lengths))))
+            usable = len(bins) - len(bins) % self.num_replicas
+            self._cache = (epoch, bins[self.rank : usable : self.num_replicas], packer.padding_fraction)
+        return self._cache[1], self._cache[2]
+
+    @property
+    def epoch(self) -> int:
+        return self.state.epoch
+
+    def padding_fraction(self, epoch: Optional[int] = None) -> float:
+        """Padding of the (current) epoch's bins, all ranks together."""
+        return self._epoch_bins(self.state.epoch if epoch is None else epoch)[1]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first bin (no-op when already in it, so a resumed position survives)."""
+        if epoch != self.state.epoch:
+            self.state = SamplerState(epoch=epoch, position=0)
+
+    def __len__(self) -> int:
+        return len(self._epoch_bins(self.state.epoch)[0])
+
+    def __iter__(self) -> Iterator[list[int]]:
+        bins, _ = self._epoch_bins(self.state.epoch)
+        while self.state.position < len(bins):
+            self.state.position += 1  # counted before the yield: a state saved after using bin i resumes at i + 1
+            yield list(bins[self.state.position - 1])
+        self.state = SamplerState(epoch=self.state.epoch + 1, position=0)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.state.epoch, "position": self.state.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "seed" in state and state["seed"] != self.seed:
+            raise ValueError(
+                f"sampler state was saved with seed={state['seed']} but this sampler has seed={self.seed}; "
+                "build the sampler with the checkpoint's seed to resume its data order"
+            )
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or position < 0:
+            raise ValueError(f"sampler state epoch={epoch}, position={position} must both be >= 0")
+        self.state = SamplerState(epoch=epoch, position=position)
