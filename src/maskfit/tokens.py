@@ -50,6 +50,13 @@ class TokenLayout:
         }
         return TokenLayout(**moved)
 
+    def pin_memory(self) -> "TokenLayout":
+        """Page-locked copies, so the host-to-device copy can overlap compute (DataLoader pin_memory)."""
+        return dataclasses.replace(
+            self, **{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)
+                     if isinstance(getattr(self, f.name), Tensor)}
+        )
+
     def seqlens(self) -> Tensor:
         """(B,) int64 number of stream slots of each image (padding included in the padded layout)."""
         return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
@@ -85,6 +92,9 @@ class MaskedView:
     def to(self, device, non_blocking: bool = True) -> "MaskedView":
         return MaskedView(self.index.to(device, non_blocking=non_blocking), self.layout.to(device, non_blocking))
 
+    def pin_memory(self) -> "MaskedView":
+        return MaskedView(self.index.pin_memory(), self.layout.pin_memory())
+
 
 @dataclass
 class TokenBatch:
@@ -101,6 +111,12 @@ class TokenBatch:
             y=self.y.to(device, non_blocking=non_blocking),
             layout=self.layout.to(device, non_blocking=non_blocking),
             mask=None if self.mask is None else self.mask.to(device, non_blocking=non_blocking),
+        )
+
+    def pin_memory(self) -> "TokenBatch":
+        return TokenBatch(
+            self.tokens.pin_memory(), self.y.pin_memory(), self.layout.pin_memory(),
+            None if self.mask is None else self.mask.pin_memory(),
         )
 
 

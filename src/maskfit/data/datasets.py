@@ -1,0 +1,315 @@
+"""Image datasets: ImageNet-layout folders (no cropping by default), in-memory images, synthetic classes.
+
+Every dataset returns a :class:`DataItem`: an image as a float tensor (3, H, W) in [-1, 1] whose sides
+are multiples of ``patch_px`` within the token budget (FiT's resize rule), and its label.
+
+Randomness per item (random crop, flip) comes from ``numpy.random.default_rng([seed, epoch, index])``,
+never from a global generator: an item is the same whichever worker loads it and in whatever order,
+so a run resumed mid-epoch sees exactly the images an uninterrupted run would. ``dataset[i]`` is
+``dataset.get(i, epoch=0)``; the loader passes the real epoch (see :mod:`maskfit.data.loader`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from maskfit.data.resize import check_budget, random_aspect_crop, resize_to_token_budget
+from maskfit.data.synthetic import SyntheticSizes, check_num_classes, synthetic_sample
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class DataItem:
+    """One training example: an image (3, H, W) in [-1, 1] or a scaled latent (C, H/f, W/f), and its label."""
+
+    x: Tensor  # (C, H, W) float32
+    label: int
+
+
+class ImageFileError(ValueError):
+    """An image file that cannot be used (empty, corrupt, not an image, zero-size)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conversions
+# ----------------------------------------------------------------------------------------------------
+
+
+def check_image_tensor(x: Tensor, channels: int = 3, what: str = "image") -> None:
+    """Raise unless ``x`` is (channels, H, W) with non-empty sides."""
+    if x.ndim != 3 or x.shape[0] != channels:
+        fix = "convert grayscale/RGBA images to RGB, channels first" if channels == 3 else "check the channel count"
+        raise ValueError(f"{what} has shape {tuple(x.shape)}, expected ({channels}, H, W); {fix}")
+    if x.shape[1] < 1 or x.shape[2] < 1:
+        raise ValueError(f"{what} of shape {tuple(x.shape)} is empty; it needs at least one pixel per side")
+
+
+def to_tensor_image(img: Union[Image.Image, np.ndarray]) -> Tensor:
+    """PIL RGB image or (H, W, 3) uint8 array -> (3, H, W) float32 in [-1, 1]."""
+    arr = np.asarray(img)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ValueError(
+            f"expected an RGB uint8 image of shape (H, W, 3), got {arr.dtype} {arr.shape}; call .convert('RGB') first"
+        )
+    x = torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1)  # (3, H, W) uint8; a copy, as PIL's is read-only
+    return x.float() / 127.5 - 1.0
+
+
+def to_uint8(x: Tensor) -> np.ndarray:
+    """(3, H, W) float in [-1, 1] -> (H, W, 3) uint8 (values outside [-1, 1] are clamped: that is the
+    meaning of saving an image, not a repair)."""
+    check_image_tensor(x)
+    arr = ((x.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)  # (3, H, W)
+    return arr.permute(1, 2, 0).numpy()
+
+
+def load_rgb(path: Union[str, Path]) -> Image.Image:
+    """Open an image file as RGB, with one clear error per way it can be unusable."""
+    path = Path(path)
+    try:
+        nbytes = path.stat().st_size
+    except OSError as err:
+        raise ImageFileError(f"cannot read image file {path}: {err}; check the path and its permissions") from err
+    if nbytes == 0:
+        raise ImageFileError(f"image file {path} is empty (0 bytes); delete it or copy it again from the source")
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a truncated file fails here, not later in a worker
+            img = im.convert("RGB")  # grayscale, palette, CMYK; RGBA loses its alpha channel
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageFileError(
+            f"image file {path} is corrupt or not an image ({type(err).__name__}: {err}); "
+            f"delete it or download it again"
+        ) from err
+    if img.width < 1 or img.height < 1:
+        raise ImageFileError(f"image file {path} has zero size {img.width}x{img.height}; delete it")
+    return img
+
+
+# ----------------------------------------------------------------------------------------------------
+# The shared per-image transform
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Optional random-aspect crop, FiT budget resize (bicubic, no crop), optional horizontal flip.
+
+    token_budget: the most tokens an image may have; patch_px: pixels per token side
+    (autoencoder factor x patch size: 16 for SD-VAE with patch 2, the patch size in pixel space).
+    random_crop: for square-only sets (e.g. Imagenette's centre crops), crop to a log-uniform aspect
+    ratio in ``crop_ratio_range`` first, so the model sees non-square images.
+    hflip: flip with probability 0.5. Leave it off when building a latent cache: the cache stores both
+    orientations itself, like FiT.
+    """
+
+    token_budget: int = 256
+    patch_px: int = 16
+    random_crop: bool = False
+    crop_ratio_range: tuple[float, float] = (1 / 3, 3.0)
+    crop_min_area: float = 0.25
+    hflip: bool = False
+
+    def __post_init__(self) -> None:
+        check_budget(self.token_budget, self.patch_px)
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Tensor:
+        if self.random_crop:
+            img = random_aspect_crop(img, rng, self.crop_ratio_range, self.crop_min_area)
+        img = resize_to_token_budget(img, self.token_budget, self.patch_px)
+        x = to_tensor_image(img)  # (3, H, W)
+        if self.hflip and rng.random() < 0.5:
+            x = x.flip(-1)
+        return x
+
+
+def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The random stream of one item in one epoch (independent of worker and order)."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+class _EpochDataset(torch.utils.data.Dataset):
+    """Base: ``get(index, epoch)`` does the work; ``dataset[i]`` is epoch 0."""
+
+    seed: int
+    transform: ImageTransform
+
+    @property
+    def token_budget(self) -> int:
+        return self.transform.token_budget
+
+    @property
+    def patch_px(self) -> int:
+        return self.transform.patch_px
+
+    @property
+    def patch(self) -> int:
+        """Token side in units of ``item.x`` (pixels here): what the loader patchifies with."""
+        return self.transform.patch_px
+
+    @property
+    def hflip(self) -> bool:
+        return self.transform.hflip
+
+    def get(self, index: int, epoch: int = 0) -> DataItem:
+        raise NotImplementedError
+
+    def _check_index(self, index: int) -> int:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} is out of range for a dataset of {n} items")
+        return index % n
+
+    def __getitem__(self, index: int) -> DataItem:
+        return self.get(index, epoch=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------------------
+
+
+class ImageFolderDataset(_EpochDataset):
+    """ImageNet layout: ``root/<class>/**/<image>``, classes sorted by folder name, no cropping by default.
+
+    Files are found by extension (:data:`IMAGE_EXTENSIONS`, case-insensitive) and sorted; an unreadable
+    file fails when it is loaded, naming the file.
+    """
+
+    def __init__(self, root: Union[str, Path], transform: ImageTransform = ImageTransform(), seed: int = 0):
+        self.root = Path(root)
+        self.transform = transform
+        self.seed = seed
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"image folder {self.root} does not exist; pass the folder that holds one folder per class"
+            )
+        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not self.classes:
+            raise FileNotFoundError(
+                f"image folder {self.root} has no class folders; expected ImageNet layout root/<class>/<image>.jpg "
+                f"(put the images of each class in their own sub-folder)"
+            )
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        self.samples: list[tuple[Path, int]] = []
+        for name in self.classes:
+            files = _image_files(self.root / name)
+            if not files:
+                raise FileNotFoundError(
+                    f"class folder {self.root / name} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); "
+                    f"add its images or remove the folder"
+                )
+            self.samples.extend((f, self.class_to_idx[name]) for f in files)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def get(self, index: int, epoch: int = 0) -> DataItem:
+        index = self._check_index(index)
+        path, label = self.samples[index]
+        x = self.transform(load_rgb(path), item_rng(self.seed, epoch, index))  # (3, H, W)
+        return DataItem(x=x, label=label)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / f for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS))
+    return sorted(found)
+
+
+class ImageListDataset(_EpochDataset):
+    """Images already in memory: (3, H, W) float tensors in [-1, 1] or (H, W, 3) uint8 arrays.
+
+    Tensors are quantised to 8 bits before the transform (what an image file would hold), so this
+    dataset and an image folder of the same pictures give the same items.
+    """
+
+    def __init__(
+        self,
+        images: Sequence[Union[Tensor, np.ndarray]],
+        labels: Sequence[int],
+        transform: ImageTransform = ImageTransform(),
+        seed: int = 0,
+    ):
+        if len(images) != len(labels):
+            raise ValueError(f"got {len(images)} images but {len(labels)} labels; pass one label per image")
+        self.images = [self._as_uint8(img, i) for i, img in enumerate(images)]
+        self.labels = [int(label) for label in labels]
+        self.transform = transform
+        self.seed = seed
+
+    @staticmethod
+    def _as_uint8(img: Union[Tensor, np.ndarray], i: int) -> np.ndarray:
+        if isinstance(img, Tensor):
+            check_image_tensor(img, what=f"image {i}")
+            return to_uint8(img)
+        arr = np.asarray(img)
+        if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+            raise ValueError(
+                f"image {i} is a {arr.dtype} array of shape {arr.shape}; pass (H, W, 3) uint8 arrays "
+                f"or (3, H, W) float tensors in [-1, 1]"
+            )
+        if arr.shape[0] < 1 or arr.shape[1] < 1:
+            raise ValueError(f"image {i} of shape {arr.shape} is empty; it needs at least one pixel per side")
+        return arr
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def get(self, index: int, epoch: int = 0) -> DataItem:
+        index = self._check_index(index)
+        img = Image.fromarray(self.images[index])
+        return DataItem(x=self.transform(img, item_rng(self.seed, epoch, index)), label=self.labels[index])
+
+
+class SyntheticDataset(_EpochDataset):
+    """The procedural classes of :mod:`maskfit.data.synthetic`, rendered directly at budget sizes.
+
+    Image ``i`` (content, size, label ``i % num_classes``) depends only on (seed, i); with ``hflip`` its
+    orientation also depends on the epoch. Sizes are drawn by ``sizes`` (aspect ratio 1:3 to 3:1,
+    token budget and patch from there), so no resampling blurs the patterns.
+    """
+
+    def __init__(
+        self,
+        num_images: int,
+        num_classes: int = 8,
+        seed: int = 0,
+        sizes: SyntheticSizes = SyntheticSizes(),
+        hflip: bool = False,
+    ):
+        check_num_classes(num_classes)
+        if num_images < 1:
+            raise ValueError(f"num_images={num_images} must be >= 1")
+        self.num_images = num_images
+        self.num_classes = num_classes
+        self.seed = seed
+        self.sizes = sizes
+        # The transform only flips here: images are drawn at their final size (no crop, no resize).
+        self.transform = ImageTransform(token_budget=sizes.token_budget, patch_px=sizes.patch_px, hflip=hflip)
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def image(self, index: int) -> tuple[np.ndarray, int]:
+        """((H, W, 3) uint8, label) of item ``index``, before any flip."""
+        index = self._check_index(index)
+        return synthetic_sample(index, self.num_classes, self.seed, self.sizes)
+
+    def get(self, index: int, epoch: int = 0) -> DataItem:
+        arr, label = self.image(index)
+        x = to_tensor_image(arr)  # (3, H, W)
+        if self.hflip and item_rng(self.seed, epoch, self._check_index(index)).random() < 0.5:
+            x = x.flip(-1)
+        return DataItem(x=x, label=label)
+

@@ -1,0 +1,118 @@
+"""FiT's no-crop resize rule (generalised to any token budget), bicubic resizing and random aspect crops.
+
+FiT (``fit/data/in1k_dataset.py:resize_arr``, reference/fit.md section 2.4) resizes every image to fit a
+token budget instead of cropping it to a square:
+
+- an image larger than the budget area S^2 is scaled down, keeping its area at S^2 and its aspect ratio;
+- an image with a side under one patch (16 px = VAE factor 8 x patch 2) has that side raised to one patch;
+- smaller images are *not* upscaled;
+- finally each side is floored to a multiple of the patch (a slight anisotropic squeeze, no crop).
+
+Here the budget is given in tokens (S^2 = token_budget * patch_px^2), where ``patch_px`` is the
+size of one token in pixels: autoencoder factor x patch size (16 for SD-VAE latents with patch 2; just
+the patch size in pixel space).
+
+Two corner cases where FiT's code breaks and this one differs, both documented on the function:
+an extreme aspect ratio that would floor a side to zero pixels, and a tiny image whose *longer* side
+is under one patch (FiT raises the wrong side first there).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+
+def check_budget(token_budget: int, patch_px: int) -> None:
+    if not isinstance(patch_px, (int, np.integer)) or patch_px < 1:
+        raise ValueError(f"patch_px={patch_px!r} must be a positive integer (autoencoder factor x patch size)")
+    if not isinstance(token_budget, (int, np.integer)) or token_budget < 1:
+        raise ValueError(
+            f"token_budget={token_budget!r} is smaller than one patch of {patch_px}x{patch_px} px; "
+            f"an image needs at least one token, so pass a token_budget >= 1"
+        )
+
+
+def fit_to_token_budget(width: int, height: int, token_budget: int, patch_px: int) -> tuple[int, int]:
+    """(width, height) -> (new_w, new_h), multiples of ``patch_px``, by FiT's resize rule.
+
+    Guarantees: ``(new_w/patch_px) * (new_h/patch_px) <= token_budget`` and each side >= ``patch_px``.
+
+    Differences from FiT's code (which only met images where they do not matter):
+    - if the shorter side is under one patch (before or after the down-scale), the image is scaled up
+      so that side is exactly one patch; FiT checks ``w`` before ``h`` and can floor the other side to 0;
+    - an aspect ratio beyond token_budget:1 cannot keep its ratio with one-patch short side, so the long
+      side is then capped at ``token_budget`` patches (the image is squeezed along it).
+    """
+    check_budget(token_budget, patch_px)
+    if width < 1 or height < 1:
+        raise ValueError(f"image size {width}x{height} is empty; an image needs at least one pixel per side")
+    p = float(patch_px)
+    max_area = float(token_budget) * p * p
+    w, h = float(width), float(height)
+    if w * h > max_area:
+        # Area-preserving down-scale to the budget area (FiT: new_w = sqrt(w/h) * S).
+        scale = math.sqrt(max_area / (w * h))
+        w, h = w * scale, h * scale
+    short = min(w, h)
+    if short < p:
+        # Raise the short side to one patch, keeping the aspect ratio (the long side grows with it).
+        scale = p / short
+        w, h = w * scale, h * scale
+    # Floor to whole patches; the 1e-9 keeps an exact multiple (e.g. 256.0000000001 or 255.99999999)
+    # from losing a patch to floating-point error, and the loop below restores the budget bound.
+    tw = max(1, int(math.floor(w / p + 1e-9)))
+    th = max(1, int(math.floor(h / p + 1e-9)))
+    while tw * th > token_budget:
+        # Only reached by rounding error or by an aspect ratio beyond token_budget:1: trim the longer side.
+        if tw >= th:
+            tw = max(1, min(tw - 1, token_budget // th))
+        else:
+            th = max(1, min(th - 1, token_budget // tw))
+    return tw * patch_px, th * patch_px
+
+
+def resize_to_token_budget(img: Image.Image, token_budget: int, patch_px: int) -> Image.Image:
+    """Bicubic resize of a PIL image to :func:`fit_to_token_budget`'s size (no copy when unchanged)."""
+    new_w, new_h = fit_to_token_budget(img.width, img.height, token_budget, patch_px)
+    if (new_w, new_h) == (img.width, img.height):
+        return img
+    return img.resize((new_w, new_h), resample=Image.BICUBIC)
+
+
+def random_aspect_crop(
+    img: Image.Image,
+    rng: np.random.Generator,
+    ratio_range: Sequence[float] = (1 / 3, 3.0),
+    min_area: float = 0.25,
+) -> Image.Image:
+    """Random crop with a log-uniform aspect ratio (width / height), for square-only image sets.
+
+    The area fraction is drawn uniformly from [min_area, 1] and the aspect ratio log-uniformly from
+    ``ratio_range``. When the drawn crop does not fit inside the image at that ratio (e.g. ratio 3 on a
+    square can cover at most 1/3 of it), the crop is shrunk to the largest one of *that ratio* that fits:
+    the ratio is what the pipeline is for, so the area gives way, not the ratio.
+
+    min_area defaults to 0.25: large enough to keep the object of an ImageNet-style centre crop,
+    and below the 1/3 area that a 3:1 crop of a square can reach, so every ratio keeps its drawn area
+    on square inputs.
+    """
+    lo, hi = float(ratio_range[0]), float(ratio_range[1])
+    if not (0 < lo <= hi):
+        raise ValueError(f"ratio_range={tuple(ratio_range)} must satisfy 0 < low <= high, e.g. (1/3, 3)")
+    if not (0 < min_area <= 1):
+        raise ValueError(f"min_area={min_area} must lie in (0, 1] (a fraction of the image area)")
+    W, H = img.width, img.height
+    if W < 1 or H < 1:
+        raise ValueError(f"image size {W}x{H} is empty; cannot crop it")
+    ratio = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+    area = rng.uniform(min_area, 1.0) * W * H
+    cw, ch = math.sqrt(area * ratio), math.sqrt(area / ratio)
+    shrink = min(1.0, W / cw, H / ch)  # largest crop of this ratio that fits
+    cw = min(W, max(1, int(round(cw * shrink))))
+    ch = min(H, max(1, int(round(ch * shrink))))
+    x0 = int(rng.integers(0, W - cw + 1))
+    y0 = int(rng.integers(0, H - ch + 1))
+    return img.crop((x0, y0, x0 + cw, y0 + ch))
