@@ -5,7 +5,8 @@ Every backend computes, for each image, softmax(q k^T / sqrt(D_h)) v over that i
 - ``dense``: scaled_dot_product_attention. When every segment has the same length L (FiT's padded layout,
   or a constant kept count per image) the stream is viewed as (B, L) and attention runs per image, with
   FiT's validity mask when there is padding (real tokens attend to real tokens, padding to padding, as in
-  the published code, so no row is empty). Otherwise a block-diagonal (T, T) mask: the CPU reference.
+  the published code, so no row is empty). Otherwise q, k, v are scattered into (B, L_max) slots for the
+  attention call only (the linear layers stay packed) with a key mask: the CPU path and the reference.
 - ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (bundled FlashAttention-2, CUDA only) on the
   packed stream with ``cu_seqlens``: no compute on padding at all.
 - ``flex``: FlexAttention with a document mask, compiled; the BlockMask is built once per forward.
@@ -30,7 +31,8 @@ ATTENTION_BACKENDS = ("dense", "varlen", "flex")
 class AttentionPlan:
     backend: str
     layout: TokenLayout
-    mask: Optional[Tensor] = None  # dense: (B, 1, L, L) or (1, 1, T, T) boolean, True = attend
+    mask: Optional[Tensor] = None  # dense: (B, 1, L, L) boolean, True = attend
+    slots: Optional[Tensor] = None  # dense, unequal lengths: (T,) slot of each token in the (B * L_max) grid
     block_mask: Any = None  # flex: BlockMask over the stream
 
 
@@ -52,10 +54,21 @@ def prepare_attention(layout: TokenLayout, backend: str) -> AttentionPlan:
                 return AttentionPlan("dense", layout)
             valid = layout.valid.view(layout.num_images, layout.uniform_len)  # (B, L)
             return AttentionPlan("dense", layout, mask=_same_validity(valid, valid)[:, None])  # (B, 1, L, L)
-        same_image = layout.seq_id[:, None] == layout.seq_id[None, :]  # (T, T)
+        B, L = layout.num_images, layout.max_seqlen
+        device = layout.seq_id.device
+        start = layout.cu_seqlens.long()[layout.seq_id]  # (T,)
+        slots = layout.seq_id * L + torch.arange(layout.num_tokens, device=device) - start  # (T,)
+        exists = torch.zeros(B * L, dtype=torch.bool, device=device)
+        exists[slots] = True
+        exists = exists.view(B, L)
+        mask = exists[:, None, :].expand(B, L, L)  # (B, L_q, L_k): keys of the same image
         if layout.valid is not None:
-            same_image = same_image & _same_validity(layout.valid, layout.valid)
-        return AttentionPlan("dense", layout, mask=same_image[None, None])  # (1, 1, T, T)
+            valid = torch.zeros(B * L, dtype=torch.bool, device=device)
+            valid[slots] = layout.valid
+            mask = mask & _same_validity(valid.view(B, L), valid.view(B, L))
+        # Empty slots query everything: never a fully masked row (NaN), and their outputs are discarded.
+        mask = mask | ~exists[:, :, None]
+        return AttentionPlan("dense", layout, mask=mask[:, None], slots=slots)  # (B, 1, L, L)
     if backend == "varlen":
         return AttentionPlan("varlen", layout)
     return AttentionPlan("flex", layout, block_mask=_document_block_mask(layout))
@@ -71,9 +84,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan) -> Tensor:
             qb, kb, vb = (x.view(B, L, H, Dh).transpose(1, 2) for x in (q, k, v))  # (B, H, L, D_h)
             out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=plan.mask)  # (B, H, L, D_h)
             return out.transpose(1, 2).reshape(T, H, Dh)
-        qs, ks, vs = (x.transpose(0, 1)[None] for x in (q, k, v))  # (1, H, T, D_h)
-        out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=plan.mask)  # (1, H, T, D_h)
-        return out[0].transpose(0, 1)
+        B, L = lay.num_images, lay.max_seqlen
+
+        def to_slots(x: Tensor) -> Tensor:  # (T, H, D_h) -> (B, H, L, D_h)
+            return x.new_zeros(B * L, H, Dh).index_copy(0, plan.slots, x).view(B, L, H, Dh).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(to_slots(q), to_slots(k), to_slots(v), attn_mask=plan.mask)
+        return out.transpose(1, 2).reshape(B * L, H, Dh)[plan.slots]  # (T, H, D_h)
     if plan.backend == "varlen":
         from torch.nn.attention.varlen import varlen_attn
 

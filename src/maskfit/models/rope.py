@@ -127,6 +127,13 @@ def axis_frequencies(
     grid: Tensor, head_dim: int, cfg: RopeExtrapolation, theta: float = 10000.0
 ) -> tuple[Tensor, Tensor]:
     """Per-image frequencies for rows and columns: two (B, D_h/4) float64 tensors."""
+    # Check here, not only on the axis width: an odd head_dim (e.g. 65) floors to an even axis width and would
+    # otherwise give tables one channel short of the heads, failing later in apply_rope with a shape error.
+    if head_dim < 4 or head_dim % 4:
+        raise ValueError(
+            f"head_dim={head_dim}: 2D RoPE needs a positive multiple of 4 (two axes of interleaved pairs); "
+            "change hidden_size or num_heads"
+        )
     axis_dim = head_dim // 2
     freqs = base_frequencies(axis_dim, theta).to(grid.device)  # (n_f,)
     scales = axis_scales(grid, cfg)  # (B, 2)

@@ -1,0 +1,150 @@
+"""`maskfit` command line: models | train | sample | prepare | eval | train-classifier | bench | demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def cmd_models(args) -> int:
+    import torch
+
+    from maskfit.models.transformer import FiT, MODEL_PRESETS, count_parameters, flops_per_image
+
+    print(f"{'preset':<14} {'params':>10} {'depth':>5} {'width':>6} {'heads':>5} {'ffn':>6} {'GFLOPs@256':>11}")
+    for name, cfg in MODEL_PRESETS.items():
+        with torch.device("meta"):
+            n = count_parameters(FiT(cfg))
+        gflops = flops_per_image(cfg, 256) / 1e9
+        print(f"{name:<14} {n / 1e6:>9.1f}M {cfg.depth:>5} {cfg.hidden_size:>6} {cfg.num_heads:>5} {cfg.ffn_hidden:>6} {gflops:>11.1f}")
+    print("GFLOPs: real forward FLOPs (2 per multiply-add) of one 256-token image; see flops_per_image().")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from maskfit.config import load_config
+    from maskfit.train import train
+
+    cfg = load_config(args.config, args.set)
+    result = train(cfg, resume=not args.no_resume, progress=not args.quiet)
+    print(json.dumps({"run_dir": str(result.run_dir), "step": result.step, "images_per_s": result.images_per_s}))
+    return 0
+
+
+def add_sample_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint folder or run folder (its latest checkpoint)")
+    p.add_argument("--resolution", "-r", action="append", default=None,
+                   help="HxW or S (square), pixels; repeat for several (default: the training budget's square)")
+    p.add_argument("--num-images", "-n", type=int, default=16, help="images per resolution")
+    p.add_argument("--labels", default="uniform", help="'uniform' (random classes), 'per-class' or a comma list")
+    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--guidance-channels", type=int, default=None,
+                   help="guide only the first k latent channels (the released FiT code uses 3); default all")
+    p.add_argument("--sampler", default=None, help="ddpm|ddim (FiT) or euler|heun|dopri5|sde (FiTv2)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--extrapolation", default="none",
+                   help="RoPE extrapolation: none|pi|ntk|yarn|vision_ntk|vision_yarn")
+    p.add_argument("--attn-scale", default="none", help="FiTv2 eq. 15 attention scale: none|paper|code")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", default=None, help="output folder (default: <run>/samples)")
+    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--vae-path", default=None, help="local sd-vae-ft-ema folder (overrides the run's)")
+    p.add_argument("--device", default="auto")
+
+
+def cmd_sample(args) -> int:
+    from maskfit.sampling_run import run_sampling
+
+    summary = run_sampling(args)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from maskfit.demo import run_demo
+
+    summary = run_demo(Path(args.out), minutes=args.minutes, quick=args.quick)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maskfit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list model presets with parameter counts")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("train", help="train (or resume) a run from a JSON/TOML config")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    p.add_argument("--no-resume", action="store_true", help="start fresh even if the run folder has checkpoints")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="sample images at any resolution from a checkpoint")
+    add_sample_arguments(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("demo", help="train a tiny model on the synthetic set on CPU and sample a grid")
+    p.add_argument("--out", default="demo")
+    p.add_argument("--minutes", type=float, default=2.5, help="training time budget")
+    p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
+    p.set_defaults(func=cmd_demo)
+
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub) -> None:
+    """Commands whose modules are added by other parts of the project (evaluation, benchmarks, data)."""
+    try:
+        from maskfit.data.prepare import add_prepare_arguments, run_prepare
+
+        p = sub.add_parser("prepare", help="encode an image folder into a latent cache")
+        add_prepare_arguments(p)
+        p.set_defaults(func=run_prepare)
+    except ImportError:
+        pass
+    try:
+        from maskfit.evaluate.cli import (
+            add_eval_arguments,
+            add_train_classifier_arguments,
+            run_eval,
+            run_train_classifier,
+        )
+
+        p = sub.add_parser("eval", help="FID/sFID/IS/precision/recall (ADM-compatible) or proxy metrics")
+        add_eval_arguments(p)
+        p.set_defaults(func=run_eval)
+        p = sub.add_parser("train-classifier", help="train the proxy feature network on the training images")
+        add_train_classifier_arguments(p)
+        p.set_defaults(func=run_train_classifier)
+    except ImportError:
+        pass
+    try:
+        from maskfit.bench import add_bench_arguments, run_bench
+
+        p = sub.add_parser("bench", help="training/sampling throughput, MFU and memory")
+        add_bench_arguments(p)
+        p.set_defaults(func=run_bench)
+    except ImportError:
+        pass
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
+        # One clear line for bad input; tracebacks are for bugs.
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"maskfit {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
