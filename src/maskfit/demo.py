@@ -29,8 +29,8 @@ def demo_config(out: Path, steps: int) -> dict:
         "data": {"source": "synthetic", "num_images": 4096, "num_classes": 8, "token_budget": 64,
                  "autoencoder": "identity", "layout": "packed", "hflip": True},
         "diffusion": {"objective": "flow", "t_sampling": "logit_normal"},
-        "optim": {"lr": 1e-3, "ema_decay": 0.995, "warmup_steps": 50},
-        "train": {"out_dir": str(out / "run"), "steps": steps, "batch_size": 32, "log_every": 50,
+        "optim": {"lr": 1e-3, "ema_decay": 0.99, "warmup_steps": 50},
+        "train": {"out_dir": str(out / "run"), "steps": steps, "batch_size": 64, "log_every": 50,
                   "ckpt_every": 100000, "seed": 0, "device": "cpu"},
     }
 

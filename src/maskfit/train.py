@@ -185,7 +185,7 @@ def train(
     log = TensorBoardLog(run_dir)
     losses: list[float] = []
     last_step = tcfg.steps if stop_after is None else min(tcfg.steps, step + stop_after)
-    bar = _progress(step, tcfg.steps, progress)
+    bar = _progress(step, None if max_seconds is not None else tcfg.steps, progress)
     images_seen, t0 = 0, time.perf_counter()
     running = torch.zeros((), device=device)
     model.train()

@@ -116,7 +116,8 @@ class NoiseSchedule:
 def _gather(values: Tensor, t_tok: Tensor, like: Tensor) -> Tensor:
     """(S,) float64 schedule constants indexed by (T,) step indices -> (T, 1), in at least float32 on like's device."""
     dtype = torch.promote_types(like.dtype, torch.float32)
-    return values.to(device=like.device)[t_tok].to(dtype)[:, None]
+    # non_blocking: the constants are tiny and a blocking copy would be a host sync in every training step.
+    return values.to(device=like.device, non_blocking=True)[t_tok].to(dtype)[:, None]
 
 
 def _randn(shape, like: Tensor, generator: Optional[torch.Generator]) -> Tensor:

@@ -68,25 +68,25 @@ class RopeExtrapolation:
         return self.method.startswith("vision_")
 
 
-def base_frequencies(axis_dim: int, theta: float = 10000.0) -> Tensor:
+def base_frequencies(axis_dim: int, theta: float = 10000.0, device=None) -> Tensor:
     """(axis_dim/2,) float64 theta_i = b^(-2i/axis_dim), i = 0 .. axis_dim/2 - 1."""
     if axis_dim % 2:
         raise ValueError(f"each RoPE axis needs an even width; got {axis_dim} (head dim must be a multiple of 4)")
-    i = torch.arange(axis_dim // 2, dtype=torch.float64)
+    i = torch.arange(axis_dim // 2, dtype=torch.float64, device=device)  # made on the device: no copy, no sync
     return theta ** (-2.0 * i / axis_dim)
 
 
 def axis_scales(grid: Tensor, cfg: RopeExtrapolation) -> Tensor:
     """(B, 2) float64 per-image scale (s_h, s_w) >= 1 from each image's test grid (B, 2)."""
     g = grid.to(torch.float64)
-    train = torch.tensor(cfg.train_grid, dtype=torch.float64, device=grid.device)
     if cfg.method == "none":
         return torch.ones_like(g)
     if cfg.decoupled:
-        s = g / train  # (B, 2): s_h = h / L_train_h, s_w = w / L_train_w
+        # (B, 2): s_h = h / L_train_h, s_w = w / L_train_w (Python scalars: no host-to-device copy)
+        s = torch.stack([g[:, 0] / cfg.train_grid[0], g[:, 1] / cfg.train_grid[1]], dim=1)
     else:
         # Vanilla methods: one scale from the longer side against the training side (FiT §3.4).
-        s = (g.max(dim=1, keepdim=True).values / train.max()).expand_as(g)
+        s = (g.max(dim=1, keepdim=True).values / max(cfg.train_grid)).expand_as(g)
     return s.clamp_min(1.0)
 
 
@@ -117,10 +117,9 @@ def _yarn_frequencies(freqs: Tensor, s: Tensor, train_len: int, cfg: RopeExtrapo
         high = min(math.ceil(dim_for(cfg.yarn_alpha)), axis_dim - 1)
         if low == high:
             high += 1e-3  # avoid a zero-width ramp
-        i = torch.arange(n_f, dtype=torch.float64)
+        i = torch.arange(n_f, dtype=torch.float64, device=freqs.device)
         gamma = 1.0 - ((i - low) / (high - low)).clamp(0.0, 1.0)
-    gamma = gamma.to(s.device)
-    return (1 - gamma) * freqs[None, :].to(s.device) / s[:, None] + gamma * freqs[None, :].to(s.device)
+    return (1 - gamma) * freqs[None, :] / s[:, None] + gamma * freqs[None, :]  # (B, n_f)
 
 
 def axis_frequencies(
@@ -135,7 +134,7 @@ def axis_frequencies(
             "change hidden_size or num_heads"
         )
     axis_dim = head_dim // 2
-    freqs = base_frequencies(axis_dim, theta).to(grid.device)  # (n_f,)
+    freqs = base_frequencies(axis_dim, theta, device=grid.device)  # (n_f,)
     scales = axis_scales(grid, cfg)  # (B, 2)
     out = []
     for a in range(2):

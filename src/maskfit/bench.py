@@ -1,0 +1,225 @@
+"""`maskfit bench`: training-step throughput, MFU and peak memory, measured the same way every time.
+
+Workload (reference/measured.md): random latents shaped like ImageNet under FiT's pipeline: aspect
+ratios 1:1 30 %, 4:3 35 %, 3:4 15 %, 16:9 10 %, 1:2 5 %, 2:1 5 %, each resized to fit the token budget
+(256 tokens at patch 2 on an f8 autoencoder), one full training step (forward, backward, AdamW) under
+bf16 autocast. Modes:
+
+- ``padded``: FiT's layout through our code: every image padded to the batch's longest (FiT truncates
+  to max n_b), FiT's validity mask in SDPA, every linear layer pays for the padding;
+- ``packed``: the same images concatenated with no padding (varlen attention);
+- ``keepR``: packed, and the backbone sees a uniform random fraction R of each image's tokens
+  (``keep0.5`` = 50 % masking), with the model design given by ``--designs``;
+- ``countK``: every image keeps exactly K tokens (equal lengths: dense Flash attention, no varlen).
+
+One batch layout is drawn per mode and reused for every timed step (steady state, static shapes);
+training itself pads each stream to a constant budget for the same reason. Useful FLOPs count only
+real (kept) tokens with :func:`maskfit.models.transformer.flops_per_image`; MFU divides the achieved
+useful FLOP/s by the device's dense bf16 peak (989 TFLOP/s for an H100 SXM, as measured.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+ASPECT_MIX = [((1, 1), 0.30), ((4, 3), 0.35), ((3, 4), 0.15), ((16, 9), 0.10), ((1, 2), 0.05), ((2, 1), 0.05)]
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+def imagenet_like_grids(num_images: int, token_budget: int = 256, patch_px: int = 16, seed: int = 0):
+    """Token grids (h, w) of images drawn from ASPECT_MIX (width:height) and resized by FiT's rule."""
+    from maskfit.data.resize import fit_to_token_budget
+
+    rng = np.random.default_rng(seed)
+    ratios, probs = zip(*ASPECT_MIX)
+    grids = []
+    for i in rng.choice(len(ratios), size=num_images, p=probs):
+        rw, rh = ratios[i]
+        height = int(rng.integers(300, 600))  # ImageNet-like source sizes, all above the budget
+        width = int(round(height * rw / rh))
+        w, h = fit_to_token_budget(width, height, token_budget, patch_px)
+        grids.append((h // patch_px, w // patch_px))
+    return grids
+
+
+@dataclass
+class BenchResult:
+    mode: str
+    design: str
+    model: str
+    params_m: float
+    batch: int
+    attention: str
+    compiled: bool
+    tokens_real: int
+    tokens_backbone: int
+    ms_per_step: float
+    images_per_s: float
+    peak_mem_gib: float
+    useful_tflops: float
+    mfu: Optional[float]
+    loss: float
+
+
+def design_flops(cfg, n_full: int, n_kept: int) -> float:
+    """Training FLOPs of one image (3 x forward) for a masked design; n_kept == n_full when unmasked."""
+    from dataclasses import replace
+
+    from maskfit.models.transformer import flops_per_image
+
+    fw = flops_per_image(cfg, n_kept)
+    d = cfg.hidden_size
+    block = lambda c, n: flops_per_image(replace(c, depth=1), n) - flops_per_image(replace(c, depth=0), n)
+    if cfg.mask_design == "mixer":
+        fw += cfg.mixer_depth * block(cfg, n_full)
+    elif cfg.mask_design == "side_interp" and n_kept < n_full:
+        extra = cfg.side_decode_depth * (block(cfg, n_full) - block(cfg, n_kept)) + block(cfg, n_full)
+        fw += extra
+    elif cfg.mask_design == "decoder":
+        dd = cfg.decoder_hidden
+        dec = replace(cfg, hidden_size=dd, num_heads=cfg.decoder_heads, ffn_hidden=(4 * dd * 2) // 3, adaln="full")
+        fw += cfg.decoder_depth * block(dec, n_full) + 2 * n_full * d * dd
+    return 3.0 * fw
+
+
+def build_batch(grids, mode: str, token_dim: int, seed: int, device):
+    from maskfit.masking import uniform_random
+    from maskfit.tokens import masked_view, pack, to_padded
+
+    g = torch.Generator().manual_seed(seed)
+    tokens = [torch.randn(h * w, token_dim, generator=g) for h, w in grids]
+    labels = torch.randint(0, 1000, (len(grids),), generator=g)
+    budget_len = max(h * w for h, w in grids)
+    batch = pack(tokens, grids, labels, max_seqlen=256)
+    if mode == "padded":
+        return to_padded(batch, seq_len=budget_len).to(device)
+    if mode == "packed":
+        return batch.to(device)
+    if mode.startswith("keep"):
+        ratio = float(mode[4:])
+        keep = [uniform_random((h, w), max(1, round(h * w * ratio)), g) for h, w in grids]
+    elif mode.startswith("count"):
+        k = int(mode[5:])
+        keep = [uniform_random((h, w), min(k, h * w), g) for h, w in grids]
+    else:
+        raise ValueError(f"unknown bench mode {mode!r}; use padded, packed, keepR (e.g. keep0.5) or countK")
+    view = masked_view(batch.layout, keep, max_seqlen=256)
+    from maskfit.tokens import TokenBatch
+
+    return TokenBatch(batch.tokens, batch.y, batch.layout, mask=view).to(device)
+
+
+def bench_train_step(
+    preset: str, mode: str, design: str = "plain", batch_size: int = 256, attention: str = "varlen",
+    compile: bool = True, steps: int = 20, warmup: int = 5, seed: int = 0, device: str = "cuda",
+) -> BenchResult:
+    from maskfit.config import config_from_dict
+    from maskfit.models.transformer import FiT, count_parameters, model_config
+    from maskfit.train import build_diffusion, training_loss
+
+    dev = torch.device(device)
+    overrides = {"attention": attention if mode != "padded" else "dense", "mask_design": design}
+    cfg = model_config(preset, **overrides)
+    torch.manual_seed(seed)
+    model = FiT(cfg).to(dev)
+    objective = "ddpm" if cfg.learn_sigma else "flow"
+    diffusion = build_diffusion(config_from_dict({"diffusion": {"objective": objective}}))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    forward = torch.compile(model) if compile else model
+    grids = imagenet_like_grids(batch_size, seed=seed)
+    batch = build_batch(grids, mode, cfg.token_dim, seed, dev)
+    generator = torch.Generator(device=dev).manual_seed(seed)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with amp:
+            loss, _ = training_loss(forward, diffusion, batch, batch.y, 0.1, generator)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss
+
+    for _ in range(warmup):
+        loss = step()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    sync()
+    elapsed = time.perf_counter() - t0
+    n_full = [h * w for h, w in grids]
+    if batch.mask is not None:
+        kept = batch.mask.layout.seqlens().cpu().tolist()
+    else:
+        kept = n_full
+    useful = sum(design_flops(cfg, nf, nk) for nf, nk in zip(n_full, kept))
+    ms = 1000 * elapsed / steps
+    tflops = useful / (elapsed / steps) / 1e12
+    peak = None
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    return BenchResult(
+        mode=mode, design=design, model=preset, params_m=count_parameters(model) / 1e6, batch=batch_size,
+        attention=overrides["attention"], compiled=compile, tokens_real=sum(n_full), tokens_backbone=sum(kept),
+        ms_per_step=round(ms, 2), images_per_s=round(batch_size / (elapsed / steps), 1),
+        peak_mem_gib=round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else float("nan"),
+        useful_tflops=round(tflops, 1), mfu=None if peak is None else round(tflops / peak, 3), loss=float(loss),
+    )
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", default="FiT-B/2-dit", help="comma list of presets")
+    p.add_argument("--modes", default="padded,packed,keep0.75,keep0.5,keep0.25")
+    p.add_argument("--designs", default="plain", help="comma list: plain,decoder,mixer,side_interp (masked modes)")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--attention", default="varlen", help="varlen | flex | dense (padded mode always dense)")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="append JSON lines here")
+
+
+def run_bench(args) -> int:
+    results = []
+    for preset in args.models.split(","):
+        for mode in args.modes.split(","):
+            designs = args.designs.split(",") if mode not in ("padded", "packed") else ["plain"]
+            for design in designs:
+                r = bench_train_step(
+                    preset, mode, design, args.batch, args.attention, not args.no_compile, args.steps,
+                    args.warmup, device=args.device,
+                )
+                results.append(r)
+                line = json.dumps(asdict(r))
+                print(line, flush=True)
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(line + "\n")
+                torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    print(markdown_table(results))
+    return 0
+
+
+def markdown_table(results) -> str:
+    head = "| model | mode | design | attention | images/s | ms/step | peak GiB | useful TFLOP/s | MFU |\n|---|---|---|---|---|---|---|---|---|"
+    rows = [
+        f"| {r.model} ({r.params_m:.1f}M) | {r.mode} | {r.design} | {r.attention} | {r.images_per_s:,.0f} | "
+        f"{r.ms_per_step:.1f} | {r.peak_mem_gib:.1f} | {r.useful_tflops:.0f} | "
+        f"{'' if r.mfu is None else f'{100 * r.mfu:.1f} %'} |"
+        for r in results
+    ]
+    return "\n".join([head] + rows)
