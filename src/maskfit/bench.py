@@ -120,6 +120,7 @@ def build_batch(grids, mode: str, token_dim: int, seed: int, device):
 def bench_train_step(
     preset: str, mode: str, design: str = "plain", batch_size: int = 256, attention: str = "varlen",
     compile: bool = True, steps: int = 20, warmup: int = 5, seed: int = 0, device: str = "cuda",
+    profile: bool = False,
 ) -> BenchResult:
     from maskfit.config import config_from_dict
     from maskfit.models.transformer import FiT, count_parameters, model_config
@@ -152,6 +153,16 @@ def bench_train_step(
         loss = step()
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     sync()
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            sync()
+        sort = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+        print(f"--- profile {preset} {mode} {design} (3 steps) ---")
+        print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
@@ -176,7 +187,8 @@ def bench_train_step(
         attention=overrides["attention"], compiled=compile, tokens_real=sum(n_full), tokens_backbone=sum(kept),
         ms_per_step=round(ms, 2), images_per_s=round(batch_size / (elapsed / steps), 1),
         peak_mem_gib=round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else float("nan"),
-        useful_tflops=round(tflops, 1), mfu=None if peak is None else round(tflops / peak, 3), loss=float(loss),
+        useful_tflops=round(tflops, 1), mfu=None if peak is None else round(tflops / peak, 3),
+        loss=float(loss.detach()),
     )
 
 
@@ -191,6 +203,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="append JSON lines here")
+    p.add_argument("--profile", action="store_true", help="print the top kernels of 3 profiled steps")
 
 
 def run_bench(args) -> int:
@@ -201,7 +214,7 @@ def run_bench(args) -> int:
             for design in designs:
                 r = bench_train_step(
                     preset, mode, design, args.batch, args.attention, not args.no_compile, args.steps,
-                    args.warmup, device=args.device,
+                    args.warmup, device=args.device, profile=args.profile,
                 )
                 results.append(r)
                 line = json.dumps(asdict(r))

@@ -233,8 +233,13 @@ def training_loss(forward, diffusion, batch: TokenBatch, y: Tensor, aux_weight: 
     from maskfit.objective import token_weights
 
     model = getattr(forward, "_orig_mod", forward)  # torch.compile wraps the module
-    weights = token_weights(batch.layout, batch.mask, aux_weight, model.predicts_dropped_tokens())
     mask, layout = batch.mask, batch.layout
+    if mask is not None and model.cfg.mask_design == "plain":
+        # Plain dropping is the unmasked model on a stream of the kept tokens (their true positions,
+        # attention restricted to them): noise, loss and every layer touch kept tokens only.
+        kept_tokens = batch.tokens[mask.index]  # (T_k, D)
+        return diffusion.training_loss(forward, kept_tokens, y, mask.layout, generator=generator)
+    weights = token_weights(layout, mask, aux_weight, model.predicts_dropped_tokens())
 
     def model_fn(x, t, labels, _layout):
         return forward(x, t, labels, layout, mask=mask)  # (T, D_out); zeros where nothing was predicted

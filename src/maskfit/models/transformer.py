@@ -182,7 +182,8 @@ class Attention(nn.Module):
             # FiTv2: LayerNorm without affine over each head's dimension, before RoPE.
             q = F.layer_norm(q, q.shape[-1:], eps=1e-6)
             k = F.layer_norm(k, k.shape[-1:], eps=1e-6)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)  # (T, H, D_h)
+        # Under autocast layer_norm returns fp32; FlashAttention kernels take bf16/fp16 only.
+        q, k = apply_rope(q, rope).to(v.dtype), apply_rope(k, rope).to(v.dtype)  # (T, H, D_h)
         out = attention(q, k, v, plan)  # (T, H, D_h)
         return self.proj(out.reshape(T, D))  # (T, d)
 
@@ -346,7 +347,10 @@ class FiT(nn.Module):
             )
         cond, global_mod = self.condition(t, y)  # (B, d), (B, 6d) or None
         full = _Stream(layout, cfg.head_dim, rope, cfg.rope_theta, cfg.attention)
-        h = self.x_embedder(x)  # (T, d)
+        if mask is not None and cfg.mask_design != "mixer":
+            h = self.x_embedder(x[mask.index])  # (T_k, d): dropped tokens are never embedded
+        else:
+            h = self.x_embedder(x)  # (T, d)
         if cfg.mask_design == "mixer":
             for block in self.mixer_blocks:  # dense context on every token before dropping (MicroDiT)
                 h = block(h, cond, global_mod, layout.seq_id, full.tables, full.plan)  # (T, d)
@@ -382,7 +386,7 @@ class FiT(nn.Module):
     def _masked(self, h, cond, global_mod, full: _Stream, mask: MaskedView) -> Tensor:
         cfg = self.cfg
         kept = full.subset(mask, cfg.attention)
-        hk = h[mask.index]  # (T_k, d): only these reach the backbone
+        hk = h[mask.index] if cfg.mask_design == "mixer" else h  # (T_k, d): only these reach the backbone
         T = full.layout.num_tokens
         out_dim = self.final_layer.linear.out_features
         if cfg.mask_design in ("plain", "mixer"):
