@@ -120,7 +120,7 @@ def build_batch(grids, mode: str, token_dim: int, seed: int, device):
 def bench_train_step(
     preset: str, mode: str, design: str = "plain", batch_size: int = 256, attention: str = "varlen",
     compile: bool = True, steps: int = 20, warmup: int = 5, seed: int = 0, device: str = "cuda",
-    profile: bool = False,
+    profile: bool = False, compile_mode: Optional[str] = None,
 ) -> BenchResult:
     from maskfit.config import config_from_dict
     from maskfit.models.transformer import FiT, count_parameters, model_config
@@ -134,7 +134,7 @@ def bench_train_step(
     objective = "ddpm" if cfg.learn_sigma else "flow"
     diffusion = build_diffusion(config_from_dict({"diffusion": {"objective": objective}}))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
-    forward = torch.compile(model) if compile else model
+    forward = torch.compile(model, mode=compile_mode) if compile else model
     grids = imagenet_like_grids(batch_size, seed=seed)
     batch = build_batch(grids, mode, cfg.token_dim, seed, dev)
     generator = torch.Generator(device=dev).manual_seed(seed)
@@ -204,6 +204,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="append JSON lines here")
     p.add_argument("--profile", action="store_true", help="print the top kernels of 3 profiled steps")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
 
 
 def run_bench(args) -> int:
@@ -215,6 +216,7 @@ def run_bench(args) -> int:
                 r = bench_train_step(
                     preset, mode, design, args.batch, args.attention, not args.no_compile, args.steps,
                     args.warmup, device=args.device, profile=args.profile,
+                    compile_mode=args.compile_mode,
                 )
                 results.append(r)
                 line = json.dumps(asdict(r))
