@@ -31,8 +31,9 @@ def token_weights(
     if mask is None:
         counted = real
     else:
-        counted = torch.zeros_like(real)
-        counted[mask.index] = True
+        # index_fill takes the value as a kernel argument; `counted[index] = True` would copy a host
+        # scalar to the device and synchronise.
+        counted = torch.zeros_like(real).index_fill(0, mask.index, True)
     n_counted = segment_sum(counted.float(), layout.seq_id, B).clamp_min(1.0)  # (B,)
     w = torch.where(counted, 1.0 / n_counted[layout.seq_id], torch.zeros((), device=real.device))
     if mask is not None and predicts_dropped and aux_weight > 0:

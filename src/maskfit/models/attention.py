@@ -58,9 +58,7 @@ def prepare_attention(layout: TokenLayout, backend: str) -> AttentionPlan:
         device = layout.seq_id.device
         start = layout.cu_seqlens.long()[layout.seq_id]  # (T,)
         slots = layout.seq_id * L + torch.arange(layout.num_tokens, device=device) - start  # (T,)
-        exists = torch.zeros(B * L, dtype=torch.bool, device=device)
-        exists[slots] = True
-        exists = exists.view(B, L)
+        exists = torch.zeros(B * L, dtype=torch.bool, device=device).index_fill(0, slots, True).view(B, L)
         mask = exists[:, None, :].expand(B, L, L)  # (B, L_q, L_k): keys of the same image
         if layout.valid is not None:
             valid = torch.zeros(B * L, dtype=torch.bool, device=device)

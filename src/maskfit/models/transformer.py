@@ -155,16 +155,21 @@ class TimestepEmbedder(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """W2 (SiLU(W_g x) * W_x x) (Shazeer 2020); biases as in FiT's released code."""
+    """W2 (SiLU(W_g x) * W_x x) (Shazeer 2020); biases as in FiT's released code.
+
+    W_g and W_x are stored as one (2h, d) matrix so both run as one matmul; the parameter count is
+    that of two separate layers, and initialize_weights() initialises each half like its own layer.
+    """
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1_g = nn.Linear(dim, hidden)
-        self.fc1_x = nn.Linear(dim, hidden)
+        self.hidden = hidden
+        self.fc1 = nn.Linear(dim, 2 * hidden)  # rows [0, h): gate W_g, rows [h, 2h): value W_x
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.silu(self.fc1_g(x)) * self.fc1_x(x))  # (T, d)
+        gate, value = self.fc1(x).chunk(2, dim=-1)  # (T, h) each
+        return self.fc2(F.silu(gate) * value)  # (T, d)
 
 
 class Attention(nn.Module):
@@ -290,6 +295,9 @@ class FiT(nn.Module):
             if isinstance(m, nn.Linear):  # xavier weights, zero biases (DiT, FiT)
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
+            if isinstance(m, SwiGLU):  # each half of the fused W_g | W_x as its own (h, d) layer
+                for half in m.fc1.weight.data.chunk(2, dim=0):
+                    nn.init.xavier_uniform_(half)
         nn.init.normal_(self.y_embedder.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
