@@ -86,9 +86,11 @@ class MaskSection:
     final_unmasked_steps: int = 0  # unmasked fine-tune: the last steps keep every token
     # Model design for masking (ModelConfig.mask_design): "plain" | "decoder" | "mixer" | "side_interp"
     design: str = "plain"
-    decoder_depth: int = 8
+    # MaskDiT's decoder is 8 blocks x 512 (16 heads) behind a 28 x 1152 encoder (DiT-XL); for B-sized
+    # backbones we default to 2 x 512 with head dim 64 (FlashAttention's efficient size). Set XL's explicitly.
+    decoder_depth: int = 2
     decoder_hidden: int = 512
-    decoder_heads: int = 16
+    decoder_heads: int = 8
     mixer_depth: int = 2
     side_decode_depth: int = 2
     aux_loss_weight: float = 0.1  # weight of the loss on dropped tokens for full-grid designs (MaskDiT: 0.1)
