@@ -120,7 +120,7 @@ def build_batch(grids, mode: str, token_dim: int, seed: int, device):
 def bench_train_step(
     preset: str, mode: str, design: str = "plain", batch_size: int = 256, attention: str = "varlen",
     compile: bool = True, steps: int = 20, warmup: int = 5, seed: int = 0, device: str = "cuda",
-    profile: bool = False, compile_mode: Optional[str] = None,
+    profile: bool = False, compile_mode: Optional[str] = None, design_overrides: Optional[dict] = None,
 ) -> BenchResult:
     from maskfit.config import config_from_dict
     from maskfit.models.transformer import FiT, count_parameters, model_config
@@ -128,6 +128,7 @@ def bench_train_step(
 
     dev = torch.device(device)
     overrides = {"attention": attention if mode != "padded" else "dense", "mask_design": design}
+    overrides.update(design_overrides or {})
     cfg = model_config(preset, **overrides)
     torch.manual_seed(seed)
     model = FiT(cfg).to(dev)
@@ -205,6 +206,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="append JSON lines here")
     p.add_argument("--profile", action="store_true", help="print the top kernels of 3 profiled steps")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument("--decoder-depth", type=int, default=None, help="decoder blocks (design 'decoder')")
+    p.add_argument("--mixer-depth", type=int, default=None, help="patch-mixer blocks (design 'mixer')")
 
 
 def run_bench(args) -> int:
@@ -217,6 +220,8 @@ def run_bench(args) -> int:
                     preset, mode, design, args.batch, args.attention, not args.no_compile, args.steps,
                     args.warmup, device=args.device, profile=args.profile,
                     compile_mode=args.compile_mode,
+                    design_overrides={k: v for k, v in (("decoder_depth", args.decoder_depth),
+                                                        ("mixer_depth", args.mixer_depth)) if v is not None},
                 )
                 results.append(r)
                 line = json.dumps(asdict(r))
