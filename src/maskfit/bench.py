@@ -77,7 +77,11 @@ def design_flops(cfg, n_full: int, n_kept: int) -> float:
 
     fw = flops_per_image(cfg, n_kept)
     d = cfg.hidden_size
-    block = lambda c, n: flops_per_image(replace(c, depth=1), n) - flops_per_image(replace(c, depth=0), n)
+
+    def block(c, n):  # one backbone-style block of config c on n tokens
+        plain = replace(c, mask_design="plain")
+        return flops_per_image(replace(plain, depth=1), n) - flops_per_image(replace(plain, depth=0), n)
+
     if cfg.mask_design == "mixer":
         fw += cfg.mixer_depth * block(cfg, n_full)
     elif cfg.mask_design == "side_interp" and n_kept < n_full:
