@@ -32,8 +32,8 @@ def load_autoencoder(run_cfg, vae_path, device):
 
     if run_cfg.data.autoencoder == "identity":
         return IdentityAutoencoder(), 1
-    path = vae_path or run_cfg.data.vae_path
-    return SDVAE.from_pretrained(path, device=device), 8
+    vae = SDVAE.from_pretrained(vae_path or run_cfg.data.vae_path, device=device)
+    return vae, vae.factor
 
 
 def labels_for(spec: str, n: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:
