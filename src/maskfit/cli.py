@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_arguments(p)
     p.set_defaults(func=cmd_sample)
 
+    from maskfit.sweep import add_sweep_arguments, cmd_sweep
+
+    p = sub.add_parser("sweep", help="sample + evaluate a checkpoint at FiT's ID/OOD resolutions with every RoPE method")
+    add_sweep_arguments(p)
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("demo", help="train a tiny model on the synthetic set on CPU and sample a grid")
     p.add_argument("--out", default="demo")
     p.add_argument("--minutes", type=float, default=2.5, help="training time budget")

@@ -33,13 +33,57 @@ class DataConfig:
     vae_path: str = ""  # local folder of stabilityai/sd-vae-ft-ema (no hub access)
     layout: str = "padded"  # "padded" (FiT) | "packed" (no padding)
     num_workers: int = 0
+    # What is constant per step: "images" = train.batch_size images (FiT) | "tokens" = tokens_per_step
+    # backbone tokens (the kept tokens when masking), as many whole images as fit plus one dummy
+    # padding segment, so every step has the same shape (NaViT packing; needs layout="packed").
+    batching: str = "images"
+    tokens_per_step: int = 0  # batching="tokens": backbone tokens per step (e.g. 16 x token_budget)
+    max_images_per_step: Optional[int] = None  # batching="tokens": cap on images per step (static segment count)
 
     def __post_init__(self):
         _check_choice("data.source", self.source, ("synthetic", "folder", "latents"))
         _check_choice("data.autoencoder", self.autoencoder, ("sd-vae", "identity"))
         _check_choice("data.layout", self.layout, ("padded", "packed"))
+        _check_choice("data.batching", self.batching, ("images", "tokens"))
         if self.token_budget < 1:
             raise ValueError(f"data.token_budget={self.token_budget}; it must hold at least one patch token")
+        if self.batching == "tokens":
+            self._check_token_batching()
+        elif self.max_images_per_step is not None:
+            raise ValueError(
+                f"data.max_images_per_step={self.max_images_per_step} only applies to data.batching='tokens'; "
+                f"with batching='images' every step has train.batch_size images: remove max_images_per_step"
+            )
+
+    def _check_token_batching(self) -> None:
+        if self.tokens_per_step < 1:
+            raise ValueError(
+                f"data.batching='tokens' needs data.tokens_per_step > 0 (got {self.tokens_per_step}): set the "
+                f"backbone tokens per step, e.g. {16 * self.token_budget} (16 images of the full token budget)"
+            )
+        if self.layout != "packed":
+            raise ValueError(
+                f"data.batching='tokens' packs whole images into one stream with no per-image padding; it needs "
+                f"data.layout='packed' (got {self.layout!r})"
+            )
+        if self.tokens_per_step < self.token_budget:
+            raise ValueError(
+                f"data.tokens_per_step={self.tokens_per_step} is below data.token_budget={self.token_budget}: an "
+                f"image of the full budget would not fit in one step; raise tokens_per_step to at least "
+                f"{self.token_budget} (e.g. {16 * self.token_budget})"
+            )
+        if self.max_images_per_step is not None and self.max_images_per_step < 1:
+            raise ValueError(
+                f"data.max_images_per_step={self.max_images_per_step} must be at least 1 (or null for no cap)"
+            )
+        if self.random_aspect_crop and self.source == "folder":
+            # A random crop changes each image's size every epoch, so the sizes the packer reads ahead of
+            # loading would not be the sizes loaded.
+            raise ValueError(
+                "data.batching='tokens' packs images by their token counts, read before loading; "
+                "data.random_aspect_crop=True makes those counts change every epoch. Turn random_aspect_crop "
+                "off, or use data.batching='images'"
+            )
 
 
 @dataclass

@@ -86,13 +86,18 @@ def run_sampling(args) -> dict:
     ))
     summary = {}
     for h, w in resolutions:
-        summary[f"{h}x{w}"] = _sample_resolution(
+        summary[f"{h}x{w}"] = sample_resolution(
             model, diffusion, autoencoder, (h, w), multiple, p, options, args, out, device
         )
     return summary
 
 
-def _sample_resolution(model, diffusion, autoencoder, hw, multiple, p, options, args, out, device) -> dict:
+def sample_resolution(model, diffusion, autoencoder, hw, multiple, p, options, args, out, device) -> dict:
+    """Shards, ``samples_HxW.npz`` and ``grid_HxW.png`` for one resolution in ``out`` (also used by the sweep).
+
+    ``args`` needs ``num_images``, ``batch_size``, ``seed`` and ``labels``. Noise and labels depend on
+    (seed, resolution, batch) only, so two RoPE settings sampled with one seed see the same noise.
+    """
     h, w = hw
     grid = (h // multiple, w // multiple)
     shard_dir = out / f"{h}x{w}"

@@ -190,7 +190,11 @@ def train(
     running = torch.zeros((), device=device)
     model.train()
     while step < last_step:
-        batch: TokenBatch = data.next_batch(step).to(device)
+        cpu_batch: TokenBatch = data.next_batch(step)
+        # Real images of this step, counted on the host before the copy (token batching adds a dummy
+        # padding segment that is no image).
+        num_images = len(data.last_plan.indices) if data.last_plan is not None else cpu_batch.layout.num_images
+        batch = cpu_batch.to(device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps)
         y = drop_labels(batch.y, cfg.diffusion.label_dropout, mcfg.num_classes, generator=generator)
@@ -202,7 +206,7 @@ def train(
         optimizer.step()
         update_ema(ema, model, cfg.optim.ema_decay)
         step += 1
-        images_seen += batch.layout.num_images
+        images_seen += num_images
         running += loss.detach()
         bar.update(1)
         if step % tcfg.log_every == 0 or step == last_step:
@@ -212,7 +216,10 @@ def train(
             running.zero_()
             losses.append(mean_loss)
             elapsed = time.perf_counter() - t0
-            values = {"loss": mean_loss, "grad_norm": float(grad_norm), "images_per_s": images_seen / max(elapsed, 1e-9)}
+            values = {
+                "loss": mean_loss, "grad_norm": float(grad_norm), "images_per_s": images_seen / max(elapsed, 1e-9),
+                "padding_fraction": data.padding_fraction(), "lr": optimizer.param_groups[0]["lr"],
+            }
             values.update({f"loss/{k}": float(v) for k, v in terms.items()})
             log.scalars(step, values)
             bar.set_postfix(loss=f"{mean_loss:.4f}")

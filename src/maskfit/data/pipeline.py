@@ -1,18 +1,43 @@
-"""From a run config to the stream of training batches: dataset, loader, masking.
+"""From a run config to the stream of training batches: dataset, loader, masking, token budget.
 
-Masks are drawn in the main process from a generator seeded by (seed, step), so a resumed run draws
-exactly the masks an uninterrupted one would, whatever the loader's workers did.
+Two ways to batch (``data.batching``):
+
+- ``"images"``: ``train.batch_size`` images per step (FiT). Masks are drawn in the main process from a
+  generator seeded by (seed, step), so a resumed run draws exactly the masks an uninterrupted one would,
+  whatever the loader's workers did.
+- ``"tokens"``: a constant budget of ``data.tokens_per_step`` *backbone* tokens per step (the kept
+  tokens when masking; NaViT packing). :class:`TokenBudgetSampler` packs whole images by their token
+  counts, read without decoding where the dataset allows (:func:`token_grids`), and
+  :func:`pad_to_budget` appends one dummy segment so every step's backbone stream is exactly
+  ``tokens_per_step`` tokens long (static shapes for ``torch.compile``).
+
+Masking with a token budget: the sampler packs each image by the kept count it WILL have at the step
+its bin is trained on. It draws that count with :func:`mask_generator` (seeded by (seed, epoch, image),
+never by position in a batch) and the step's schedule factor, and :meth:`TrainingData.next_batch`
+draws the mask of that image from a fresh generator with the same seed at the same step, so
+``choose_keep`` reproduces the count exactly: the bin fits by construction, never by luck, and a
+mismatch would be a loud error, not a silent overflow. (Packing by the *expected* count instead would
+need slack in every bin or dropping images when a Beta draw overshoots.) The dummy segment then sits in
+the KEPT stream (all of it kept), so only the backbone stream has the constant length; the full stream
+(whole grids + dummy) varies, which the plain design never feeds to a layer. The other mask designs
+weight their loss from ``mask.index`` alone and would count the dummy, so token batching with masking
+is limited to ``mask.design='plain'``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator, Optional
+import collections
+import dataclasses
+import functools
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 
 from maskfit.config import DataConfig, RunConfig
-from maskfit.masking import MaskConfig, choose_keep
-from maskfit.tokens import TokenBatch, masked_view
+from maskfit.masking import MaskConfig, choose_keep, mask_scale_at, num_keep_for, per_image_generator
+from maskfit.packing import pad_stream_to_budget
+from maskfit.tokens import MaskedView, TokenBatch, masked_view
 
 
 def autoencoder_factor(data: DataConfig) -> int:
@@ -84,27 +109,487 @@ def apply_mask(batch: TokenBatch, config: MaskConfig, step: int, seed: int) -> T
     return TokenBatch(batch.tokens, batch.y, batch.layout, mask=masked_view(batch.layout, keep))
 
 
+# ----------------------------------------------------------------------------------------------------
+# Token budget: per-image sizes without decoding, a resumable packing sampler, padding to the budget
+# ----------------------------------------------------------------------------------------------------
+
+# Masks draw from streams of their own, apart from the datasets' per-item flips and crops, which use
+# numpy.random.default_rng([seed, epoch, index]) (maskfit.data.datasets.item_rng).
+_MASK_SEED_OFFSET = 1 << 32
+
+
+def mask_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator that draws image ``index``'s kept count and kept tokens in ``epoch`` (token batching).
+
+    Seeded by the image, not its place in a batch: the sampler re-creates it to predict the kept count
+    when it packs the bin, and :meth:`TrainingData.next_batch` re-creates it to draw the mask itself.
+    """
+    return per_image_generator(seed + _MASK_SEED_OFFSET, epoch, index)
+
+
+class TokenGrids:
+    """(h, w) token grid of every item of a dataset, each read on first use and then cached.
+
+    Reading on first use spreads the cost of a large image folder (one header read per file) over the
+    first epoch instead of stalling the start of training.
+    """
+
+    def __init__(self, num_items: int, read: Callable[[int], tuple[int, int]]):
+        if num_items < 1:
+            raise ValueError(f"the dataset has {num_items} items; token batching needs at least one image")
+        self._read = read
+        self._grids: list[Optional[tuple[int, int]]] = [None] * num_items
+
+    def __len__(self) -> int:
+        return len(self._grids)
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        grid = self._grids[index]
+        if grid is None:
+            h, w = self._read(index)
+            grid = self._grids[index] = (int(h), int(w))
+        return grid
+
+
+def token_grids(dataset, patch: int) -> TokenGrids:
+    """Each item's token grid, without decoding images where the dataset allows.
+
+    - :class:`SyntheticDataset`: the size is the first draw of the item's (seed, index) stream;
+    - :class:`LatentCacheDataset`: the cache's ``sizes``;
+    - :class:`ImageFolderDataset`: PIL reads the file header only, then FiT's budget rule
+      (:func:`fit_to_token_budget`), exactly what loading does;
+    - :class:`ImageListDataset`: the array shapes, then the budget rule;
+    - any other dataset: each item is loaded once (``dataset[i]``) and its grid kept.
+
+    A dataset with random crops changes its sizes every epoch: that is an error here, since the
+    sampler packs by the sizes read before loading. ``TrainingData`` checks every loaded batch against
+    these grids, so a dataset whose sizes drift anyway fails loudly.
+    """
+    from maskfit.data.datasets import ImageFolderDataset, ImageListDataset, SyntheticDataset
+    from maskfit.data.latents import LatentCacheDataset
+    from maskfit.data.resize import fit_to_token_budget
+
+    n = len(dataset)
+    transform = getattr(dataset, "transform", None)
+    if transform is not None and getattr(transform, "random_crop", False):
+        raise ValueError(
+            "the dataset crops images at random (random_crop=True), so their token counts change every epoch "
+            "and cannot be packed ahead of loading; turn the random aspect crop off (data.random_aspect_crop"
+            "=false) or use data.batching='images'"
+        )
+    if isinstance(dataset, SyntheticDataset):
+        p = dataset.sizes.patch_px
+
+        def read(i: int) -> tuple[int, int]:
+            # synthetic_sample's first draw from default_rng([seed, index]) is the size.
+            w, h = dataset.sizes.draw(np.random.default_rng([dataset.seed, i]))
+            return h // p, w // p
+
+        return TokenGrids(n, read)
+    if isinstance(dataset, LatentCacheDataset):
+        sizes = dataset.sizes  # (N, 2) pixel (H, W)
+        p = dataset.patch_px
+        return TokenGrids(n, lambda i: (int(sizes[i, 0]) // p, int(sizes[i, 1]) // p))
+    if isinstance(dataset, (ImageFolderDataset, ImageListDataset)):
+        budget, p = dataset.token_budget, dataset.patch_px
+
+        def read(i: int) -> tuple[int, int]:
+            w, h = _image_size(dataset, i)
+            w, h = fit_to_token_budget(w, h, budget, p)
+            return h // p, w // p
+
+        return TokenGrids(n, read)
+
+    def load(i: int) -> tuple[int, int]:
+        x = dataset[i].x  # (C, H, W)
+        return x.shape[1] // patch, x.shape[2] // patch
+
+    return TokenGrids(n, load)
+
+
+def _image_size(dataset, index: int) -> tuple[int, int]:
+    """(width, height) of an image file or in-memory image, before any resize."""
+    from maskfit.data.datasets import ImageFileError, ImageFolderDataset
+
+    if not isinstance(dataset, ImageFolderDataset):
+        h, w = dataset.images[index].shape[:2]  # (H, W, 3) uint8
+        return w, h
+    from PIL import Image
+
+    path = dataset.samples[index][0]
+    try:
+        with Image.open(path) as im:  # lazy: reads the header, decodes no pixels
+            return im.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageFileError(
+            f"cannot read the size of image file {path} ({type(err).__name__}: {err}); delete it or download "
+            "it again"
+        ) from err
+
+
+@dataclass(frozen=True)
+class BinPlan:
+    """One step's images as the sampler planned them."""
+
+    epoch: int
+    step: int  # the training step this bin is for (kept counts depend on it through the mask schedule)
+    indices: tuple[int, ...]  # dataset indices, in stream order
+    grids: tuple[tuple[int, int], ...]  # (h, w) token grid of each image
+    counts: tuple[int, ...]  # backbone tokens of each image at ``step`` (kept count, or h * w unmasked)
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.counts)
+
+
+class TokenBudgetSampler:
+    """Bins of whole images whose backbone tokens at their step fit ``tokens_per_step``, one bin per step.
+
+    Each epoch streams a seeded permutation of the dataset (from (seed, epoch), like the image
+    batching) through a buffer of ``buffer_size`` pending images, filled with the rule of
+    :class:`maskfit.packing.StreamingPacker`: the oldest pending image while the room left is at least
+    the longest pending one, then the longest one that still fits; the bin closes when nothing pending
+    fits (or it holds ``max_images``). Every bin starts with the oldest pending image, so nothing waits
+    long, and at the end of an epoch the buffer drains: no image is split, left out or repeated within an
+    epoch.
+
+    Lengths are each image's backbone tokens at the bin's step: h * w unmasked, the kept count under
+    ``mask`` (drawn with :func:`mask_generator`, the stream the mask itself is drawn from, at that step's
+    schedule factor). They are re-read at every bin, so a decaying mask schedule packs each step by its
+    own counts. StreamingPacker takes lengths fixed on arrival, hence this sampler of its own.
+
+    Resume: the state after each bin is (epoch, step of the next bin, items of the epoch's order taken,
+    pending images); bins are a deterministic function of it, so a restored state continues with exactly
+    the bins an uninterrupted run would see, at no replay cost.
+    """
+
+    def __init__(
+        self,
+        grids: Sequence[tuple[int, int]],
+        tokens_per_step: int,
+        *,
+        mask: Optional[MaskConfig] = None,
+        seed: int = 0,
+        max_images: Optional[int] = None,
+        buffer_size: int = 64,
+    ):
+        if tokens_per_step < 1:
+            raise ValueError(f"tokens_per_step={tokens_per_step} must be a positive number of backbone tokens")
+        if max_images is not None and max_images < 1:
+            raise ValueError(f"max_images={max_images} must be at least 1 (or None for no cap)")
+        if buffer_size < 1:
+            raise ValueError(f"buffer_size={buffer_size} must be at least 1 (64 keeps padding well under 2 %)")
+        if seed < 0:
+            raise ValueError(f"seed={seed} must be >= 0 (it seeds numpy's generator)")
+        if len(grids) < 1:
+            raise ValueError("the dataset is empty; token batching needs at least one image")
+        self.grids = grids
+        self.tokens_per_step = tokens_per_step
+        self.mask = mask
+        self.seed = seed
+        self.max_images = max_images
+        self.buffer_size = buffer_size
+        self.epoch = 0
+        self.step = 0  # training step of the next bin
+        self.cursor = 0  # items of this epoch's order already taken into the buffer
+        self.pending: list[int] = []  # dataset indices waiting for a bin, oldest first
+        self._order_cache: Optional[tuple[int, np.ndarray]] = None
+        self._counts: dict[int, tuple[float, int]] = {}  # index -> (schedule factor, kept count) this epoch
+
+    def order(self, epoch: int) -> np.ndarray:
+        """(N,) the order images enter the buffer in ``epoch``: the same on every run."""
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            self._order_cache = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.grids)))
+        return self._order_cache[1]
+
+    def count(self, index: int, step: int) -> int:
+        """Backbone tokens of image ``index`` at ``step`` in the current epoch."""
+        h, w = self.grids[index]
+        n = h * w
+        if self.mask is None:
+            kept = n
+        else:
+            # num_keep_for depends on the step only through the schedule factor (its random draw comes
+            # first and does not depend on the step), so a count is redrawn only when the factor moves:
+            # once per image and epoch under a constant schedule.
+            scale = mask_scale_at(step, self.mask)
+            cached = self._counts.get(index)
+            if cached is not None and cached[0] == scale:
+                kept = cached[1]
+            else:
+                kept = num_keep_for(n, self.mask, step, mask_generator(self.seed, self.epoch, index))
+                self._counts[index] = (scale, kept)
+        if kept > self.tokens_per_step:
+            raise ValueError(
+                f"image {index} has a {h}x{w} token grid and {kept} backbone tokens at step {step}, more than "
+                f"tokens_per_step={self.tokens_per_step}; raise data.tokens_per_step to at least the token "
+                f"budget of one image"
+            )
+        return kept
+
+    def next_bin(self) -> BinPlan:
+        """Plan the bin of step ``self.step`` and advance the state past it."""
+        if self.cursor >= len(self.grids) and not self.pending:
+            # The epoch is used up: this bin opens the next one (the buffer never crosses epochs).
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._counts.clear()
+        order = self.order(self.epoch)
+        step, room = self.step, self.tokens_per_step
+        chosen: list[int] = []
+        counts: list[int] = []
+        self._refill(order)
+        while self.pending and (self.max_images is None or len(chosen) < self.max_images):
+            lengths = [self.count(i, step) for i in self.pending]
+            pick = _pick(lengths, room)
+            if pick is None:
+                break
+            chosen.append(self.pending.pop(pick))
+            counts.append(lengths[pick])
+            room -= lengths[pick]
+            self._refill(order)
+        for i in chosen:
+            self._counts.pop(i, None)
+        self.step += 1
+        return BinPlan(self.epoch, step, tuple(chosen), tuple(self.grids[i] for i in chosen), tuple(counts))
+
+    def _refill(self, order: np.ndarray) -> None:
+        while len(self.pending) < self.buffer_size and self.cursor < len(order):
+            self.pending.append(int(order[self.cursor]))
+            self.cursor += 1
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch, "step": self.step, "cursor": self.cursor, "pending": list(self.pending),
+            **self._identity(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        mismatch = {k: (state.get(k), v) for k, v in self._identity().items() if state.get(k) != v}
+        if mismatch:
+            raise ValueError(
+                f"token-batching state was saved for a different setting {mismatch} (saved, now); resume with the "
+                "same dataset, seed, data.tokens_per_step and data.max_images_per_step, or start a fresh run"
+            )
+        epoch, step, cursor = int(state["epoch"]), int(state["step"]), int(state["cursor"])
+        pending = [int(i) for i in state["pending"]]
+        if epoch < 0 or step < 0 or not 0 <= cursor <= len(self.grids) or len(pending) > cursor:
+            raise ValueError(
+                f"token-batching state epoch={epoch}, step={step}, cursor={cursor}, {len(pending)} pending is "
+                f"invalid for {len(self.grids)} images; the checkpoint's data state is damaged, start a fresh run"
+            )
+        self.epoch, self.step, self.cursor, self.pending = epoch, step, cursor, pending
+        self._counts.clear()
+
+    def _identity(self) -> dict:
+        """What fixes the bins: a state from another setting would resume at the wrong images."""
+        return {
+            "seed": self.seed, "num_items": len(self.grids), "tokens_per_step": self.tokens_per_step,
+            "max_images": self.max_images, "buffer_size": self.buffer_size,
+        }
+
+
+def _pick(lengths: Sequence[int], room: int) -> Optional[int]:
+    """Position in the buffer of the next image for a bin with ``room`` tokens left (StreamingPacker's rule)."""
+    if room >= max(lengths):
+        return 0  # everything fits: the oldest image, to keep the data order
+    best, best_length = None, 0
+    for j, length in enumerate(lengths):
+        if best_length < length <= room:  # the longest that fits closes the bin tightly
+            best, best_length = j, length
+    return best
+
+
+class _PlannedBins:
+    """The DataLoader's batch_sampler: asks the loader for bins as the DataLoader prefetches them."""
+
+    def __init__(self, loader: "TokenBudgetLoader"):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return self.loader._plan_bins()
+
+
+class TokenBudgetLoader:
+    """Loads the sampler's bins with a DataLoader; yields ``(TokenBatch, BinPlan)`` without end.
+
+    The DataLoader's workers prefetch, so the sampler runs ahead of the training loop. Every bin's plan
+    is queued with the sampler state after it; ``state_dict()`` is the state after the last bin handed
+    out, which is where a resumed run must continue.
+    """
+
+    def __init__(self, dataset, sampler: TokenBudgetSampler, patch: int, num_workers: int = 0,
+                 pin_memory: bool = False):
+        from torch.utils.data import DataLoader
+
+        from maskfit.data.loader import _KeyedDataset, collate_items
+
+        self.sampler = sampler
+        self._state = sampler.state_dict()  # after the last bin handed out
+        self._planned: collections.deque = collections.deque()  # (plan, state after it) of bins in flight
+        self.dataloader = DataLoader(
+            _KeyedDataset(dataset),  # (index, epoch) keys: per-item flips follow the epoch
+            batch_sampler=_PlannedBins(self),
+            num_workers=num_workers,
+            collate_fn=functools.partial(collate_items, patch=patch, layout="packed", seq_len=None),
+            pin_memory=pin_memory,
+            persistent_workers=False,
+        )
+
+    def _plan_bins(self) -> Iterator[list[tuple[int, int]]]:
+        while True:
+            plan = self.sampler.next_bin()
+            self._planned.append((plan, self.sampler.state_dict()))
+            yield [(i, plan.epoch) for i in plan.indices]
+
+    def forever(self) -> Iterator[tuple[TokenBatch, BinPlan]]:
+        self.sampler.load_state_dict(self._state)  # drop whatever an earlier iterator prefetched
+        self._planned.clear()
+        for batch in self.dataloader:  # batches come in sampler order
+            plan, self._state = self._planned.popleft()
+            yield batch, plan
+
+    def state_dict(self) -> dict:
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)  # checks the setting matches and the position is valid
+        self._state = self.sampler.state_dict()
+
+
+def pad_to_budget(
+    batch: TokenBatch, keep: Optional[Sequence[torch.Tensor]], budget: int, max_images: Optional[int] = None
+) -> TokenBatch:
+    """Make the BACKBONE stream exactly ``budget`` tokens: one dummy segment, with every token of it kept.
+
+    Unmasked (``keep`` None): :func:`pad_stream_to_budget` on the stream itself.
+
+    Masked (``keep[b]``: raster indices of image b's kept tokens): the backbone sees the kept tokens, so
+    the kept stream is what must total ``budget``. The full stream gets a dummy segment of
+    R = budget - (kept tokens) zero tokens (``valid`` False), and the masked view keeps ALL of it:
+    ``tokens[mask.index]`` then holds the real kept tokens followed by the R dummy tokens, matching
+    ``mask.layout`` segment for segment. The plain design trains on exactly that pair; the full stream
+    (real grids + R) varies in length, but only the kept stream reaches the backbone. ``mask.layout``
+    carries ``valid`` (False on the dummy), so attention keeps the dummy to itself and the loss counts no
+    dummy token; zero-length segments up to ``max_images`` keep nothing.
+    """
+    if keep is None:
+        return pad_stream_to_budget(batch, budget, max_images)
+    lay = batch.layout
+    if len(keep) != lay.num_images:
+        raise ValueError(f"pad_to_budget got keep indices for {len(keep)} images, the stream has {lay.num_images}")
+    kept_total = sum(int(k.numel()) for k in keep)
+    if kept_total > budget:
+        raise ValueError(
+            f"the images keep {kept_total} tokens, more than the budget {budget}; pack bins by the kept counts "
+            "(TokenBudgetSampler) or raise data.tokens_per_step"
+        )
+    remaining = budget - kept_total
+    full = pad_stream_to_budget(batch, lay.num_tokens + remaining, max_images)  # dummy of `remaining` tokens
+    num_extra = full.layout.num_images - lay.num_images  # the dummy, then zero-length segments
+    # The dummy's tokens fill its grid in raster order, so raster index r is its r-th token.
+    extra = [torch.arange(remaining)] + [torch.zeros(0, dtype=torch.long)] * (num_extra - 1)
+    view = masked_view(full.layout, list(keep) + extra, max_seqlen=full.layout.max_seqlen)
+    kept_layout = dataclasses.replace(view.layout, valid=full.layout.valid[view.index])  # (budget,)
+    return TokenBatch(full.tokens, full.y, full.layout, mask=MaskedView(view.index, kept_layout))
+
+
+# ----------------------------------------------------------------------------------------------------
+# What train.py reads
+# ----------------------------------------------------------------------------------------------------
+
+
 @dataclass
 class TrainingData:
-    loader: object  # maskfit.data.loader.ResumableLoader
+    """``next_batch(step)`` for the training loop, its resumable state, and the padding it trains on.
+
+    ``tokens_per_step`` None: image batching (``loader`` a ResumableLoader of batch_size images);
+    otherwise token batching (``loader`` a :class:`TokenBudgetLoader`), every backbone stream exactly
+    that long. ``padding_fraction()`` is the share of backbone token slots that were padding over the
+    steps produced so far (FiT's per-image padding in the padded layout; the dummy segment with a token
+    budget; 0 for packed image batches), counted across resumes; ``last_padding_fraction`` is the
+    latest step's, and ``last_plan`` (token batching) names the latest step's images.
+    """
+
+    loader: object  # maskfit.data.loader.ResumableLoader or TokenBudgetLoader
     channels: int
     mask: Optional[MaskConfig]
     seed: int
-    _iterator: Optional[Iterator[TokenBatch]] = None
+    tokens_per_step: Optional[int] = None  # token batching: backbone tokens per step
+    max_images: Optional[int] = None  # token batching: images per step at most (segments: max_images + 1)
+    max_seqlen: int = 0  # token batching: the static segment-length bound (the per-image token budget)
+    last_padding_fraction: float = 0.0
+    last_plan: Optional[BinPlan] = field(default=None, init=False, repr=False)  # token batching: the latest bin
+    _real_slots: int = field(default=0, init=False, repr=False)
+    _all_slots: int = field(default=0, init=False, repr=False)
+    _iterator: Optional[Iterator] = field(default=None, init=False, repr=False)
 
     def next_batch(self, step: int) -> TokenBatch:
         if self._iterator is None:
             self._iterator = self.loader.forever()
-        batch = next(self._iterator)
-        if self.mask is not None:
-            batch = apply_mask(batch, self.mask, step, self.seed)
+        if self.tokens_per_step is None:
+            batch = next(self._iterator)
+            if self.mask is not None:
+                batch = apply_mask(batch, self.mask, step, self.seed)
+        else:
+            batch, plan = next(self._iterator)
+            if plan.step != step:
+                raise ValueError(
+                    f"next_batch(step={step}) got the bin planned for step {plan.step}: token batches are packed "
+                    "for their step (the mask schedule sets the kept counts); ask for consecutive steps from 0, "
+                    "or load the data state saved with the checkpoint before resuming at a later step"
+                )
+            batch = self._fill_budget(batch, plan)
+            self.last_plan = plan
+        self._count_padding(batch)
         return batch
 
+    def _fill_budget(self, batch: TokenBatch, plan: BinPlan) -> TokenBatch:
+        grids = [tuple(g) for g in batch.layout.grid.tolist()]
+        if grids != [tuple(g) for g in plan.grids]:
+            raise ValueError(
+                f"step {plan.step}: images {list(plan.indices)} loaded with token grids {grids}, but the sampler "
+                f"packed them by the grids {list(plan.grids)} read before loading; the dataset must give each "
+                "image the size it reports (no random crops or resizes that change between reads)"
+            )
+        # A fixed bound instead of this batch's longest image: the kernels see one value every step.
+        layout = dataclasses.replace(batch.layout, max_seqlen=max(self.max_seqlen, batch.layout.max_seqlen))
+        batch = TokenBatch(batch.tokens, batch.y, layout)
+        keep = None
+        if self.mask is not None:
+            keep = [
+                choose_keep(g, self.mask, plan.step, mask_generator(self.seed, plan.epoch, i))
+                for g, i in zip(grids, plan.indices)
+            ]
+            counts = tuple(int(k.numel()) for k in keep)
+            if counts != plan.counts:  # the sampler and the mask must draw from the same stream
+                raise RuntimeError(
+                    f"step {plan.step}: the masks keep {counts} tokens but the bin was packed for {plan.counts}; "
+                    "TokenBudgetSampler.count and choose_keep disagree (a bug: report it)"
+                )
+            if all(k == h * w for k, (h, w) in zip(counts, grids)):
+                keep = None  # unmasked step (e.g. the final fine-tune): the backbone runs the full grids
+        return pad_to_budget(batch, keep, self.tokens_per_step, self.max_images)
+
+    def _count_padding(self, batch: TokenBatch) -> None:
+        backbone = batch.layout if batch.mask is None else batch.mask.layout
+        slots = backbone.num_tokens
+        real = slots if backbone.valid is None else int(backbone.valid.sum())
+        self._real_slots += real
+        self._all_slots += slots
+        self.last_padding_fraction = 1.0 - real / slots if slots else 0.0
+
+    def padding_fraction(self) -> float:
+        """Share of the backbone token slots that were padding, over every step produced so far."""
+        return 1.0 - self._real_slots / self._all_slots if self._all_slots else 0.0
+
     def state_dict(self) -> dict:
-        return self.loader.state_dict()
+        return {**self.loader.state_dict(), "padding_real_slots": self._real_slots, "padding_slots": self._all_slots}
 
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state)
+        # Checkpoints from before the padding counters start them at 0.
+        self._real_slots = int(state.get("padding_real_slots", 0))
+        self._all_slots = int(state.get("padding_slots", 0))
         self._iterator = None
 
 
@@ -112,6 +597,10 @@ def build_training_data(cfg: RunConfig, patch_size: int) -> TrainingData:
     from maskfit.data.loader import make_loader
 
     dataset = build_dataset(cfg.data, patch_size, cfg.train.seed, train=True)
+    patch = getattr(dataset, "patch", patch_size)
+    mask = mask_config(cfg)
+    if cfg.data.batching == "tokens":
+        return _token_batching(cfg, dataset, patch, mask)
     if len(dataset) < cfg.train.batch_size:
         raise ValueError(
             f"the dataset has {len(dataset)} images, fewer than train.batch_size={cfg.train.batch_size}; "
@@ -119,7 +608,28 @@ def build_training_data(cfg: RunConfig, patch_size: int) -> TrainingData:
         )
     loader = make_loader(
         dataset, cfg.train.batch_size, layout=cfg.data.layout, seed=cfg.train.seed,
-        num_workers=cfg.data.num_workers, patch=getattr(dataset, "patch", patch_size),
+        num_workers=cfg.data.num_workers, patch=patch,
         seq_len=cfg.data.token_budget, pin_memory=torch.cuda.is_available(),
     )
-    return TrainingData(loader, dataset_channels(dataset), mask_config(cfg), cfg.train.seed)
+    return TrainingData(loader, dataset_channels(dataset), mask, cfg.train.seed)
+
+
+def _token_batching(cfg: RunConfig, dataset, patch: int, mask: Optional[MaskConfig]) -> TrainingData:
+    data = cfg.data
+    if mask is not None and cfg.mask.design != "plain":
+        # The full-grid designs weight the loss from mask.index alone (maskfit.objective.token_weights),
+        # which would count the dummy segment's kept tokens as an image of zeros.
+        raise ValueError(
+            f"data.batching='tokens' with masking supports mask.design='plain' only (got {cfg.mask.design!r}): "
+            "the padding segment sits in the kept stream and the other designs' loss would count it. Use "
+            "mask.design='plain' or data.batching='images'"
+        )
+    sampler = TokenBudgetSampler(
+        token_grids(dataset, patch), data.tokens_per_step, mask=mask, seed=cfg.train.seed,
+        max_images=data.max_images_per_step,
+    )
+    loader = TokenBudgetLoader(dataset, sampler, patch, data.num_workers, pin_memory=torch.cuda.is_available())
+    return TrainingData(
+        loader, dataset_channels(dataset), mask, cfg.train.seed, tokens_per_step=data.tokens_per_step,
+        max_images=data.max_images_per_step, max_seqlen=int(getattr(dataset, "token_budget", data.token_budget)),
+    )

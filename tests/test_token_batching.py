@@ -1,0 +1,278 @@
+"""Token batching: a constant backbone token budget per step, packed from whole images, resumable."""
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from maskfit.config import config_from_dict
+from maskfit.data.datasets import SyntheticDataset
+from maskfit.data.pipeline import TokenBudgetSampler, build_training_data, token_grids
+from maskfit.data.synthetic import SyntheticSizes
+from maskfit.masking import MaskConfig
+from maskfit.packing import dummy_grid
+from maskfit.tokens import patchify
+
+PATCH = 4
+BUDGET = 64  # backbone tokens per step: ~6 images of the 4..16-token synthetic sizes below
+
+
+def run_config(out: Path = Path("unused"), steps=6, mask=None, **data):
+    raw = {
+        "model": {"preset": "FiTv2-tiny", "overrides": {"patch_size": PATCH, "num_classes": 4}},
+        "data": {"source": "synthetic", "num_images": 48, "num_classes": 4, "token_budget": 16,
+                 "autoencoder": "identity", "layout": "packed", "batching": "tokens", "tokens_per_step": BUDGET,
+                 **data},
+        "diffusion": {"objective": "flow"},
+        "optim": {"lr": 1e-3, "ema_decay": 0.9},
+        "train": {"out_dir": str(out), "steps": steps, "batch_size": 8, "log_every": 2, "ckpt_every": 3,
+                  "device": "cpu", "seed": 3},
+    }
+    if mask is not None:
+        raw["mask"] = mask
+    return config_from_dict(raw)
+
+
+def backbone(batch):
+    """(tokens, layout) the plain design trains on (train.training_loss)."""
+    if batch.mask is None:
+        return batch.tokens, batch.layout
+    return batch.tokens[batch.mask.index], batch.mask.layout
+
+
+def real_counts(layout):
+    """(B,) real tokens of each segment."""
+    valid = torch.ones(layout.num_tokens, dtype=torch.bool) if layout.valid is None else layout.valid
+    return torch.zeros(layout.num_images, dtype=torch.long).index_add_(0, layout.seq_id, valid.long())
+
+
+# A linear decay to an unmasked fine-tune: kept counts change every step and the last steps keep all.
+DECAYING = {"keep_ratio": 0.5, "ratio_distribution": "beta", "schedule": "linear", "final_unmasked_steps": 4}
+
+
+@pytest.mark.parametrize("mask", [None, DECAYING], ids=["unmasked", "masked"])
+def test_every_step_has_exactly_the_budget_and_whole_images_once_per_epoch(mask):
+    steps = 22  # over two epochs of 48 images
+    data = build_training_data(run_config(steps=steps, mask=mask), PATCH)
+    dataset = data.loader.dataloader.dataset.dataset
+    seen = defaultdict(list)  # epoch -> dataset indices in the order trained
+    real = 0
+    masked_steps = 0
+    for step in range(steps):
+        batch = data.next_batch(step)
+        plan = data.last_plan
+        tokens, layout = backbone(batch)
+        assert tokens.shape[0] == layout.num_tokens == BUDGET
+        # Real images first, then one dummy segment holding exactly the rest, all of it padding.
+        counts = real_counts(layout)
+        B = len(plan.indices)
+        assert layout.num_images == B + 1 and int(counts[B]) == 0
+        assert counts[:B].tolist() == list(plan.counts)
+        assert int(layout.seqlens()[B]) == BUDGET - sum(plan.counts)
+        seen[plan.epoch].extend(plan.indices)
+        real += sum(plan.counts)
+        masked_steps += batch.mask is not None
+        # Whole images: every segment of the full stream is its dataset item's complete token grid.
+        full = batch.layout
+        for b, i in enumerate(plan.indices):
+            start, end = int(full.cu_seqlens[b]), int(full.cu_seqlens[b + 1])
+            x = dataset.get(i, plan.epoch).x
+            assert torch.equal(batch.tokens[start:end], patchify(x, PATCH))
+            assert tuple(full.grid[b].tolist()) == (x.shape[1] // PATCH, x.shape[2] // PATCH)
+        assert data.last_padding_fraction == pytest.approx(1 - sum(plan.counts) / BUDGET)
+    assert data.padding_fraction() == pytest.approx(1 - real / (steps * BUDGET))
+    *complete, last = sorted(seen)
+    assert complete == list(range(last)) and len(complete) >= 2
+    for epoch in complete:  # each image exactly once
+        assert sorted(seen[epoch]) == list(range(48)), f"epoch {epoch}"
+    assert len(set(seen[last])) == len(seen[last])
+    if mask is not None:
+        assert 0 < masked_steps < steps  # the schedule ends unmasked: both kinds of step were checked
+
+
+def test_masked_budget_batches_give_valid_masked_views():
+    data = build_training_data(run_config(steps=12, mask={"keep_ratio": 0.5}), PATCH)
+    for step in range(12):
+        batch = data.next_batch(step)
+        plan = data.last_plan
+        full, view = batch.layout, batch.mask
+        B = len(plan.indices)
+        index = view.index
+        assert index.dtype == torch.long and int(index.min()) >= 0 and int(index.max()) < full.num_tokens
+        assert len(set(index.tolist())) == index.numel()
+        kept = view.layout
+        # Each kept token sits in its own image at its true (row, col), and `keep` is its raster index.
+        assert torch.equal(kept.seq_id, full.seq_id[index])
+        assert torch.equal(kept.pos, full.pos[index])
+        cols = full.grid[kept.seq_id, 1]
+        assert torch.equal(kept.pos, torch.stack([kept.keep // cols, kept.keep % cols], dim=1))
+        assert torch.equal(kept.grid, full.grid)
+        assert kept.seqlens()[:B].tolist() == list(plan.counts)
+        assert kept.cu_seqlens[-1] == BUDGET
+        # Half of each image, within rounding.
+        for b, (h, w) in enumerate(plan.grids):
+            assert plan.counts[b] == max(1, math.floor(h * w * 0.5 + 0.5))
+            segment = kept.keep[int(kept.cu_seqlens[b]) : int(kept.cu_seqlens[b + 1])]
+            assert torch.equal(segment, segment.sort().values) and int(segment.max()) < h * w
+        # The dummy: all of it kept, padding in both streams, zero tokens, an ordinary grid.
+        remaining = BUDGET - sum(plan.counts)
+        dummy = kept.seq_id == B
+        assert int(dummy.sum()) == remaining
+        assert torch.equal(~kept.valid, dummy) and torch.equal(~full.valid, full.seq_id == B)
+        assert torch.count_nonzero(batch.tokens[index[dummy]]) == 0
+        assert tuple(full.grid[B].tolist()) == dummy_grid(remaining)
+        assert batch.y.shape == (B + 1,)
+
+
+@pytest.mark.parametrize("mask", [None, MaskConfig(keep_ratio=0.5), MaskConfig(keep_ratio=0.5, ratio_distribution="beta")],
+                         ids=["unmasked", "half", "beta"])
+def test_padding_under_two_percent_on_fit_like_sizes(mask):
+    # FiT-like sizes: aspect 1:3..3:1 and a quarter to all of a 64-token budget (mean ~36 tokens), with
+    # a step of about 16 images' worth of backbone tokens; two epochs, end-of-epoch drains included.
+    sizes = SyntheticSizes(token_budget=64, patch_px=4)
+    grids = token_grids(SyntheticDataset(2048, 8, seed=0, sizes=sizes), 4)
+    mean_kept = np.mean([h * w for h, w in (grids[i] for i in range(len(grids)))]) * (0.5 if mask else 1.0)
+    budget = int(round(16 * mean_kept))
+    sampler = TokenBudgetSampler(grids, budget, mask=mask, seed=1)
+    real = bins = 0
+    while sampler.epoch < 2:
+        plan = sampler.next_bin()
+        if plan.epoch == 2:
+            break
+        assert plan.tokens <= budget
+        real, bins = real + plan.tokens, bins + 1
+    padding = 1 - real / (bins * budget)
+    assert padding < 0.02, f"padding {padding:.2%} at {budget} tokens per step"
+
+
+def test_bins_never_exceed_the_budget_nor_the_image_cap():
+    grids = token_grids(SyntheticDataset(300, 8, seed=2, sizes=SyntheticSizes(token_budget=64, patch_px=4)), 4)
+    sampler = TokenBudgetSampler(grids, 200, mask=MaskConfig(keep_ratio=0.6, ratio_distribution="beta"),
+                                 seed=0, max_images=5)
+    seen = []
+    while sampler.epoch == 0:
+        plan = sampler.next_bin()
+        if plan.epoch == 0:
+            assert 1 <= len(plan.indices) <= 5 and plan.tokens <= 200
+            seen.extend(plan.indices)
+    assert sorted(seen) == list(range(300))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resume_reproduces_bins_and_masks(workers):
+    cfg = run_config(steps=20, mask={"keep_ratio": 0.5, "ratio_distribution": "beta"}, num_workers=workers)
+    straight = build_training_data(cfg, PATCH)
+    first = [straight.next_batch(s) for s in range(13)]  # crosses into the second epoch
+    state = straight.state_dict()  # the loader has prefetched ahead with a worker: the state must not
+    rest = [(straight.next_batch(s), straight.last_plan) for s in range(13, 20)]
+    resumed = build_training_data(cfg, PATCH)
+    resumed.load_state_dict(state)
+    for step, (batch, plan) in enumerate(rest, start=13):
+        again = resumed.next_batch(step)
+        assert resumed.last_plan == plan
+        assert torch.equal(again.tokens, batch.tokens) and torch.equal(again.mask.index, batch.mask.index)
+        assert torch.equal(again.mask.layout.pos, batch.mask.layout.pos)
+    assert resumed.padding_fraction() == pytest.approx(straight.padding_fraction())
+    assert first[0].mask is not None
+
+
+def test_resume_with_another_budget_is_a_clear_error():
+    data = build_training_data(run_config(), PATCH)
+    data.next_batch(0)
+    other = build_training_data(run_config(tokens_per_step=80), PATCH)
+    with pytest.raises(ValueError, match="tokens_per_step.*resume with the same"):
+        other.load_state_dict(data.state_dict())
+
+
+def test_steps_out_of_order_are_a_clear_error():
+    data = build_training_data(run_config(), PATCH)
+    with pytest.raises(ValueError, match=r"next_batch\(step=5\) got the bin planned for step 0"):
+        data.next_batch(5)
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"layout": "padded"}, "batching='tokens'.*needs data.layout='packed'"),
+        ({"tokens_per_step": 0}, r"needs data.tokens_per_step > 0 \(got 0\)"),
+        ({"tokens_per_step": 8}, "tokens_per_step=8 is below data.token_budget=16"),
+        ({"max_images_per_step": 0}, "max_images_per_step=0 must be at least 1"),
+        ({"batching": "images", "max_images_per_step": 4}, "only applies to data.batching='tokens'"),
+        ({"batching": "rows"}, "data.batching='rows'"),
+        ({"source": "folder", "root": "x", "random_aspect_crop": True}, "random_aspect_crop=True makes"),
+    ],
+)
+def test_config_errors(data, match):
+    with pytest.raises(ValueError, match=match):
+        run_config(**data)
+
+
+def test_masking_designs_other_than_plain_are_rejected():
+    cfg = run_config(mask={"keep_ratio": 0.5, "design": "decoder"})
+    with pytest.raises(ValueError, match="supports mask.design='plain' only"):
+        build_training_data(cfg, PATCH)
+
+
+@pytest.mark.parametrize("mask", [None, {"keep_ratio": 0.5}], ids=["unmasked", "masked"])
+def test_tiny_training_run_with_a_token_budget(tmp_path, mask):
+    from maskfit.train import train
+
+    result = train(run_config(tmp_path / "run", steps=4, mask=mask), progress=False)
+    assert result.step == 4
+    assert result.losses and all(math.isfinite(v) for v in result.losses)
+
+
+def _loaded_grid(dataset, i, patch):
+    x = dataset[i].x  # (C, H, W)
+    return (x.shape[1] // patch, x.shape[2] // patch)
+
+
+def test_grids_read_without_decoding_match_the_loaded_images(tmp_path):
+    from PIL import Image
+
+    from maskfit.data.datasets import ImageFolderDataset, ImageListDataset, ImageTransform
+    from maskfit.data.latents import IdentityAutoencoder, LatentCacheDataset, build_latent_cache
+
+    rng = np.random.default_rng(0)
+    shapes = [(37, 90), (64, 64), (120, 30), (9, 200), (50, 51)]  # (H, W): downscaled, kept, extreme
+    arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
+    for i, arr in enumerate(arrays):
+        (tmp_path / "imgs" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(tmp_path / "imgs" / f"c{i % 2}" / f"{i}.png")
+    transform = ImageTransform(token_budget=16, patch_px=PATCH)
+    folder = ImageFolderDataset(tmp_path / "imgs", transform=transform)
+    images = ImageListDataset(arrays, [0] * len(arrays), transform=transform)
+    synthetic = SyntheticDataset(6, 4, seed=5, sizes=SyntheticSizes(token_budget=16, patch_px=PATCH))
+    build_latent_cache(synthetic, IdentityAutoencoder(), tmp_path / "cache", flips=False, progress=False)
+    latents = LatentCacheDataset(tmp_path / "cache")
+    for dataset in (folder, images, synthetic, latents):
+        grids = token_grids(dataset, PATCH)
+        read = [grids[i] for i in range(len(dataset))]
+        assert read == [_loaded_grid(dataset, i, PATCH) for i in range(len(dataset))]
+        assert len(set(read)) > 1  # the sizes really differ (a swapped h, w would show)
+
+
+def test_random_crops_cannot_be_packed_ahead(tmp_path):
+    from maskfit.data.datasets import ImageListDataset, ImageTransform
+
+    crops = ImageListDataset([np.zeros((32, 32, 3), np.uint8)], [0], ImageTransform(16, PATCH, random_crop=True))
+    with pytest.raises(ValueError, match="random_crop=True.*turn the random aspect crop off"):
+        token_grids(crops, PATCH)
+
+
+def test_a_resumed_token_budget_run_equals_an_uninterrupted_one(tmp_path):
+    from safetensors.torch import load_file
+
+    from maskfit import checkpoint as ckpt_io
+    from maskfit.train import train
+
+    mask = {"keep_ratio": 0.5, "ratio_distribution": "beta"}
+    straight = train(run_config(tmp_path / "a", steps=6, mask=mask), progress=False)
+    train(run_config(tmp_path / "b", steps=6, mask=mask), progress=False, stop_after=3)  # "crash" after 3
+    resumed = train(run_config(tmp_path / "b", steps=6, mask=mask), progress=False)
+    assert straight.step == resumed.step == 6
+    wa = load_file(str(ckpt_io.latest_checkpoint(tmp_path / "a") / "model.safetensors"))
+    wb = load_file(str(ckpt_io.latest_checkpoint(tmp_path / "b") / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
