@@ -209,13 +209,29 @@ def test_config_errors(data, match):
         run_config(**data)
 
 
-def test_masking_designs_other_than_plain_are_rejected():
-    cfg = run_config(mask={"keep_ratio": 0.5, "design": "decoder"})
-    with pytest.raises(ValueError, match="supports mask.design='plain' only"):
-        build_training_data(cfg, PATCH)
+def test_the_dummy_segment_is_left_out_of_full_grid_losses():
+    from maskfit.objective import token_weights
+
+    cfg = run_config(mask={"keep_ratio": 0.5, "design": "decoder", "aux_loss_weight": 0.1})
+    data = build_training_data(cfg, PATCH)
+    batches = (data.next_batch(step) for step in range(30))
+    batch = next(b for b in batches if not bool(b.layout.valid.all()))  # a step whose dummy segment is not empty
+    weights = token_weights(batch.layout, batch.mask, 0.1, predicts_dropped=True)
+    real = batch.layout.valid
+    assert bool((weights[~real] == 0).all())
+    # Every real image sums to 1 (kept) + 0.1 (dropped); the dummy and empty segments to 0.
+    per_image = torch.zeros(batch.layout.num_images).index_add(0, batch.layout.seq_id, weights)
+    has_real = torch.zeros(batch.layout.num_images).index_add(0, batch.layout.seq_id, real.float()) > 0
+    torch.testing.assert_close(per_image[has_real], torch.full((int(has_real.sum()),), 1.1))
+    assert bool((per_image[~has_real] == 0).all())
 
 
-@pytest.mark.parametrize("mask", [None, {"keep_ratio": 0.5}], ids=["unmasked", "masked"])
+@pytest.mark.parametrize(
+    "mask",
+    [None, {"keep_ratio": 0.5}, {"keep_ratio": 0.5, "design": "decoder", "decoder_depth": 1, "decoder_hidden": 32,
+                                 "decoder_heads": 2}],
+    ids=["unmasked", "masked", "masked-decoder"],
+)
 def test_tiny_training_run_with_a_token_budget(tmp_path, mask):
     from maskfit.train import train
 

@@ -33,7 +33,8 @@ def token_weights(
     else:
         # index_fill takes the value as a kernel argument; `counted[index] = True` would copy a host
         # scalar to the device and synchronise.
-        counted = torch.zeros_like(real).index_fill(0, mask.index, True)
+        # A kept padding token (the dummy segment of a constant token budget) counts nowhere.
+        counted = torch.zeros_like(real).index_fill(0, mask.index, True) & real
     n_counted = segment_sum(counted.float(), layout.seq_id, B).clamp_min(1.0)  # (B,)
     w = torch.where(counted, 1.0 / n_counted[layout.seq_id], torch.zeros((), device=real.device))
     if mask is not None and predicts_dropped and aux_weight > 0:

@@ -19,9 +19,9 @@ draws the mask of that image from a fresh generator with the same seed at the sa
 mismatch would be a loud error, not a silent overflow. (Packing by the *expected* count instead would
 need slack in every bin or dropping images when a Beta draw overshoots.) The dummy segment then sits in
 the KEPT stream (all of it kept), so only the backbone stream has the constant length; the full stream
-(whole grids + dummy) varies, which the plain design never feeds to a layer. The other mask designs
-weight their loss from ``mask.index`` alone and would count the dummy, so token batching with masking
-is limited to ``mask.design='plain'``.
+(whole grids + dummy) varies, which the plain design never feeds to a layer. The full-grid designs run
+their decoder or mixer on the full stream; the dummy is invalid there and is left out of their loss
+(``maskfit.objective.token_weights`` counts real tokens only).
 """
 from __future__ import annotations
 
@@ -616,14 +616,6 @@ def build_training_data(cfg: RunConfig, patch_size: int) -> TrainingData:
 
 def _token_batching(cfg: RunConfig, dataset, patch: int, mask: Optional[MaskConfig]) -> TrainingData:
     data = cfg.data
-    if mask is not None and cfg.mask.design != "plain":
-        # The full-grid designs weight the loss from mask.index alone (maskfit.objective.token_weights),
-        # which would count the dummy segment's kept tokens as an image of zeros.
-        raise ValueError(
-            f"data.batching='tokens' with masking supports mask.design='plain' only (got {cfg.mask.design!r}): "
-            "the padding segment sits in the kept stream and the other designs' loss would count it. Use "
-            "mask.design='plain' or data.batching='images'"
-        )
     sampler = TokenBudgetSampler(
         token_grids(dataset, patch), data.tokens_per_step, mask=mask, seed=cfg.train.seed,
         max_images=data.max_images_per_step,
