@@ -39,6 +39,11 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", "-n", type=int, default=16, help="images per resolution")
     p.add_argument("--labels", default="uniform", help="'uniform' (random classes), 'per-class' or a comma list")
     p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--cfg-schedule", default="constant", help="constant | power_cos (MDT's schedule)")
+    p.add_argument("--distribution", default=None,
+                   help="'imagenet': draw each image's size from FiT's ImageNet-like aspect mix at the run's budget")
+    p.add_argument("--pack", action="store_true",
+                   help="mix the listed resolutions in every batch (one packed stream) instead of one per batch")
     p.add_argument("--guidance-channels", type=int, default=None,
                    help="guide only the first k latent channels (the released FiT code uses 3); default all")
     p.add_argument("--sampler", default=None, help="ddpm|ddim (FiT) or euler|heun|dopri5|sde (FiTv2)")

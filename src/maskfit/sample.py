@@ -70,6 +70,20 @@ def t_to_fraction_for(diffusion):
     return ddpm_fraction(diffusion.num_timesteps)
 
 
+def guided_denoiser(model: FiT, diffusion, options: SamplerOptions):
+    """The sampling denoiser: the full grid (never masked), RoPE extrapolation, classifier-free guidance."""
+    rope = options.rope
+
+    def model_fn(x, t, y, lay):
+        return model(x, t, y, lay, rope=rope)
+
+    guidance = GuidanceConfig(
+        scale=options.cfg_scale, null_class=model.null_class, channels=options.guidance_channels,
+        schedule=options.guidance_schedule,
+    )
+    return guided(model_fn, guidance, model.cfg.patch_size, t_to_fraction_for(diffusion))
+
+
 @torch.no_grad()
 def sample_tokens(
     model: FiT,
@@ -86,16 +100,7 @@ def sample_tokens(
     dummy = [torch.empty(h * w, 0) for h, w in grids]
     layout = pack(dummy, list(grids), labels.cpu()).layout.to(device)
     noise = torch.randn(layout.num_tokens, cfg.token_dim, generator=generator, device=device)
-    rope = options.rope
-
-    def model_fn(x, t, y, lay):
-        return model(x, t, y, lay, rope=rope)  # never masked: every token of the grid is sampled
-
-    guidance = GuidanceConfig(
-        scale=options.cfg_scale, null_class=model.null_class, channels=options.guidance_channels,
-        schedule=options.guidance_schedule,
-    )
-    fn = guided(model_fn, guidance, cfg.patch_size, t_to_fraction_for(diffusion))
+    fn = guided_denoiser(model, diffusion, options)
     tokens = diffusion.sample(
         fn, noise, labels.to(device), layout, steps=options.steps, method=options.method,
         generator=generator, progress=progress,

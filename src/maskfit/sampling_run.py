@@ -75,6 +75,7 @@ def run_sampling(args) -> dict:
         steps=args.steps or steps,
         cfg_scale=args.cfg_scale,
         guidance_channels=args.guidance_channels,
+        guidance_schedule=getattr(args, "cfg_schedule", "constant"),
         rope=RopeExtrapolation(args.extrapolation, (train_side, train_side), attn_scale=args.attn_scale),
     )
     out = Path(args.out) if args.out else Path(args.checkpoint) / "samples"
@@ -84,11 +85,71 @@ def run_sampling(args) -> dict:
          "labels": args.labels, "seed": args.seed, "options": {**vars(options), "rope": vars(options.rope)}},
         indent=2, default=str,
     ))
+    distribution = getattr(args, "distribution", None)
+    if distribution is not None or getattr(args, "pack", False):
+        if distribution == "imagenet":
+            from maskfit.bench import imagenet_like_grids
+
+            grids = imagenet_like_grids(args.num_images, run_cfg.data.token_budget, multiple, seed=args.seed)
+        elif distribution is None:
+            # --pack: the listed resolutions in turn, so every batch mixes them.
+            per_res = [(h // multiple, w // multiple) for h, w in resolutions]
+            grids = [per_res[i % len(per_res)] for i in range(args.num_images * len(per_res))]
+        else:
+            raise ValueError(f"--distribution {distribution!r} is not known; use 'imagenet'")
+        return sample_mixed(model, diffusion, autoencoder, grids, multiple, p, options, args, out, device)
     summary = {}
     for h, w in resolutions:
         summary[f"{h}x{w}"] = sample_resolution(
             model, diffusion, autoencoder, (h, w), multiple, p, options, args, out, device
         )
+    return summary
+
+
+def sample_mixed(model, diffusion, autoencoder, grids, multiple, p, options, args, out, device) -> dict:
+    """Images of many resolutions packed into each batch (one stream, per-image RoPE), then split.
+
+    ``grids[i]`` is image i's token grid. Each finished batch is a shard holding, per resolution, its
+    images, labels and image ids, so an interrupted run resumes; at the end every resolution gets its own
+    ``samples_HxW.npz`` in image-id order.
+    """
+    shard_dir = out / "mixed"
+    shard_dir.mkdir(exist_ok=True)
+    bs = args.batch_size
+    num_batches = (len(grids) + bs - 1) // bs
+    for b in tqdm(range(num_batches), desc="sample (packed resolutions)"):
+        shard = shard_dir / f"shard_{b:05d}.npz"
+        if shard.exists():
+            continue
+        batch_grids = grids[b * bs : (b + 1) * bs]
+        seed = zlib.crc32(f"{args.seed}-mixed-{b}".encode())
+        generator = torch.Generator(device=device).manual_seed(seed)
+        labels = labels_for(args.labels, len(batch_grids), model.cfg.num_classes, torch.Generator().manual_seed(seed))
+        tokens = sample_tokens(model, diffusion, batch_grids, labels, options, generator, device)
+        images = tokens_to_images(tokens, batch_grids, p, autoencoder)
+        arrays: dict[str, list] = {}
+        for i, (im, label) in enumerate(zip(images, labels.tolist())):
+            key = f"{im.shape[0]}x{im.shape[1]}"
+            arrays.setdefault(key, []).append(im)
+            arrays.setdefault(f"{key}_labels", []).append(label)
+            arrays.setdefault(f"{key}_ids", []).append(b * bs + i)
+        tmp = shard.with_name(shard.name + ".tmp.npz")
+        np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
+        tmp.replace(shard)
+    collected: dict[str, list] = {}
+    for b in range(num_batches):
+        with np.load(shard_dir / f"shard_{b:05d}.npz") as data:
+            for key in data.files:
+                if not key.endswith(("_labels", "_ids")):
+                    for im, label, idx in zip(data[key], data[f"{key}_labels"], data[f"{key}_ids"]):
+                        collected.setdefault(key, []).append((int(idx), im, int(label)))
+    summary = {}
+    for key, items in sorted(collected.items()):
+        items.sort(key=lambda it: it[0])
+        final = out / f"samples_{key}.npz"
+        save_adm_npz(final, [im for _, im, _ in items], np.array([lab for _, _, lab in items]))
+        image_grid([im for _, im, _ in items[:64]], columns=8).save(out / f"grid_{key}.png")
+        summary[key] = {"npz": str(final), "count": len(items)}
     return summary
 
 
