@@ -1,4 +1,4 @@
-"""`maskfit` command line: models | train | sample | prepare | eval | train-classifier | bench | demo."""
+"""`maskfit` command line: models | train | sample | sweep | prepare | eval | train-classifier | bench | demo."""
 from __future__ import annotations
 
 import argparse
@@ -110,39 +110,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(sub) -> None:
-    """Commands whose modules are added by other parts of the project (evaluation, benchmarks, data)."""
-    try:
-        from maskfit.data.prepare import add_prepare_arguments, run_prepare
+    """Commands whose argument parsers live beside their code (data, evaluation, benchmarks)."""
+    from maskfit.bench import add_bench_arguments, run_bench
+    from maskfit.data.prepare import add_prepare_arguments, run_prepare
+    from maskfit.evaluate.cli import add_eval_arguments, add_train_classifier_arguments, run_eval, run_train_classifier
 
-        p = sub.add_parser("prepare", help="encode an image folder into a latent cache")
-        add_prepare_arguments(p)
-        p.set_defaults(func=run_prepare)
-    except ImportError:
-        pass
-    try:
-        from maskfit.evaluate.cli import (
-            add_eval_arguments,
-            add_train_classifier_arguments,
-            run_eval,
-            run_train_classifier,
-        )
-
-        p = sub.add_parser("eval", help="FID/sFID/IS/precision/recall (ADM-compatible) or proxy metrics")
-        add_eval_arguments(p)
-        p.set_defaults(func=run_eval)
-        p = sub.add_parser("train-classifier", help="train the proxy feature network on the training images")
-        add_train_classifier_arguments(p)
-        p.set_defaults(func=run_train_classifier)
-    except ImportError:
-        pass
-    try:
-        from maskfit.bench import add_bench_arguments, run_bench
-
-        p = sub.add_parser("bench", help="training/sampling throughput, MFU and memory")
-        add_bench_arguments(p)
-        p.set_defaults(func=run_bench)
-    except ImportError:
-        pass
+    p = sub.add_parser("prepare", help="encode a run's images into a latent cache")
+    add_prepare_arguments(p)
+    p.set_defaults(func=run_prepare)
+    p = sub.add_parser("eval", help="FID/sFID/IS/precision/recall (ADM-compatible) or proxy metrics")
+    add_eval_arguments(p)
+    p.set_defaults(func=run_eval)
+    p = sub.add_parser("train-classifier", help="train the proxy feature network on the training images")
+    add_train_classifier_arguments(p)
+    p.set_defaults(func=run_train_classifier)
+    p = sub.add_parser("bench", help="training/sampling throughput, MFU and memory")
+    add_bench_arguments(p)
+    p.set_defaults(func=run_bench)
 
 
 def main(argv=None) -> int:
