@@ -574,7 +574,7 @@ def add_sweep_arguments(p) -> None:
     p.add_argument("--reference", required=True,
                    help="ADM reference batch .npz (arr_0 and/or mu/sigma) or an ImageFolder-style image folder")
     net = p.add_mutually_exclusive_group()
-    net.add_argument("--inception", default=None, metavar="PATH",
+    net.add_argument("--inception-weights", "--inception", dest="inception", default=None, metavar="PATH",
                      help="FID Inception weights (default: $MASKFIT_INCEPTION_WEIGHTS or the user cache)")
     net.add_argument("--proxy", default=None, metavar="PATH", help="proxy classifier checkpoint (maskfit train-classifier)")
     p.add_argument("--num-images", "-n", type=int, default=1000, help="images per (method, resolution)")
