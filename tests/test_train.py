@@ -171,3 +171,17 @@ def test_two_steps_on_real_images_with_random_aspect_crops(tmp_path):
     )
     result = train(cfg, progress=False)
     assert result.step == 2 and all(v == v for v in result.losses)  # finite (not NaN)
+
+
+def test_packed_batches_carry_a_static_max_seqlen_for_compile(tmp_path):
+    from maskfit.data.pipeline import build_training_data
+
+    cfg = tiny_run(tmp_path, mask={"keep_ratio": 0.5})
+    data = build_training_data(cfg, 4)
+    seen = set()
+    for step in range(4):
+        batch = data.next_batch(step)
+        seen.add(batch.layout.max_seqlen)
+        seen.add(batch.mask.layout.max_seqlen)
+        assert int(batch.layout.seqlens().max()) <= batch.layout.max_seqlen
+    assert seen == {cfg.data.token_budget}  # one value for every step: no recompilation per batch

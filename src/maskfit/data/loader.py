@@ -46,12 +46,16 @@ def patchify_item(latent: Tensor, label: int, patch: int) -> TokenizedImage:
     return TokenizedImage(tokens=tokens, grid=(H // patch, W // patch), label=int(label))
 
 
-def collate_packed(items: Sequence[TokenizedImage]) -> TokenBatch:
-    """Packed layout: every image's tokens back to back, no padding."""
+def collate_packed(items: Sequence[TokenizedImage], max_seqlen: Optional[int] = None) -> TokenBatch:
+    """Packed layout: every image's tokens back to back, no padding.
+
+    max_seqlen: a static bound on any image's tokens (the token budget). It sizes the attention kernel's
+    grid; a bound that changed with every batch would make torch.compile specialise again and again.
+    """
     if not items:
         raise ValueError("cannot collate an empty batch")
     labels = torch.tensor([it.label for it in items], dtype=torch.long)  # (B,)
-    return pack([it.tokens for it in items], [it.grid for it in items], labels)
+    return pack([it.tokens for it in items], [it.grid for it in items], labels, max_seqlen=max_seqlen)
 
 
 def collate_padded(items: Sequence[TokenizedImage], seq_len: int) -> TokenBatch:
@@ -69,7 +73,7 @@ def collate_items(items: Sequence[DataItem], patch: int, layout: Layout, seq_len
     """DataItems -> TokenBatch (runs in the loader workers)."""
     tokenized = [patchify_item(it.x, it.label, patch) for it in items]
     if layout == "packed":
-        return collate_packed(tokenized)
+        return collate_packed(tokenized, max_seqlen=seq_len)
     return collate_padded(tokenized, seq_len)
 
 

@@ -106,7 +106,9 @@ def apply_mask(batch: TokenBatch, config: MaskConfig, step: int, seed: int) -> T
     keep = [choose_keep((h, w), config, step, generator) for h, w in grids]
     if all(k.numel() == h * w for k, (h, w) in zip(keep, grids)):
         return batch  # unmasked step (e.g. the final fine-tune): the model runs the full grid
-    return TokenBatch(batch.tokens, batch.y, batch.layout, mask=masked_view(batch.layout, keep))
+    # The full stream's static bound also bounds the kept segments (no per-batch value for torch.compile).
+    view = masked_view(batch.layout, keep, max_seqlen=batch.layout.max_seqlen)
+    return TokenBatch(batch.tokens, batch.y, batch.layout, mask=view)
 
 
 # ----------------------------------------------------------------------------------------------------
