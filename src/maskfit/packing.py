@@ -170,14 +170,22 @@ class StreamingPacker(Generic[Item]):
 
     @staticmethod
     def _pick(pending: list[tuple[Item, int]], room: int) -> Optional[int]:
-        """Index in ``pending`` of the next item for a bin with ``room`` free tokens, or None."""
-        if room >= max(length for _, length in pending):
-            return 0  # everything fits: the oldest item, to keep the data order
-        best, best_length = None, 0
-        for j, (_, length) in enumerate(pending):
-            if best_length < length <= room:
-                best, best_length = j, length
-        return best
+        return pick_next([length for _, length in pending], room)
+
+
+def pick_next(lengths: Sequence[int], room: int) -> Optional[int]:
+    """Position in a buffer (oldest first) of the next item for a bin with ``room`` free tokens, or None.
+
+    The oldest item while everything fits (the data order is kept), else the longest that fits, which
+    closes the bin tightly (best fit).
+    """
+    if room >= max(lengths):
+        return 0
+    best, best_length = None, 0
+    for j, length in enumerate(lengths):
+        if best_length < length <= room:
+            best, best_length = j, length
+    return best
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import torch
 
 from maskfit.config import DataConfig, RunConfig
 from maskfit.masking import MaskConfig, choose_keep, mask_scale_at, num_keep_for, per_image_generator
-from maskfit.packing import pad_stream_to_budget
+from maskfit.packing import pad_stream_to_budget, pick_next
 from maskfit.tokens import MaskedView, TokenBatch, masked_view
 
 
@@ -342,7 +342,7 @@ class TokenBudgetSampler:
         self._refill(order)
         while self.pending and (self.max_images is None or len(chosen) < self.max_images):
             lengths = [self.count(i, step) for i in self.pending]
-            pick = _pick(lengths, room)
+            pick = pick_next(lengths, room)
             if pick is None:
                 break
             chosen.append(self.pending.pop(pick))
@@ -388,17 +388,6 @@ class TokenBudgetSampler:
             "seed": self.seed, "num_items": len(self.grids), "tokens_per_step": self.tokens_per_step,
             "max_images": self.max_images, "buffer_size": self.buffer_size,
         }
-
-
-def _pick(lengths: Sequence[int], room: int) -> Optional[int]:
-    """Position in the buffer of the next image for a bin with ``room`` tokens left (StreamingPacker's rule)."""
-    if room >= max(lengths):
-        return 0  # everything fits: the oldest image, to keep the data order
-    best, best_length = None, 0
-    for j, length in enumerate(lengths):
-        if best_length < length <= room:  # the longest that fits closes the bin tightly
-            best, best_length = j, length
-    return best
 
 
 class _PlannedBins:
