@@ -300,3 +300,21 @@ def test_evaluate_samples_with_proxy_reports_protocol(toy_proxy, tmp_path):
     md = md_path.read_text()
     assert "raw 16x32" in md and "stretched" in md and "IS non-square" in md and "PROXY METRICS" in md
     assert json_path.exists() and "Proxy Fréchet distance" in format_markdown(result)
+
+
+def test_reference_activations_are_computed_once_with_a_cache(toy_proxy, tmp_path, monkeypatch):
+    from maskfit.evaluate import report
+    from maskfit.evaluate.adm_npz import reference_from_images
+
+    model, _ = toy_proxy
+    reference = reference_from_images(_toy_colour_set(10, 16, seed=2).images)
+    samples = _toy_colour_set(4, 16, seed=3)
+    path = write_sample_npz(tmp_path / "samples.npz", samples.images, samples.labels)
+    calls = []
+    real_extract = report.extract_features
+    monkeypatch.setattr(report, "extract_features", lambda *a, **k: calls.append(1) or real_extract(*a, **k))
+    cache: dict = {}
+    first = evaluate_samples(path, reference, model, batch_size=16, pr_precision="float32", reference_cache=cache)
+    second = evaluate_samples(path, reference, model, batch_size=16, pr_precision="float32", reference_cache=cache)
+    assert len(calls) == 3  # reference + samples, then samples only
+    assert first["metrics"] == second["metrics"]

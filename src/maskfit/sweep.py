@@ -318,8 +318,12 @@ def run_sweep(args) -> dict:
     _check_settings(out, settings)
 
     # The reference is read once: an image folder is decoded here, not once per evaluation.
-    reference = load_image_folder(reference_path, size=args.reference_size, limit=args.reference_limit).images \
-        if reference_path.is_dir() else reference_path
+    from maskfit.evaluate.report import read_reference, reference_from_images
+
+    reference = reference_from_images(
+        load_image_folder(reference_path, size=args.reference_size, limit=args.reference_limit).images
+    ) if reference_path.is_dir() else read_reference(reference_path)
+    reference_cache: dict = {}  # the reference's activations, computed at the first evaluation only
     net_id = network_id(network)
     net_tag = f"proxy_{network.weights_sha256[:12]}" if is_proxy else "inception"
     cache_key = {"network": net_id, "weights_sha256": network.weights_sha256,
@@ -348,7 +352,8 @@ def run_sweep(args) -> dict:
                                   sample_args, set_dir, device)
             results[(set_variant.label, res.label)] = _evaluate_cached(
                 npz, out / "evals" / set_variant.label / f"{res.label}.{net_tag}.json", cache_key,
-                lambda npz=npz: evaluate_samples(npz, reference, network, batch_size=args.eval_batch_size, device=device),
+                lambda npz=npz: evaluate_samples(npz, reference, network, batch_size=args.eval_batch_size, device=device,
+                                                 reference_cache=reference_cache),
             )
         for v in variants:
             s = sets[v]

@@ -161,8 +161,13 @@ def evaluate_samples(
     num_samples: Optional[int] = None,
     pr_precision: M.DistancePrecision = "adm",
     pr_block_size: int = M.PR_BLOCK_SIZE,
+    reference_cache: Optional[Dict] = None,
 ) -> Dict:
     """Compute ADM's metrics (Inception) or the proxy metrics for a sample batch against a reference.
+
+    ``reference_cache``: a dict kept by a caller that evaluates many sample batches against the same
+    reference with the same network (the resolution sweep); the reference's activations are computed
+    once and reused from it.
 
     ``samples``: an ADM sample ``.npz`` (``arr_0`` uint8 NHWC, optional ``arr_1`` labels) or an array.
     ``reference``: an ADM reference ``.npz`` (stored ``mu, sigma, mu_s, sigma_s`` and/or ``arr_0``
@@ -179,7 +184,15 @@ def evaluate_samples(
 
     # 1. Reference activations (ADM computes them even when statistics are stored: P/R needs them).
     t0 = time.perf_counter()
-    ref_features = extract_features(network, reference.image_batches(batch_size), device) if reference.num_images else None
+    cache_key = (id(reference), id(network))
+    if reference_cache is not None and cache_key in reference_cache:
+        ref_features = reference_cache[cache_key]
+    else:
+        ref_features = (
+            extract_features(network, reference.image_batches(batch_size), device) if reference.num_images else None
+        )
+        if reference_cache is not None:
+            reference_cache[cache_key] = ref_features
     timings["reference_features_s"] = time.perf_counter() - t0
     ref_pool, ref_spatial, ref_source = _reference_stats(reference, ref_features, network)
 
