@@ -211,8 +211,15 @@ def load_config(path: Union[str, os.PathLike], overrides: Optional[list[str]] = 
         raise FileNotFoundError(f"config file {path} does not exist")
     text = path.read_text()
     if path.suffix == ".toml":
-        import tomllib  # Python >= 3.11
-
+        try:
+            import tomllib  # Python >= 3.11
+        except ImportError:  # Python 3.10
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise ImportError(
+                    f"reading {path} needs Python >= 3.11 or `pip install tomli`; or write the config as JSON"
+                ) from None
         raw = tomllib.loads(text)
     elif path.suffix == ".json":
         raw = json.loads(text)
