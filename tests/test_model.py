@@ -14,7 +14,7 @@ from maskfit.models.transformer import (
     flops_per_image,
     model_config,
 )
-from maskfit.tokens import grid_positions, pack, patchify, to_padded, from_padded, unpatchify
+from maskfit.tokens import pack, patchify, to_padded, from_padded, unpatchify
 
 # The published code's model classes configured as the papers' size tables (reference/fit.md §4.3).
 EXPECTED_PARAMS = {

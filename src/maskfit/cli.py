@@ -93,40 +93,36 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_arguments(p)
     p.set_defaults(func=cmd_sample)
 
-    from maskfit.sweep import add_sweep_arguments, cmd_sweep
-
-    p = sub.add_parser("sweep", help="sample + evaluate a checkpoint at FiT's ID/OOD resolutions with every RoPE method")
-    add_sweep_arguments(p)
-    p.set_defaults(func=cmd_sweep)
-
     p = sub.add_parser("demo", help="train a tiny model on the synthetic set on CPU and sample a grid")
     p.add_argument("--out", default="demo")
     p.add_argument("--minutes", type=float, default=2.5, help="training time budget")
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     p.set_defaults(func=cmd_demo)
 
-    _add_optional_commands(sub)
+    _add_module_commands(sub)
     return parser
 
 
-def _add_optional_commands(sub) -> None:
-    """Commands whose argument parsers live beside their code (data, evaluation, benchmarks)."""
+def _add_module_commands(sub) -> None:
+    """Commands whose argument parsers live beside their code (data, evaluation, sweep, benchmarks)."""
     from maskfit.bench import add_bench_arguments, run_bench
     from maskfit.data.prepare import add_prepare_arguments, run_prepare
     from maskfit.evaluate.cli import add_eval_arguments, add_train_classifier_arguments, run_eval, run_train_classifier
+    from maskfit.sweep import add_sweep_arguments, cmd_sweep
 
-    p = sub.add_parser("prepare", help="encode a run's images into a latent cache")
-    add_prepare_arguments(p)
-    p.set_defaults(func=run_prepare)
-    p = sub.add_parser("eval", help="FID/sFID/IS/precision/recall (ADM-compatible) or proxy metrics")
-    add_eval_arguments(p)
-    p.set_defaults(func=run_eval)
-    p = sub.add_parser("train-classifier", help="train the proxy feature network on the training images")
-    add_train_classifier_arguments(p)
-    p.set_defaults(func=run_train_classifier)
-    p = sub.add_parser("bench", help="training/sampling throughput, MFU and memory")
-    add_bench_arguments(p)
-    p.set_defaults(func=run_bench)
+    commands = [
+        ("sweep", "sample + evaluate a checkpoint at FiT's ID/OOD resolutions with every RoPE method",
+         add_sweep_arguments, cmd_sweep),
+        ("prepare", "encode a run's images into a latent cache", add_prepare_arguments, run_prepare),
+        ("eval", "FID/sFID/IS/precision/recall (ADM-compatible) or proxy metrics", add_eval_arguments, run_eval),
+        ("train-classifier", "train the proxy feature network on the training images",
+         add_train_classifier_arguments, run_train_classifier),
+        ("bench", "training/sampling throughput, MFU and memory", add_bench_arguments, run_bench),
+    ]
+    for name, help_text, add_arguments, func in commands:
+        p = sub.add_parser(name, help=help_text)
+        add_arguments(p)
+        p.set_defaults(func=func)
 
 
 def main(argv=None) -> int:

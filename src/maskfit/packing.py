@@ -13,7 +13,7 @@ real ones of several images plus one dummy segment for the rest, so every dense 
 - :func:`pad_stream_to_budget`: the dummy tail segment (and empty segments up to a fixed image count).
 
 Contract for consumers of a padded stream: tokens with ``layout.valid`` False are padding. The loss must
-ignore them (``tokens.segment_mean`` already weights by ``valid``) and the mean over images must skip the
+ignore them (``maskfit.objective`` counts real tokens only) and the mean over images must skip the
 images with no real token (:func:`real_image_mask`): the dummy segment and any zero-length segments.
 """
 from __future__ import annotations

@@ -18,7 +18,7 @@ from torch import Tensor
 from maskfit.diffusion.guidance import GuidanceConfig, guided
 from maskfit.models.rope import RopeExtrapolation
 from maskfit.models.transformer import FiT
-from maskfit.tokens import grid_positions, pack, split_images, unpatchify
+from maskfit.tokens import pack, split_images, unpatchify
 
 
 def check_resolution(height: int, width: int, multiple: int) -> None:

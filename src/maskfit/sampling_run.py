@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from maskfit.models.rope import RopeExtrapolation
+from maskfit.models.rope import RopeExtrapolation, training_grid
 from maskfit.sample import (
     SamplerOptions,
     check_resolution,
@@ -64,19 +64,18 @@ def run_sampling(args) -> dict:
     autoencoder, factor = load_autoencoder(run_cfg, args.vae_path, device)
     p = model.cfg.patch_size
     multiple = factor * p
-    side = int(round((run_cfg.data.token_budget**0.5))) * multiple
-    resolutions = [parse_resolution(r) for r in (args.resolution or [str(side)])]
+    train_grid = training_grid(run_cfg.data.token_budget)
+    resolutions = [parse_resolution(r) for r in (args.resolution or [str(train_grid[0] * multiple)])]
     for h, w in resolutions:
         check_resolution(h, w, multiple)
     method, steps = default_sampler(run_cfg.diffusion.objective)
-    train_side = int(round(run_cfg.data.token_budget**0.5))
     options = SamplerOptions(
         method=args.sampler or method,
         steps=args.steps or steps,
         cfg_scale=args.cfg_scale,
         guidance_channels=args.guidance_channels,
         guidance_schedule=getattr(args, "cfg_schedule", "constant"),
-        rope=RopeExtrapolation(args.extrapolation, (train_side, train_side), attn_scale=args.attn_scale),
+        rope=RopeExtrapolation(args.extrapolation, train_grid, attn_scale=args.attn_scale),
     )
     out = Path(args.out) if args.out else Path(args.checkpoint) / "samples"
     out.mkdir(parents=True, exist_ok=True)

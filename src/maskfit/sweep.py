@@ -36,6 +36,7 @@ from maskfit.models.rope import (
     attention_logit_scale,
     axis_frequencies,
     axis_scales,
+    training_grid,
     yarn_mscale,
 )
 from maskfit.sample import check_resolution, parse_resolution
@@ -301,8 +302,7 @@ def run_sweep(args) -> dict:
     p = model.cfg.patch_size
     multiple = factor * p
     budget = run_cfg.data.token_budget
-    train_side = int(round(budget**0.5))  # as `maskfit sample`: RoPE scales count from this square grid
-    train_grid = (train_side, train_side)
+    train_grid = training_grid(budget)  # as `maskfit sample`: RoPE scales count from this square grid
     derived = not args.resolutions
     resolutions = derive_resolutions(budget, multiple) if derived else parse_resolutions(args.resolutions, budget, multiple)
 

@@ -158,13 +158,6 @@ def unpatchify(tokens: Tensor, grid_hw: tuple[int, int], patch_size: int) -> Ten
     return x.reshape(C, h * p, w * p)
 
 
-def grid_positions(h: int, w: int, device=None) -> Tensor:
-    """(h*w, 2) int64 (row, col) of every token of an h x w grid, raster order."""
-    rows = torch.arange(h, device=device).repeat_interleave(w)
-    cols = torch.arange(w, device=device).repeat(h)
-    return torch.stack([rows, cols], dim=1)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Building streams
 # ----------------------------------------------------------------------------------------------------
@@ -327,11 +320,6 @@ def segment_mean(values: Tensor, layout: TokenLayout) -> Tensor:
     total = segment_sum(values * weight, layout.seq_id, layout.num_images)
     count = segment_sum(weight, layout.seq_id, layout.num_images)
     return total / count.clamp_min(1.0)
-
-
-def per_image(values: Tensor, layout: TokenLayout) -> Tensor:
-    """(B, ...) per-image values -> (T, ...) one row per token (gather by image index)."""
-    return values[layout.seq_id]
 
 
 def split_images(tokens: Tensor, layout: TokenLayout) -> list[Tensor]:

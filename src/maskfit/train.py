@@ -45,6 +45,11 @@ def autocast_for(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def run_patch_size(cfg: RunConfig) -> int:
+    """The patch size a run's model will have (its preset's, unless overridden): the data needs it first."""
+    return cfg.model.overrides.get("patch_size", model_config(cfg.model.preset).patch_size)
+
+
 def resolved_model_config(cfg: RunConfig, data_channels: int) -> ModelConfig:
     overrides = dict(cfg.model.overrides)
     overrides.setdefault("in_channels", data_channels)
@@ -154,8 +159,7 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(tcfg.seed)
 
-    patch_size = cfg.model.overrides.get("patch_size", model_config(cfg.model.preset).patch_size)
-    data = build_training_data(cfg, patch_size)
+    data = build_training_data(cfg, run_patch_size(cfg))
     mcfg = resolved_model_config(cfg, data.channels)
     model = FiT(mcfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)

@@ -28,14 +28,13 @@ def run_prepare(args) -> int:
     from maskfit.config import load_config
     from maskfit.data.latents import SDVAE, IdentityAutoencoder, build_latent_cache
     from maskfit.data.pipeline import build_dataset
-    from maskfit.models.transformer import model_config
-    from maskfit.train import resolve_device
+    from maskfit.train import resolve_device, run_patch_size
 
     cfg = load_config(args.config, args.set)
     if cfg.data.source == "latents":
         raise ValueError("data.source is already 'latents'; point the config at the images (source 'folder' or 'synthetic')")
     device = resolve_device(args.device)
-    patch = cfg.model.overrides.get("patch_size", model_config(cfg.model.preset).patch_size)
+    patch = run_patch_size(cfg)
     # The cache stores both orientations, so the dataset itself must not flip; the encoder is applied
     # here, so build the pixel dataset as in pixel space.
     if cfg.data.autoencoder == "identity":

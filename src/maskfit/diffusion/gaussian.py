@@ -249,7 +249,7 @@ class GaussianDiffusion:
         """Hybrid loss L_simple + L_vlb (iDDPM eq. 16, VB unscaled as DiT/FiT) over a token stream.
 
         x0: (T, D) clean tokens; y: (B,) labels (already label-dropped for CFG); one t ~ U{0..T-1} per image.
-        Per-token loss = mean over channels; each image = mean over its real tokens (``segment_mean``, padding
+        Per-token loss = mean over channels; each image = mean over its real tokens (``maskfit.objective``, padding
         excluded); the batch loss = mean over images, so every image weighs the same whatever its length
         (FiT's per-sample N/N_valid normalisation, reference/fit.md §2.3).
         ``token_weights`` (T,) replaces the per-image token mean (masked training counts kept tokens only:

@@ -68,6 +68,13 @@ class RopeExtrapolation:
         return self.method.startswith("vision_")
 
 
+def training_grid(token_budget: int) -> tuple[int, int]:
+    """L_train per axis for a run trained at ``token_budget`` tokens: the side of the square budget grid
+    (16 x 16 for FiT's 256 tokens, FiT §3.4). Every sampler and sweep measures RoPE scales against it."""
+    side = int(round(token_budget**0.5))
+    return (side, side)
+
+
 def base_frequencies(axis_dim: int, theta: float = 10000.0, device=None) -> Tensor:
     """(axis_dim/2,) float64 theta_i = b^(-2i/axis_dim), i = 0 .. axis_dim/2 - 1."""
     if axis_dim % 2:

@@ -421,10 +421,6 @@ class FiT(nn.Module):
         return self.final_layer(hf, cond, full.layout.seq_id)
 
 
-def build_model(cfg: ModelConfig) -> FiT:
-    return FiT(cfg)
-
-
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
