@@ -33,30 +33,22 @@ def cmd_train(args) -> int:
 
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
+    from maskfit.sampling_run import add_sampler_arguments
+
     p.add_argument("checkpoint", help="checkpoint folder or run folder (its latest checkpoint)")
     p.add_argument("--resolution", "-r", action="append", default=None,
                    help="HxW or S (square), pixels; repeat for several (default: the training budget's square)")
     p.add_argument("--num-images", "-n", type=int, default=16, help="images per resolution")
-    p.add_argument("--labels", default="uniform", help="'uniform' (random classes), 'per-class' or a comma list")
-    p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--cfg-schedule", default="constant", help="constant | power_cos (MDT's schedule)")
     p.add_argument("--distribution", default=None,
                    help="'imagenet': draw each image's size from FiT's ImageNet-like aspect mix at the run's budget")
     p.add_argument("--pack", action="store_true",
                    help="mix the listed resolutions in every batch (one packed stream) instead of one per batch")
-    p.add_argument("--guidance-channels", type=int, default=None,
-                   help="guide only the first k latent channels (the released FiT code uses 3); default all")
-    p.add_argument("--sampler", default=None, help="ddpm|ddim (FiT) or euler|heun|dopri5|sde (FiTv2)")
-    p.add_argument("--steps", type=int, default=None)
     p.add_argument("--extrapolation", default="none",
                    help="RoPE extrapolation: none|pi|ntk|yarn|vision_ntk|vision_yarn")
     p.add_argument("--attn-scale", default="none", help="FiTv2 eq. 15 attention scale: none|paper|code")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", default=None, help="output folder (default: <run>/samples)")
-    p.add_argument("--no-ema", action="store_true")
-    p.add_argument("--vae-path", default=None, help="local sd-vae-ft-ema folder (overrides the run's)")
-    p.add_argument("--device", default="auto")
+    add_sampler_arguments(p)
 
 
 def cmd_sample(args) -> int:

@@ -27,6 +27,22 @@ from maskfit.sample import (
 )
 
 
+def add_sampler_arguments(p) -> None:
+    """The options every sampling command shares (`maskfit sample`, `maskfit sweep`)."""
+    p.add_argument("--labels", default="uniform", help="'uniform' (random classes), 'per-class' or a comma list")
+    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--guidance-channels", type=int, default=None,
+                   help="guide only the first k latent channels (the released FiT code uses 3); default all")
+    p.add_argument("--sampler", default=None,
+                   help="ddpm|ddim (FiT) or euler|heun|dopri5|sde (FiTv2); default by the run's objective")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32, help="images per sampling batch")
+    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--vae-path", default=None, help="local sd-vae-ft-ema folder (overrides the run's)")
+    p.add_argument("--device", default="auto")
+
+
 def load_autoencoder(run_cfg, vae_path, device):
     from maskfit.data.latents import SDVAE, IdentityAutoencoder
 

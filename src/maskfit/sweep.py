@@ -40,6 +40,7 @@ from maskfit.models.rope import (
     yarn_mscale,
 )
 from maskfit.sample import check_resolution, parse_resolution
+from maskfit.sampling_run import add_sampler_arguments
 
 IN_DIST = "in-distribution"
 OUT_DIST = "out-of-distribution"
@@ -589,20 +590,11 @@ def add_sweep_arguments(p) -> None:
                    help="comma list of FiTv2 eq. 15 attention scales (none|paper|code); every method x scale is a row")
     p.add_argument("--resolutions", action="append", default=None,
                    help="HxW or S pixels, comma list or repeated (default: FiT's six grids scaled to the run's budget)")
-    p.add_argument("--cfg-scale", type=float, default=1.5)
-    p.add_argument("--guidance-channels", type=int, default=None, help="guide only the first k latent channels")
-    p.add_argument("--sampler", default=None, help="ddpm|ddim (FiT) or euler|heun|dopri5|sde (FiTv2); default by objective")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--labels", default="uniform", help="'uniform', 'per-class' or a comma list of class ids")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32, help="sampling batch")
+    add_sampler_arguments(p)
     p.add_argument("--eval-batch-size", type=int, default=250)
     p.add_argument("--reference-size", type=int, default=None, help="resize an image-folder reference to SxS")
     p.add_argument("--reference-limit", type=int, default=10_000, help="images taken from an image-folder reference")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint>/sweep)")
-    p.add_argument("--no-ema", action="store_true")
-    p.add_argument("--vae-path", default=None, help="local sd-vae-ft-ema folder (overrides the run's)")
-    p.add_argument("--device", default="auto")
 
 
 def cmd_sweep(args) -> int:
