@@ -108,15 +108,18 @@ def sample_tokens(
     return split_images(tokens, layout)
 
 
-def tokens_to_images(tokens: list[Tensor], grids, patch_size: int, autoencoder) -> list[np.ndarray]:
-    """Decode token sets to uint8 HxWx3 images (ADM convention: clamp(127.5 x + 128))."""
-    images = []
-    for x, grid in zip(tokens, grids):
-        latent = unpatchify(x.float(), grid, patch_size)[None]  # (1, C, h*p, w*p)
-        pixels = autoencoder.decode(latent)[0]  # (3, H, W) in [-1, 1]
-        arr = (pixels.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        images.append(arr)
-    return images
+def tokens_to_images(
+    tokens: list[Tensor], grids, patch_size: int, autoencoder, batch_size: int = 32
+) -> list[np.ndarray]:
+    """Decode token sets to uint8 HxWx3 images (ADM convention: clamp(127.5 x + 128)).
+
+    Latents of one size are decoded together (batches of ``batch_size``), not one image at a time.
+    """
+    from maskfit.data.latents import decode_by_size
+
+    latents = [unpatchify(x.float(), grid, patch_size) for x, grid in zip(tokens, grids)]  # (C, h*p, w*p) each
+    pixels = decode_by_size(autoencoder, latents, batch_size)  # (3, H, W) each, in [-1, 1]
+    return [(x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy() for x in pixels]
 
 
 def image_grid(images: Sequence[np.ndarray], columns: int, pad: int = 2, background: int = 255) -> Image.Image:

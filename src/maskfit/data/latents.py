@@ -149,24 +149,32 @@ class SDVAE:
 # ----------------------------------------------------------------------------------------------------
 
 
-def encode_by_size(autoencoder: Autoencoder, images: Sequence[Tensor], batch_size: int) -> list[Tensor]:
-    """Encode images of different sizes: batches of one size each (they cannot be stacked otherwise).
-
-    images[i]: (3, H_i, W_i). Returns latents[i]: (C, H_i/f, W_i/f) on the CPU, in input order.
-    """
+def _map_by_size(fn, tensors: Sequence[Tensor], batch_size: int) -> list[Tensor]:
+    """Apply a batched ``fn`` to (C, H_i, W_i) tensors of different sizes, in batches of one size each
+    (they cannot be stacked otherwise). Returns fn's per-item outputs on the CPU, in input order."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i, x in enumerate(images):
+    for i, x in enumerate(tensors):
         groups[tuple(x.shape[-2:])].append(i)
-    out: list[Optional[Tensor]] = [None] * len(images)
+    out: list[Optional[Tensor]] = [None] * len(tensors)
     for idx in groups.values():
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
-            z = autoencoder.encode(torch.stack([images[i] for i in chunk]))  # (b, C, h, w)
-            for i, zi in zip(chunk, z.cpu()):
-                out[i] = zi
+            result = fn(torch.stack([tensors[i] for i in chunk]))  # (b, C', H', W')
+            for i, ri in zip(chunk, result.cpu()):
+                out[i] = ri
     return out  # type: ignore[return-value]
+
+
+def encode_by_size(autoencoder: Autoencoder, images: Sequence[Tensor], batch_size: int) -> list[Tensor]:
+    """images[i]: (3, H_i, W_i) -> latents[i]: (C, H_i/f, W_i/f) on the CPU, in input order."""
+    return _map_by_size(autoencoder.encode, images, batch_size)
+
+
+def decode_by_size(autoencoder: Autoencoder, latents: Sequence[Tensor], batch_size: int) -> list[Tensor]:
+    """latents[i]: (C, h_i, w_i) -> images[i]: (3, h_i*f, w_i*f) in [-1, 1] on the CPU, in input order."""
+    return _map_by_size(autoencoder.decode, latents, batch_size)
 
 
 def build_latent_cache(
