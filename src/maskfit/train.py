@@ -272,7 +272,7 @@ def load_model_from_checkpoint(path: Path, use_ema: bool = True, device: Optiona
     raw = ckpt_io.load_config_of(ckpt)
     resolved = raw.pop("resolved_model")
     run_cfg = config_from_dict(raw)
-    mcfg = ModelConfig(**{k: v for k, v in resolved.items()})
+    mcfg = ModelConfig(**resolved)
     model = FiT(mcfg)
     ckpt_io.load_weights(model, ckpt / ("ema.safetensors" if use_ema else "model.safetensors"))
     model.eval().requires_grad_(False)
