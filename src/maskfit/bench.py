@@ -121,6 +121,46 @@ def build_batch(grids, mode: str, token_dim: int, seed: int, device):
     return TokenBatch(batch.tokens, batch.y, batch.layout, mask=view).to(device)
 
 
+def peak_tflops(dev: torch.device) -> Optional[float]:
+    """Dense bf16 peak of the device (None where unknown, e.g. a CPU)."""
+    if dev.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(dev)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def time_steps(step, warmup: int, steps: int, dev: torch.device, profile_label: Optional[str] = None):
+    """Run `warmup` untimed then `steps` timed calls of `step()`; return (seconds, peak GiB, last loss).
+
+    Peak memory is the allocator's high-water mark over the timed steps only (NaN off CUDA); with
+    `profile_label` three extra steps are profiled and the top kernels printed before timing.
+    """
+    loss = None
+    for _ in range(warmup):
+        loss = step()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    if profile_label is not None:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            sync()
+        sort = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+        print(f"--- profile {profile_label} (3 steps) ---")
+        print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    sync()
+    elapsed = time.perf_counter() - t0
+    peak_mem = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else float("nan")
+    return elapsed, peak_mem, loss
+
+
 def bench_train_step(
     preset: str, mode: str, design: str = "plain", batch_size: int = 256, attention: str = "varlen",
     compile: bool = True, steps: int = 20, warmup: int = 5, seed: int = 0, device: str = "cuda",
@@ -154,27 +194,7 @@ def bench_train_step(
         opt.step()
         return loss
 
-    for _ in range(warmup):
-        loss = step()
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    sync()
-    if profile:
-        from torch.profiler import ProfilerActivity, profile as torch_profile
-
-        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                step()
-            sync()
-        sort = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
-        print(f"--- profile {preset} {mode} {design} (3 steps) ---")
-        print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    sync()
-    elapsed = time.perf_counter() - t0
+    elapsed, peak_mem, loss = time_steps(step, warmup, steps, dev, profile_label=f"{preset} {mode} {design}" if profile else None)
     n_full = [h * w for h, w in grids]
     if batch.mask is not None:
         kept = batch.mask.layout.seqlens().cpu().tolist()
@@ -183,15 +203,12 @@ def bench_train_step(
     useful = sum(design_flops(cfg, nf, nk) for nf, nk in zip(n_full, kept))
     ms = 1000 * elapsed / steps
     tflops = useful / (elapsed / steps) / 1e12
-    peak = None
-    if dev.type == "cuda":
-        name = torch.cuda.get_device_name(dev)
-        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    peak = peak_tflops(dev)
     return BenchResult(
         mode=mode, design=design, model=preset, params_m=count_parameters(model) / 1e6, batch=batch_size,
         attention=overrides["attention"], compiled=compile, tokens_real=sum(n_full), tokens_backbone=sum(kept),
         ms_per_step=round(ms, 2), images_per_s=round(batch_size / (elapsed / steps), 1),
-        peak_mem_gib=round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else float("nan"),
+        peak_mem_gib=peak_mem,
         useful_tflops=round(tflops, 1), mfu=None if peak is None else round(tflops / peak, 3),
         loss=float(loss.detach()),
     )
@@ -283,23 +300,35 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--decoder-depth", type=int, default=None, help="decoder blocks (design 'decoder')")
     p.add_argument("--mixer-depth", type=int, default=None, help="patch-mixer blocks (design 'mixer')")
+    p.add_argument("--published-fit", default=None, metavar="PATH",
+                   help="also time the published FiT code (a checkout of github.com/whlzy/FiT at PATH) on the "
+                        "same workload, one row per model before ours (maskfit.bench_published)")
 
 
 def run_bench(args) -> int:
+    results = []
+
+    def record(r) -> None:  # print one JSON line, append it to --out
+        results.append(r)
+        line = json.dumps(asdict(r))
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
+
     if args.sampling:
         for preset in args.models.split(","):
             for packed in (True, False):
-                r = bench_sampling(preset, args.num_images, args.batch, args.sample_steps, args.cfg_scale, packed,
-                                   args.attention, not args.no_compile, args.device)
-                line = json.dumps(asdict(r))
-                print(line, flush=True)
-                if args.out:
-                    with open(args.out, "a") as f:
-                        f.write(line + "\n")
+                record(bench_sampling(preset, args.num_images, args.batch, args.sample_steps, args.cfg_scale, packed,
+                                      args.attention, not args.no_compile, args.device))
         return 0
-    results = []
     for preset in args.models.split(","):
-        for mode in args.modes.split(","):
+        if args.published_fit:
+            from maskfit.bench_published import bench_published_train_step
+
+            record(bench_published_train_step(Path(args.published_fit), preset, args.batch, args.steps, args.warmup,
+                                              device=args.device))
+        for mode in [m for m in args.modes.split(",") if m]:
             designs = args.designs.split(",") if mode not in ("padded", "packed") else ["plain"]
             for design in designs:
                 r = bench_train_step(
@@ -309,12 +338,7 @@ def run_bench(args) -> int:
                     design_overrides={k: v for k, v in (("decoder_depth", args.decoder_depth),
                                                         ("mixer_depth", args.mixer_depth)) if v is not None},
                 )
-                results.append(r)
-                line = json.dumps(asdict(r))
-                print(line, flush=True)
-                if args.out:
-                    with open(args.out, "a") as f:
-                        f.write(line + "\n")
+                record(r)
                 torch.cuda.empty_cache() if torch.cuda.is_available() else None
     print(markdown_table(results))
     return 0
