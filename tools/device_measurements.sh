@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU measurements that BENCHMARKS.md still lacks, in stages that each fit one 10-minute device command.
+#
+#   tools/device_measurements.sh STAGE [OUT_DIR]        (run from the repository root, on the GPU machine)
+#
+# STAGE:
+#   checks     GPU tests (backends agree, bf16 layouts agree, no host sync), the sampling-throughput bench
+#              (FiTv2-B/2, 50 Euler steps, CFG 1.5, packed mixed resolutions vs one resolution per batch),
+#              and the published FiT code beside our padded / packed / 50 % rows (needs third_party/FiT)
+#   designs    every masked design at 25 % and 75 % kept on the 130.3 M model, then FlexAttention in the full step
+#   designs-b2 every masked design at 25 %, 50 % and 75 % kept on the papers' 158.7 M FiT-B/2
+#
+# The published code is not part of this repository: put a checkout of github.com/whlzy/FiT (its fit/ and
+# configs/ folders suffice) in the ignored folder third_party/FiT and carry that path to the device. Each
+# stage writes JSON lines and a log under OUT_DIR (default: $OUT, else ./device_out); copy them into
+# bench_results/ and the figures, with date, device and command, into BENCHMARKS.md.
+set -uo pipefail
+stage=${1:?usage: tools/device_measurements.sh checks|designs|designs-b2 [OUT_DIR]}
+out=${2:-${OUT:-device_out}}
+mkdir -p "$out"
+export PYTHONPATH=src
+bench() { python3 -m maskfit.cli bench --steps 12 --warmup 4 --out "$out/$stage.jsonl" "$@" 2>&1 | tee -a "$out/$stage.log"; }
+
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/$stage.log"
+python3 -c 'import torch, sys; print("torch", torch.__version__, "python", sys.version.split()[0])' | tee -a "$out/$stage.log"
+case "$stage" in
+  checks)
+    python3 -m pytest -q tests/test_gpu.py 2>&1 | tail -15 | tee -a "$out/$stage.log"
+    bench --sampling --models FiTv2-B/2 --num-images 1024 --batch 256
+    if [ -f third_party/FiT/fit/model/fit_model.py ]; then
+      bench --published-fit third_party/FiT --models FiT-B/2-dit --modes padded,packed,keep0.5 --designs plain
+    else
+      echo "third_party/FiT missing: published-code row skipped" | tee -a "$out/$stage.log"
+    fi
+    ;;
+  designs)
+    bench --models FiT-B/2-dit --modes keep0.75,keep0.25 --designs decoder,mixer,side_interp
+    bench --models FiT-B/2-dit --modes packed,keep0.5 --attention flex
+    ;;
+  designs-b2)
+    bench --models FiT-B/2 --modes keep0.75,keep0.5,keep0.25 --designs decoder,mixer,side_interp
+    ;;
+  *) echo "unknown stage $stage: use checks, designs or designs-b2" >&2; exit 2 ;;
+esac
