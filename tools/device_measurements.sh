@@ -19,26 +19,28 @@ stage=${1:?usage: tools/device_measurements.sh checks|designs|designs-b2 [OUT_DI
 out=${2:-${OUT:-device_out}}
 mkdir -p "$out"
 export PYTHONPATH=src
-bench() { python3 -m maskfit.cli bench --steps 12 --warmup 4 --out "$out/$stage.jsonl" "$@" 2>&1 | tee -a "$out/$stage.log"; }
+# bench SECONDS ARGS...: one `maskfit bench` call, cut at SECONDS so one slow part cannot take the stage's others
+bench() { local limit=$1; shift
+  timeout "$limit" python3 -m maskfit.cli bench --steps 12 --warmup 4 --out "$out/$stage.jsonl" "$@" 2>&1 | tee -a "$out/$stage.log"; }
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/$stage.log"
 python3 -c 'import torch, sys; print("torch", torch.__version__, "python", sys.version.split()[0])' | tee -a "$out/$stage.log"
 case "$stage" in
   checks)
-    python3 -m pytest -q tests/test_gpu.py 2>&1 | tail -15 | tee -a "$out/$stage.log"
-    bench --sampling --models FiTv2-B/2 --num-images 1024 --batch 256
+    timeout 120 python3 -m pytest -q tests/test_gpu.py 2>&1 | tail -15 | tee -a "$out/$stage.log"
     if [ -f third_party/FiT/fit/model/fit_model.py ]; then
-      bench --published-fit third_party/FiT --models FiT-B/2-dit --modes padded,packed,keep0.5 --designs plain
+      bench 220 --published-fit third_party/FiT --models FiT-B/2-dit --modes padded,packed,keep0.5 --designs plain
     else
       echo "third_party/FiT missing: published-code row skipped" | tee -a "$out/$stage.log"
     fi
+    bench 200 --sampling --models FiTv2-B/2 --num-images 1024 --batch 256
     ;;
   designs)
-    bench --models FiT-B/2-dit --modes keep0.75,keep0.25 --designs decoder,mixer,side_interp
-    bench --models FiT-B/2-dit --modes packed,keep0.5 --attention flex
+    bench 420 --models FiT-B/2-dit --modes keep0.75,keep0.25 --designs decoder,mixer,side_interp
+    bench 150 --models FiT-B/2-dit --modes packed,keep0.5 --attention flex
     ;;
   designs-b2)
-    bench --models FiT-B/2 --modes keep0.75,keep0.5,keep0.25 --designs decoder,mixer,side_interp
+    bench 570 --models FiT-B/2 --modes keep0.75,keep0.5,keep0.25 --designs decoder,mixer,side_interp
     ;;
   *) echo "unknown stage $stage: use checks, designs or designs-b2" >&2; exit 2 ;;
 esac

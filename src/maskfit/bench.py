@@ -23,7 +23,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -71,8 +71,6 @@ class BenchResult:
 
 def design_flops(cfg, n_full: int, n_kept: int) -> float:
     """Training FLOPs of one image (3 x forward) for a masked design; n_kept == n_full when unmasked."""
-    from dataclasses import replace
-
     from maskfit.models.transformer import flops_per_image
 
     fw = flops_per_image(cfg, n_kept)
@@ -235,7 +233,8 @@ def bench_sampling(
 
     packed: each batch holds images of every resolution in one stream (per-image RoPE and varlen
     attention); otherwise images are grouped by resolution and each batch holds one resolution.
-    The model's weights are random (the cost does not depend on them); bf16 autocast on GPU.
+    The model's weights are random (the cost does not depend on them); bf16 autocast on GPU. Every
+    batch layout is run once with one step before the clock starts, so compilation is not timed.
     """
     from maskfit.config import config_from_dict
     from maskfit.models.transformer import FiT, model_config
@@ -264,9 +263,10 @@ def bench_sampling(
     amp = torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
     generator = torch.Generator(device=dev).manual_seed(seed)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    one_step = replace(options, steps=1)
     with amp:
-        sample_tokens(model, diffusion, batches[0], torch.zeros(len(batches[0]), dtype=torch.long), options,
-                      generator, dev)  # warm-up (compilation)
+        for chunk in batches:  # warm-up: compile for every batch layout, so the timing below excludes it
+            sample_tokens(model, diffusion, chunk, torch.zeros(len(chunk), dtype=torch.long), one_step, generator, dev)
         sync()
         t0 = time.perf_counter()
         for chunk in batches:
