@@ -8,7 +8,8 @@
 #              (FiTv2-B/2, 50 Euler steps, CFG 1.5, packed mixed resolutions vs one resolution per batch),
 #              and the published FiT code beside our padded / packed / 50 % rows (needs third_party/FiT)
 #   designs    every masked design at 25 % and 75 % kept on the 130.3 M model, then FlexAttention in the full step
-#   designs-b2 every masked design at 25 %, 50 % and 75 % kept on the papers' 158.7 M FiT-B/2
+#   designs-b2 plain masking and every design at 25 %, 50 % and 75 % kept on the papers' 158.7 M FiT-B/2
+#              (about 11 rows: more than one 10-minute command; the rows finished before the cut are kept)
 #
 # The published code is not part of this repository: put a checkout of github.com/whlzy/FiT (its fit/ and
 # configs/ folders suffice) in the ignored folder third_party/FiT and carry that path to the device. Each
@@ -40,7 +41,9 @@ case "$stage" in
     bench 150 --models FiT-B/2-dit --modes packed,keep0.5 --attention flex
     ;;
   designs-b2)
-    bench 570 --models FiT-B/2 --modes keep0.75,keep0.5,keep0.25 --designs decoder,mixer,side_interp
+    bench 570 --models FiT-B/2 --modes keep0.75,keep0.25 --designs plain,decoder
+    bench 300 --models FiT-B/2 --modes keep0.5 --designs decoder,mixer,side_interp
+    bench 300 --models FiT-B/2 --modes keep0.75,keep0.25 --designs mixer,side_interp
     ;;
   *) echo "unknown stage $stage: use checks, designs or designs-b2" >&2; exit 2 ;;
 esac

@@ -177,6 +177,10 @@ def bench_train_step(
     objective = "ddpm" if cfg.learn_sigma else "flow"
     diffusion = build_diffusion(config_from_dict({"diffusion": {"objective": objective}}))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    if compile:
+        # Each row compiles from scratch: otherwise Dynamo sees the earlier rows' shapes, recompiles this one
+        # with dynamic shapes (and past its recompile limit would fall back to eager).
+        torch._dynamo.reset()
     forward = torch.compile(model, mode=compile_mode) if compile else model
     grids = imagenet_like_grids(batch_size, seed=seed)
     batch = build_batch(grids, mode, cfg.token_dim, seed, dev)
@@ -247,6 +251,7 @@ def bench_sampling(
     objective = "ddpm" if cfg.learn_sigma else "flow"
     diffusion = build_diffusion(config_from_dict({"diffusion": {"objective": objective}}))
     if compile:
+        torch._dynamo.reset()  # no shapes remembered from earlier rows (see bench_train_step)
         model.forward = torch.compile(model.forward)
     grids = imagenet_like_grids(num_images, seed=seed)
     if not packed:
