@@ -137,6 +137,19 @@ def test_bad_config_values_are_rejected():
         config_from_dict({"data": {"layout": "ragged"}})
 
 
+def test_compiled_flex_attention_needs_a_static_stream():
+    with pytest.raises(ValueError, match="model.attention='ragged' is not one of"):
+        config_from_dict({"model": {"attention": "ragged"}})
+    flex = {"model": {"attention": "flex"}, "train": {"compile": True}}
+    with pytest.raises(ValueError, match="data.batching='images'.*Set data.batching='tokens'"):
+        config_from_dict(flex)
+    token_batching = {"layout": "packed", "batching": "tokens", "tokens_per_step": 512}
+    with pytest.raises(ValueError, match="mask.design='decoder'"):
+        config_from_dict({**flex, "data": token_batching, "mask": {"design": "decoder"}})
+    assert config_from_dict({**flex, "data": token_batching}).model.attention == "flex"  # one stream length
+    assert config_from_dict({"model": {"attention": "flex"}}).train.compile is False  # eager flex: any shape
+
+
 def test_objective_and_model_mismatch_is_explained(tmp_path):
     cfg = tiny_run(tmp_path, "flow")
     cfg.model.preset = "FiT-tiny"  # learned sigma with a velocity objective

@@ -177,6 +177,20 @@ class RunConfig:
     mask: MaskSection = field(default_factory=MaskSection)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self):
+        _check_choice("model.attention", self.model.attention, ("dense", "varlen", "flex"))
+        static_stream = self.data.batching == "tokens" and self.mask.design == "plain"
+        if self.model.attention == "flex" and self.train.compile and not static_stream:
+            # Measured on an H100 (BENCHMARKS.md, FlexAttention): compiled with dynamic shapes, the block
+            # mask's construction fails inside Inductor (CantSplit). Only token batching with the plain
+            # design gives the backbone one stream length every step.
+            raise ValueError(
+                f"model.attention='flex' with train.compile=true needs one stream length every step; got "
+                f"data.batching={self.data.batching!r}, mask.design={self.mask.design!r}. Set "
+                "data.batching='tokens' (with mask.design='plain'), or use model.attention='varlen' "
+                "(faster on GPU), or train.compile=false"
+            )
+
 
 def _check_choice(name: str, value: str, allowed: tuple) -> None:
     if value not in allowed:
