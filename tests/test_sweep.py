@@ -179,7 +179,7 @@ def test_rerun_reuses_samples_and_evaluations(assets, swept):
 
 def test_rerun_with_other_sampling_settings_is_refused(assets, swept, capsys):
     assert main(sweep_argv(assets, swept, "--seed", "1")) == 2
-    assert "sampled with other settings (seed: 0 before, 1 now)" in capsys.readouterr().err
+    assert "drawn with other settings (seed: 0 before, 1 now)" in capsys.readouterr().err
 
 
 def test_bad_method_and_missing_reference_fail_before_any_work(assets, tmp_path, capsys):

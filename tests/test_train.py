@@ -135,19 +135,22 @@ def test_bad_config_values_are_rejected():
         config_from_dict({"mask": {"keep_ratio": 1.5}})
     with pytest.raises(ValueError, match="data.layout='ragged'"):
         config_from_dict({"data": {"layout": "ragged"}})
+    with pytest.raises(ValueError, match="keep_count=64 and mask.keep_ratio=0.5 are both set.*remove one"):
+        config_from_dict({"mask": {"keep_count": 64, "keep_ratio": 0.5}})
 
 
-def test_compiled_flex_attention_needs_a_static_stream():
+def test_flex_attention_needs_a_static_stream():
     with pytest.raises(ValueError, match="model.attention='ragged' is not one of"):
         config_from_dict({"model": {"attention": "ragged"}})
-    flex = {"model": {"attention": "flex"}, "train": {"compile": True}}
+    flex = {"model": {"attention": "flex"}}
     with pytest.raises(ValueError, match="data.batching='images'.*Set data.batching='tokens'"):
         config_from_dict(flex)
+    with pytest.raises(ValueError, match="data.batching='images'"):
+        config_from_dict({**flex, "train": {"compile": True}})
     token_batching = {"layout": "packed", "batching": "tokens", "tokens_per_step": 512}
     with pytest.raises(ValueError, match="mask.design='decoder'"):
         config_from_dict({**flex, "data": token_batching, "mask": {"design": "decoder"}})
     assert config_from_dict({**flex, "data": token_batching}).model.attention == "flex"  # one stream length
-    assert config_from_dict({"model": {"attention": "flex"}}).train.compile is False  # eager flex: any shape
 
 
 def test_objective_and_model_mismatch_is_explained(tmp_path):

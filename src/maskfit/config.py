@@ -145,6 +145,11 @@ class MaskSection:
             raise ValueError(f"mask.keep_ratio={self.keep_ratio} is outside (0, 1]; 1 keeps every token")
         if self.keep_count is not None and self.keep_count < 1:
             raise ValueError(f"mask.keep_count={self.keep_count} must be a positive number of tokens")
+        if self.keep_count is not None and self.keep_ratio != 1.0:
+            raise ValueError(
+                f"mask.keep_count={self.keep_count} and mask.keep_ratio={self.keep_ratio} are both set; the kept "
+                "count replaces the ratio: remove one of them"
+            )
         if self.aux_loss_weight < 0:
             raise ValueError(f"mask.aux_loss_weight={self.aux_loss_weight} must be >= 0")
 
@@ -180,15 +185,15 @@ class RunConfig:
     def __post_init__(self):
         _check_choice("model.attention", self.model.attention, ("dense", "varlen", "flex"))
         static_stream = self.data.batching == "tokens" and self.mask.design == "plain"
-        if self.model.attention == "flex" and self.train.compile and not static_stream:
-            # Measured on an H100 (BENCHMARKS.md, FlexAttention): compiled with dynamic shapes, the block
-            # mask's construction fails inside Inductor (CantSplit). Only token batching with the plain
-            # design gives the backbone one stream length every step.
+        if self.model.attention == "flex" and not static_stream:
+            # FlexAttention is compiled for one stream length: every new length recompiles it (seconds each,
+            # then an eager fallback that materialises T x T scores), and compiled with dynamic shapes its
+            # block mask failed inside Inductor on an H100 (BENCHMARKS.md). Only token batching with the
+            # plain design gives the backbone one stream length every step.
             raise ValueError(
-                f"model.attention='flex' with train.compile=true needs one stream length every step; got "
-                f"data.batching={self.data.batching!r}, mask.design={self.mask.design!r}. Set "
-                "data.batching='tokens' (with mask.design='plain'), or use model.attention='varlen' "
-                "(faster on GPU), or train.compile=false"
+                f"model.attention='flex' needs one stream length every step; got data.batching="
+                f"{self.data.batching!r}, mask.design={self.mask.design!r}. Set data.batching='tokens' (with "
+                "mask.design='plain'), or use model.attention='varlen' (faster on GPU) or 'dense'"
             )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import zlib
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -41,6 +42,57 @@ def add_sampler_arguments(p) -> None:
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--vae-path", default=None, help="local sd-vae-ft-ema folder (overrides the run's)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--attention", default="auto", choices=("auto", "dense", "varlen", "flex"),
+                   help="attention backend (same math whatever the run trained with): 'auto' = varlen on CUDA, "
+                        "dense on a CPU")
+
+
+def sampling_attention(requested: str, device: torch.device) -> str:
+    """The backend to sample with. Every backend computes the same attention, so 'auto' takes the fastest
+    that handles any stream length: varlen on CUDA (flex recompiles for every new length and was 15 %
+    slower in training, BENCHMARKS.md), dense on a CPU (varlen has no CPU kernel)."""
+    from maskfit.train import check_attention_device
+
+    if requested == "auto":
+        return "varlen" if device.type == "cuda" else "dense"
+    check_attention_device(requested, device, "use --attention dense (or auto) on a CPU")
+    return requested
+
+
+def load_sampling_model(args, device: torch.device):
+    """(model, run config) of --checkpoint with the EMA weights unless --no-ema, on --attention's backend."""
+    from maskfit.train import load_model_from_checkpoint
+
+    attention = sampling_attention(getattr(args, "attention", "auto"), device)
+    return load_model_from_checkpoint(Path(args.checkpoint), use_ema=not args.no_ema, device=device,
+                                      attention=attention)
+
+
+def record_settings(folder: Path, settings: dict) -> None:
+    """Check `settings` against ``folder/settings.json`` (see check_settings), then save them there."""
+    from maskfit.checkpoint import atomic_write_text
+
+    check_settings(folder / "settings.json", settings, folder)
+    atomic_write_text(folder / "settings.json", json.dumps({"settings": settings}, indent=2, default=str))
+
+
+def check_settings(path: Path, settings: dict, out: Path) -> None:
+    """Refuse to resume into a folder whose samples were drawn with other settings; then record ours.
+
+    Finished shards are skipped on a rerun, so settings that change the pixels (or where images fall
+    in shards) must equal the saved ones, or the old images would be returned as if they were these.
+    """
+    settings = json.loads(json.dumps(settings, default=str))  # tuples -> lists, as they are saved
+    if path.exists():
+        old = json.loads(path.read_text()).get("settings")
+        if old is not None and old != settings:
+            keys = sorted(set(old) | set(settings))
+            shown = ", ".join(f"{k}: {old.get(k)!r} before, {settings.get(k)!r} now" for k in keys
+                              if old.get(k) != settings.get(k))
+            raise ValueError(
+                f"{out} holds samples drawn with other settings ({shown}); they would be reused as if they were "
+                f"yours. Use another --out, or delete {out} to start over"
+            )
 
 
 def load_autoencoder(run_cfg, vae_path, device):
@@ -52,11 +104,14 @@ def load_autoencoder(run_cfg, vae_path, device):
     return vae, vae.factor
 
 
-def labels_for(spec: str, n: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+def labels_for(spec: str, n: int, num_classes: int, generator: torch.Generator, start: int = 0) -> torch.Tensor:
+    """Labels of images start .. start + n - 1 of a run: 'uniform' draws them; 'per-class' and a comma list
+    cycle through the classes by image index, so every batch continues where the previous one stopped."""
+    index = torch.arange(start, start + n)
     if spec == "uniform":
         return torch.randint(0, num_classes, (n,), generator=generator)
     if spec == "per-class":
-        return torch.arange(n) % num_classes
+        return index % num_classes
     try:
         fixed = [int(v) for v in spec.split(",")]
     except ValueError:
@@ -64,7 +119,7 @@ def labels_for(spec: str, n: int, num_classes: int, generator: torch.Generator) 
     bad = [v for v in fixed if not 0 <= v < num_classes]
     if bad:
         raise ValueError(f"--labels has class ids {bad} outside 0..{num_classes - 1}")
-    return torch.tensor(fixed * (n // len(fixed) + 1))[:n]
+    return torch.tensor(fixed)[index % len(fixed)]
 
 
 def default_sampler(objective: str) -> tuple[str, int]:
@@ -72,10 +127,10 @@ def default_sampler(objective: str) -> tuple[str, int]:
 
 
 def run_sampling(args) -> dict:
-    from maskfit.train import build_diffusion, load_model_from_checkpoint, resolve_device
+    from maskfit.train import build_diffusion, resolve_device
 
     device = resolve_device(args.device)
-    model, run_cfg = load_model_from_checkpoint(Path(args.checkpoint), use_ema=not args.no_ema, device=device)
+    model, run_cfg = load_sampling_model(args, device)
     diffusion = build_diffusion(run_cfg)
     autoencoder, factor = load_autoencoder(run_cfg, args.vae_path, device)
     p = model.cfg.patch_size
@@ -95,12 +150,17 @@ def run_sampling(args) -> dict:
     )
     out = Path(args.out) if args.out else Path(args.checkpoint) / "samples"
     out.mkdir(parents=True, exist_ok=True)
+    distribution = getattr(args, "distribution", None)
+    # What changes the pixels of a shard; each shard folder keeps its own copy and refuses others on a rerun.
+    settings = {
+        "checkpoint": str(Path(args.checkpoint).resolve()), "use_ema": not args.no_ema, "num_images": args.num_images,
+        "batch_size": args.batch_size, "labels": args.labels, "seed": args.seed,
+        "options": {**vars(options), "rope": vars(options.rope)},
+    }
     (out / "sampling.json").write_text(json.dumps(
-        {"checkpoint": str(args.checkpoint), "resolutions": resolutions, "num_images": args.num_images,
-         "labels": args.labels, "seed": args.seed, "options": {**vars(options), "rope": vars(options.rope)}},
+        {**settings, "resolutions": resolutions, "distribution": distribution, "pack": getattr(args, "pack", False)},
         indent=2, default=str,
     ))
-    distribution = getattr(args, "distribution", None)
     if distribution is not None or getattr(args, "pack", False):
         if distribution == "imagenet":
             from maskfit.bench import imagenet_like_grids
@@ -112,16 +172,18 @@ def run_sampling(args) -> dict:
             grids = [per_res[i % len(per_res)] for i in range(args.num_images * len(per_res))]
         else:
             raise ValueError(f"--distribution {distribution!r} is not known; use 'imagenet'")
-        return sample_mixed(model, diffusion, autoencoder, grids, multiple, p, options, args, out, device)
+        return sample_mixed(model, diffusion, autoencoder, grids, multiple, p, options, args, out, device,
+                            settings={**settings, "grids": grids})
     summary = {}
     for h, w in resolutions:
         summary[f"{h}x{w}"] = sample_resolution(
-            model, diffusion, autoencoder, (h, w), multiple, p, options, args, out, device
+            model, diffusion, autoencoder, (h, w), multiple, p, options, args, out, device, settings=settings
         )
     return summary
 
 
-def sample_mixed(model, diffusion, autoencoder, grids, multiple, p, options, args, out, device) -> dict:
+def sample_mixed(model, diffusion, autoencoder, grids, multiple, p, options, args, out, device,
+                 settings: Optional[dict] = None) -> dict:
     """Images of many resolutions packed into each batch (one stream, per-image RoPE), then split.
 
     ``grids[i]`` is image i's token grid. Each finished batch is a shard holding, per resolution, its
@@ -130,6 +192,8 @@ def sample_mixed(model, diffusion, autoencoder, grids, multiple, p, options, arg
     """
     shard_dir = out / "mixed"
     shard_dir.mkdir(exist_ok=True)
+    if settings is not None:
+        record_settings(shard_dir, settings)
     bs = args.batch_size
     num_batches = (len(grids) + bs - 1) // bs
     for b in tqdm(range(num_batches), desc="sample (packed resolutions)"):
@@ -139,7 +203,8 @@ def sample_mixed(model, diffusion, autoencoder, grids, multiple, p, options, arg
         batch_grids = grids[b * bs : (b + 1) * bs]
         seed = zlib.crc32(f"{args.seed}-mixed-{b}".encode())
         generator = torch.Generator(device=device).manual_seed(seed)
-        labels = labels_for(args.labels, len(batch_grids), model.cfg.num_classes, torch.Generator().manual_seed(seed))
+        labels = labels_for(args.labels, len(batch_grids), model.cfg.num_classes, torch.Generator().manual_seed(seed),
+                            start=b * bs)
         tokens = sample_tokens(model, diffusion, batch_grids, labels, options, generator, device)
         images = tokens_to_images(tokens, batch_grids, p, autoencoder)
         arrays: dict[str, list] = {}
@@ -168,7 +233,8 @@ def sample_mixed(model, diffusion, autoencoder, grids, multiple, p, options, arg
     return summary
 
 
-def sample_resolution(model, diffusion, autoencoder, hw, multiple, p, options, args, out, device) -> dict:
+def sample_resolution(model, diffusion, autoencoder, hw, multiple, p, options, args, out, device,
+                      settings: Optional[dict] = None) -> dict:
     """Shards, ``samples_HxW.npz`` and ``grid_HxW.png`` for one resolution in ``out`` (also used by the sweep).
 
     ``args`` needs ``num_images``, ``batch_size``, ``seed`` and ``labels``. Noise and labels depend on
@@ -178,6 +244,8 @@ def sample_resolution(model, diffusion, autoencoder, hw, multiple, p, options, a
     grid = (h // multiple, w // multiple)
     shard_dir = out / f"{h}x{w}"
     shard_dir.mkdir(exist_ok=True)
+    if settings is not None:
+        record_settings(shard_dir, settings)
     n, bs = args.num_images, args.batch_size
     num_batches = (n + bs - 1) // bs
     for b in tqdm(range(num_batches), desc=f"sample {h}x{w}", disable=False):
@@ -188,7 +256,8 @@ def sample_resolution(model, diffusion, autoencoder, hw, multiple, p, options, a
         # One seed per (run seed, resolution, batch): a resumed run draws what the first would have.
         seed = zlib.crc32(f"{args.seed}-{h}x{w}-{b}".encode())
         generator = torch.Generator(device=device).manual_seed(seed)
-        labels = labels_for(args.labels, count, model.cfg.num_classes, torch.Generator().manual_seed(seed))
+        labels = labels_for(args.labels, count, model.cfg.num_classes, torch.Generator().manual_seed(seed),
+                            start=b * bs)
         tokens = sample_tokens(model, diffusion, [grid] * count, labels, options, generator, device)
         images = tokens_to_images(tokens, [grid] * count, p, autoencoder)
         save_adm_npz(shard, images, labels.numpy())

@@ -51,9 +51,6 @@ FIT_GRIDS: Tuple[Tuple[Tuple[int, int], str], ...] = (
     ((20, 20), OUT_DIST), ((14, 28), OUT_DIST), ((10, 30), OUT_DIST),
 )
 ATTN_SCALES = ("none", "paper", "code")  # FiTv2 eq. 15, see maskfit.models.rope
-# Keys of sweep_settings.json that change the pixels of a sample set: a rerun must match them all.
-SAMPLE_KEYS = ("checkpoint", "use_ema", "num_images", "batch_size", "seed", "labels", "sampler", "steps",
-               "cfg_scale", "guidance_channels")
 # (label, better direction); the first available of each kind is plotted.
 METRIC_INFO = {
     "fid": ("FID", "lower"),
@@ -258,29 +255,16 @@ def _checkpoint_name(ckpt: Path) -> str:
     return f"{ckpt.parent.parent.name}/{ckpt.name}" if ckpt.parent.name == "checkpoints" else ckpt.name
 
 
-def _check_settings(out: Path, settings: dict) -> None:
-    """Refuse to mix sample sets drawn with other settings into this sweep's folder."""
-    path = out / "sweep_settings.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = {k: (old.get(k), settings[k]) for k in SAMPLE_KEYS if old.get(k) != settings[k]}
-        if diff:
-            shown = ", ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in diff.items())
-            raise ValueError(
-                f"{out} holds a sweep sampled with other settings ({shown}); its samples would be reused as if "
-                f"they were yours. Use another --out, or delete {out / 'samples'} and {out / 'evals'} to start over"
-            )
-    path.write_text(json.dumps(settings, indent=2) + "\n")
-
-
 def run_sweep(args) -> dict:
     from maskfit.checkpoint import resolve_checkpoint
     from maskfit.data.pipeline import autoencoder_factor
     from maskfit.evaluate.cli import load_image_folder
     from maskfit.evaluate.report import evaluate_samples, network_id
-    from maskfit.sampling_run import default_sampler, load_autoencoder, sample_resolution
+    from maskfit.sampling_run import (
+        default_sampler, load_autoencoder, load_sampling_model, record_settings, sample_resolution,
+    )
     from maskfit.sample import SamplerOptions
-    from maskfit.train import build_diffusion, load_model_from_checkpoint, resolve_device
+    from maskfit.train import build_diffusion, resolve_device
 
     # Cheap checks first: a typo must not cost a model load or an hour of sampling.
     variants = parse_variants(args.methods, args.attn_scale)
@@ -297,7 +281,7 @@ def run_sweep(args) -> dict:
     device = resolve_device(args.device)
     network = _load_network(args, device)
     is_proxy = bool(args.proxy)
-    model, run_cfg = load_model_from_checkpoint(ckpt, use_ema=not args.no_ema, device=device)
+    model, run_cfg = load_sampling_model(args, device)
     diffusion = build_diffusion(run_cfg)
     factor = autoencoder_factor(run_cfg.data)  # known from the config: the VAE loads only if sampling is needed
     p = model.cfg.patch_size
@@ -316,7 +300,7 @@ def run_sweep(args) -> dict:
         "batch_size": args.batch_size, "seed": args.seed, "labels": args.labels, "sampler": sampler,
         "steps": steps, "cfg_scale": args.cfg_scale, "guidance_channels": args.guidance_channels,
     }
-    _check_settings(out, settings)
+    record_settings(out, settings)  # refuses a folder sampled with other settings
 
     # The reference is read once: an image folder is decoded here, not once per evaluation.
     from maskfit.evaluate.report import read_reference, reference_from_images

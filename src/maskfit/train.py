@@ -37,6 +37,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def check_attention_device(attention: str, device: torch.device, fix: str) -> None:
+    """varlen_attn is FlashAttention (CUDA only): fail before the first step, naming the fix."""
+    if attention == "varlen" and device.type != "cuda":
+        raise ValueError(f"attention 'varlen' needs a CUDA device (FlashAttention has no {device.type} kernel); {fix}")
+
+
 def autocast_for(precision: str, device: torch.device):
     """bf16 autocast on GPU ('auto'), fp32 on CPU: CPU bf16 is slow and tests compare fp32 values."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
@@ -155,6 +161,7 @@ def train(
 
     tcfg = cfg.train
     device = resolve_device(tcfg.device)
+    check_attention_device(cfg.model.attention, device, "set model.attention='dense' to train on the CPU")
     run_dir = Path(tcfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(tcfg.seed)
@@ -264,14 +271,22 @@ def _progress(start: int, total: int, enabled: bool):
     return tqdm(total=total, initial=start, disable=not enabled, desc="train", dynamic_ncols=True)
 
 
-def load_model_from_checkpoint(path: Path, use_ema: bool = True, device: Optional[torch.device] = None):
-    """(model, run config dict) from a checkpoint folder or a run folder."""
+def load_model_from_checkpoint(
+    path: Path, use_ema: bool = True, device: Optional[torch.device] = None, attention: Optional[str] = None
+):
+    """(model, run config) from a checkpoint folder or a run folder.
+
+    attention: the backend to run with instead of the one the run trained with (same math: a varlen-trained
+    model samples on a CPU with "dense").
+    """
     from maskfit.config import config_from_dict
 
     ckpt = ckpt_io.resolve_checkpoint(path)
     raw = ckpt_io.load_config_of(ckpt)
     resolved = raw.pop("resolved_model")
     run_cfg = config_from_dict(raw)
+    if attention is not None:
+        resolved["attention"] = attention
     mcfg = ModelConfig(**resolved)
     model = FiT(mcfg)
     ckpt_io.load_weights(model, ckpt / ("ema.safetensors" if use_ema else "model.safetensors"))
