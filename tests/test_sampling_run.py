@@ -61,3 +61,19 @@ def test_training_with_varlen_on_a_cpu_names_the_fix(tmp_path):
                                     "attention": "varlen"})
     with pytest.raises(ValueError, match="attention 'varlen' needs a CUDA device.*model.attention='dense'"):
         train(cfg, progress=False)
+
+
+def test_an_interrupted_run_redraws_only_the_missing_batch(run_dir, tmp_path):
+    out = tmp_path / "s"
+    args = ["sample", str(run_dir), "-n", "6", "--batch-size", "2", "--steps", "1", "--out", str(out), "--device", "cpu"]
+    assert main(args) == 0
+    first = np.load(out / "samples_16x16.npz")["arr_0"]
+    shards = sorted((out / "16x16").glob("shard_*.npz"))
+    assert len(shards) == 3
+    kept = {s.name: s.stat().st_mtime_ns for s in shards if s.name != "shard_00001.npz"}
+    # As if the run died while drawing batch 1: that shard and the final file were never written.
+    (out / "16x16" / "shard_00001.npz").unlink()
+    (out / "samples_16x16.npz").unlink()
+    assert main(args) == 0
+    assert {name: (out / "16x16" / name).stat().st_mtime_ns for name in kept} == kept  # not redrawn
+    np.testing.assert_array_equal(np.load(out / "samples_16x16.npz")["arr_0"], first)  # batch 1 drawn identically
