@@ -77,3 +77,14 @@ def test_an_interrupted_run_redraws_only_the_missing_batch(run_dir, tmp_path):
     assert main(args) == 0
     assert {name: (out / "16x16" / name).stat().st_mtime_ns for name in kept} == kept  # not redrawn
     np.testing.assert_array_equal(np.load(out / "samples_16x16.npz")["arr_0"], first)  # batch 1 drawn identically
+
+
+def test_a_run_that_trained_on_does_not_reuse_older_samples(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny_run(run, steps=2), progress=False)
+    args = ["sample", str(run), "-n", "2", "--batch-size", "2", "--steps", "1", "--out", str(tmp_path / "s"),
+            "--device", "cpu"]
+    assert main(args) == 0
+    train(tiny_run(run, steps=4), progress=False)  # resumes; `latest` now names step 4
+    assert main(args) == 2
+    assert "step_0000002" in capsys.readouterr().err  # the message names the checkpoint that changed

@@ -7,6 +7,7 @@ one batch. At the end the shards become ``samples_HxW.npz`` (ADM format: ``arr_0
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import zlib
 from pathlib import Path
@@ -77,7 +78,7 @@ def record_settings(folder: Path, settings: dict) -> None:
 
 
 def check_settings(path: Path, settings: dict, out: Path) -> None:
-    """Refuse to resume into a folder whose samples were drawn with other settings; then record ours.
+    """Refuse to resume into a folder whose samples were drawn with other settings (``path`` holds theirs).
 
     Finished shards are skipped on a rerun, so settings that change the pixels (or where images fall
     in shards) must equal the saved ones, or the old images would be returned as if they were these.
@@ -127,6 +128,7 @@ def default_sampler(objective: str) -> tuple[str, int]:
 
 
 def run_sampling(args) -> dict:
+    from maskfit.checkpoint import resolve_checkpoint
     from maskfit.train import build_diffusion, resolve_device
 
     device = resolve_device(args.device)
@@ -153,7 +155,9 @@ def run_sampling(args) -> dict:
     distribution = getattr(args, "distribution", None)
     # What changes the pixels of a shard; each shard folder keeps its own copy and refuses others on a rerun.
     settings = {
-        "checkpoint": str(Path(args.checkpoint).resolve()), "use_ema": not args.no_ema, "num_images": args.num_images,
+        # The checkpoint itself, not the run folder: a run that trained on must not reuse older samples.
+        "checkpoint": str(resolve_checkpoint(Path(args.checkpoint)).resolve()), "use_ema": not args.no_ema,
+        "num_images": args.num_images,
         "batch_size": args.batch_size, "labels": args.labels, "seed": args.seed,
         "options": {**vars(options), "rope": vars(options.rope)},
     }
@@ -173,7 +177,7 @@ def run_sampling(args) -> dict:
         else:
             raise ValueError(f"--distribution {distribution!r} is not known; use 'imagenet'")
         return sample_mixed(model, diffusion, autoencoder, grids, multiple, p, options, args, out, device,
-                            settings={**settings, "grids": grids})
+                            settings={**settings, "grids_sha256": hashlib.sha256(json.dumps(grids).encode()).hexdigest()})
     summary = {}
     for h, w in resolutions:
         summary[f"{h}x{w}"] = sample_resolution(
