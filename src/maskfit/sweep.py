@@ -50,6 +50,7 @@ FIT_GRIDS: Tuple[Tuple[Tuple[int, int], str], ...] = (
     ((16, 16), IN_DIST), ((10, 20), IN_DIST), ((8, 24), IN_DIST),
     ((20, 20), OUT_DIST), ((14, 28), OUT_DIST), ((10, 30), OUT_DIST),
 )
+PLOT_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 ATTN_SCALES = ("none", "paper", "code")  # FiTv2 eq. 15, see maskfit.models.rope
 # (label, better direction); the first available of each kind is plotted.
 METRIC_INFO = {
@@ -528,12 +529,17 @@ def write_plot(rows: List[dict], ctx: dict, path: Path) -> None:
         ax = fig.add_subplot(len(panels), 1, i + 1)
         name, better = METRIC_INFO.get(key, (key, "lower"))
         percent = key.endswith(("accuracy", "precision", "recall"))
-        for v in ctx["variants"]:
+        variants = ctx["variants"]
+        # Methods often tie (shared sample sets, or a model indifferent to the RoPE change): each method is
+        # dodged sideways and has its own marker, so tied lines stay visible instead of hiding each other.
+        dodge = min(0.06, 0.5 / max(len(variants), 1))
+        for j, v in enumerate(variants):
             y = []
             for r in resolutions:
                 value = next((row.get(key) for row in rows if row["variant"] == v.label and row["resolution"] == r.label), None)
                 y.append(np.nan if value is None else value * (100 if percent else 1))
-            ax.plot(x, y, marker="o", label=v.label)
+            offset = (j - (len(variants) - 1) / 2) * dodge
+            ax.plot(x + offset, y, marker=PLOT_MARKERS[j % len(PLOT_MARKERS)], label=v.label)
         if n_in:
             ax.axvspan(-0.5, n_in - 0.5, color="tab:green", alpha=0.08)
             ax.text((n_in - 1) / 2, 1.01, "in-distribution", transform=ax.get_xaxis_transform(), ha="center", va="bottom")
@@ -550,7 +556,8 @@ def write_plot(rows: List[dict], ctx: dict, path: Path) -> None:
         ax.legend(title="RoPE method", fontsize="small")
     s = ctx["settings"]
     fig.suptitle(f"{ctx['checkpoint_name']}: {METRIC_INFO[primary][0]} vs resolution, {net}\n"
-                 f"{s['num_images']} samples per point, {s['sampler']} {s['steps']} steps, CFG {s['cfg_scale']}")
+                 f"{s['num_images']} samples per point, {s['sampler']} {s['steps']} steps, CFG {s['cfg_scale']}; "
+                 "methods are drawn side by side at each resolution")
     fig.savefig(path, dpi=120)
 
 
