@@ -10,13 +10,14 @@
 #   designs    every masked design at 25 % and 75 % kept on the 130.3 M model, then FlexAttention in the full step
 #   designs-b2 plain masking and every design at 25 %, 50 % and 75 % kept on the papers' 158.7 M FiT-B/2
 #              (about 11 rows: more than one 10-minute command; the rows finished before the cut are kept)
+#   missing    the one row not yet measured (2026-11-23): the side-interpolator at 75 % kept on FiT-B/2
 #
 # The published code is not part of this repository: put a checkout of github.com/whlzy/FiT (its fit/ and
 # configs/ folders suffice) in the ignored folder third_party/FiT and carry that path to the device. Each
 # stage writes JSON lines and a log under OUT_DIR (default: $OUT, else ./device_out); copy them into
 # bench_results/ and the figures, with date, device and command, into BENCHMARKS.md.
 set -uo pipefail
-stage=${1:?usage: tools/device_measurements.sh checks|designs|designs-b2 [OUT_DIR]}
+stage=${1:?usage: tools/device_measurements.sh checks|designs|designs-b2|missing [OUT_DIR]}
 out=${2:-${OUT:-device_out}}
 mkdir -p "$out"
 export PYTHONPATH=src
@@ -45,5 +46,8 @@ case "$stage" in
     bench 300 --models FiT-B/2 --modes keep0.5 --designs decoder,mixer,side_interp
     bench 300 --models FiT-B/2 --modes keep0.75,keep0.25 --designs mixer,side_interp
     ;;
-  *) echo "unknown stage $stage: use checks, designs or designs-b2" >&2; exit 2 ;;
+  missing)
+    bench 150 --models FiT-B/2 --modes keep0.75 --designs side_interp
+    ;;
+  *) echo "unknown stage $stage: use checks, designs, designs-b2 or missing" >&2; exit 2 ;;
 esac
