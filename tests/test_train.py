@@ -201,3 +201,11 @@ def test_packed_batches_carry_a_static_max_seqlen_for_compile(tmp_path):
         seen.add(batch.mask.layout.max_seqlen)
         assert int(batch.layout.seqlens().max()) <= batch.layout.max_seqlen
     assert seen == {cfg.data.token_budget}  # one value for every step: no recompilation per batch
+
+
+def test_loss_logged_after_a_resume_averages_only_the_steps_it_saw(tmp_path):
+    per_step = train(tiny_run(tmp_path / "each", steps=6, train={"log_every": 1}), progress=False).losses
+    train(tiny_run(tmp_path / "run", steps=6), progress=False, stop_after=4)  # log_every 2, checkpoint at 3
+    resumed = train(tiny_run(tmp_path / "run", steps=6), progress=False).losses  # resumes at step 3
+    # Steps 4 and 5-6 are logged: step 4 alone (the resume starts between log lines), then the mean of 5 and 6.
+    assert resumed == pytest.approx([per_step[3], (per_step[4] + per_step[5]) / 2], rel=1e-6)

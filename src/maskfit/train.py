@@ -198,7 +198,8 @@ def train(
     last_step = tcfg.steps if stop_after is None else min(tcfg.steps, step + stop_after)
     bar = _progress(step, None if max_seconds is not None else tcfg.steps, progress)
     images_seen, t0 = 0, time.perf_counter()
-    running = torch.zeros((), device=device)
+    running = torch.zeros((), device=device)  # sum of the losses since the last log line ...
+    since_log = 0  # ... over this many steps (0 at every start: a resume need not begin on a log boundary)
     model.train()
     while step < last_step:
         cpu_batch: TokenBatch = data.next_batch(step)
@@ -219,12 +220,14 @@ def train(
         step += 1
         images_seen += num_images
         running += loss.detach()
+        since_log += 1
         bar.update(1)
-        if step % tcfg.log_every == 0 or step == last_step:
+        out_of_time = max_seconds is not None and time.perf_counter() - t0 > max_seconds
+        if step % tcfg.log_every == 0 or step == last_step or out_of_time:
             # One host sync every log_every steps, never inside the step.
-            n = (step - 1) % tcfg.log_every + 1
-            mean_loss = float(running) / n
+            mean_loss = float(running) / since_log
             running.zero_()
+            since_log = 0
             losses.append(mean_loss)
             elapsed = time.perf_counter() - t0
             values = {
@@ -234,7 +237,6 @@ def train(
             values.update({f"loss/{k}": float(v) for k, v in terms.items()})
             log.scalars(step, values)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
-        out_of_time = max_seconds is not None and time.perf_counter() - t0 > max_seconds
         if step % tcfg.ckpt_every == 0 or step == tcfg.steps or out_of_time:
             extra = {"generator": generator.get_state(), "data": data.state_dict()}
             ckpt_io.save_checkpoint(run_dir, step, model, ema, optimizer, extra, full_config)
