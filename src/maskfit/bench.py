@@ -119,6 +119,12 @@ def build_batch(grids, mode: str, token_dim: int, seed: int, device):
     return TokenBatch(batch.tokens, batch.y, batch.layout, mask=view).to(device)
 
 
+def sync_device(dev: torch.device) -> None:
+    """Wait for queued GPU work, so a host clock reading covers it (no-op off CUDA)."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
 def peak_tflops(dev: torch.device) -> Optional[float]:
     """Dense bf16 peak of the device (None where unknown, e.g. a CPU)."""
     if dev.type != "cuda":
@@ -136,15 +142,14 @@ def time_steps(step, warmup: int, steps: int, dev: torch.device, profile_label: 
     loss = None
     for _ in range(warmup):
         loss = step()
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    sync()
+    sync_device(dev)
     if profile_label is not None:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 step()
-            sync()
+            sync_device(dev)
         sort = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
         print(f"--- profile {profile_label} (3 steps) ---")
         print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
@@ -153,7 +158,7 @@ def time_steps(step, warmup: int, steps: int, dev: torch.device, profile_label: 
     t0 = time.perf_counter()
     for _ in range(steps):
         loss = step()
-    sync()
+    sync_device(dev)
     elapsed = time.perf_counter() - t0
     peak_mem = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else float("nan")
     return elapsed, peak_mem, loss
@@ -267,17 +272,16 @@ def bench_sampling(
     options = SamplerOptions(method="euler" if objective == "flow" else "ddim", steps=steps, cfg_scale=cfg_scale)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
     generator = torch.Generator(device=dev).manual_seed(seed)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     one_step = replace(options, steps=1)
     with amp:
         for chunk in batches:  # warm-up: compile for every batch layout, so the timing below excludes it
             sample_tokens(model, diffusion, chunk, torch.zeros(len(chunk), dtype=torch.long), one_step, generator, dev)
-        sync()
+        sync_device(dev)
         t0 = time.perf_counter()
         for chunk in batches:
             labels = torch.randint(0, cfg.num_classes, (len(chunk),))
             sample_tokens(model, diffusion, chunk, labels, options, generator, dev)
-        sync()
+        sync_device(dev)
     seconds = time.perf_counter() - t0
     return SamplingBenchResult(
         preset, "packed" if packed else "per-resolution", num_images, batch, options.method, steps, cfg_scale,

@@ -24,6 +24,7 @@ from typing import Dict, Iterator, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from maskfit.bench import sync_device
 from maskfit.evaluate import metrics as M
 from maskfit.evaluate.inception import NUM_LOGITS, POOL3_DIM, SPATIAL_DIM, build_random_inception, ieee_fp32
 from maskfit.evaluate.report import extract_features
@@ -43,11 +44,6 @@ class MetricBench:
     metrics_s: float  # measured at num_samples x num_reference
     total_s: float  # the three above
     breakdown_s: Dict[str, float] = field(default_factory=dict)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _image_batches(pool, count: int, batch_size: int) -> Iterator[np.ndarray]:
@@ -72,7 +68,7 @@ def time_metrics(num_samples: int, num_reference: int, device: torch.device, see
     ref_stats, ref_stats_s = M.feature_statistics(ref_pool), M.feature_statistics(ref_spatial)  # "stored" stats
     out: Dict[str, float] = {}
     with ieee_fp32():
-        _sync(device)
+        sync_device(device)
         t = time.perf_counter()
         stats = M.feature_statistics(pool)
         stats_s = M.feature_statistics(spatial)
@@ -88,7 +84,7 @@ def time_metrics(num_samples: int, num_reference: int, device: torch.device, see
         out["inception_score_s"] = time.perf_counter() - t
         t = time.perf_counter()
         M.precision_recall(ref_pool, pool, device=device)
-        _sync(device)
+        sync_device(device)
         out["precision_recall_s"] = time.perf_counter() - t
     return out
 
@@ -110,10 +106,10 @@ def bench_metrics(
     rng = np.random.default_rng(seed)
     pool = [rng.integers(0, 256, (batch_size, *resolution, 3), dtype=np.uint8) for _ in range(2)]
     extract_features(net, _image_batches(pool, 2 * batch_size, batch_size), device)  # warm-up (cuDNN autotune)
-    _sync(device)
+    sync_device(device)
     t = time.perf_counter()
     extract_features(net, _image_batches(pool, num_images, batch_size), device)
-    _sync(device)
+    sync_device(device)
     images_per_s = num_images / (time.perf_counter() - t)
     breakdown = time_metrics(num_samples, num_reference, device, seed)
     metrics_s = sum(breakdown.values())
