@@ -70,19 +70,14 @@ def load_sampling_model(args, device: torch.device):
 
 
 def record_settings(folder: Path, settings: dict) -> None:
-    """Check `settings` against ``folder/settings.json`` (see check_settings), then save them there."""
-    from maskfit.checkpoint import atomic_write_text
-
-    check_settings(folder / "settings.json", settings, folder)
-    atomic_write_text(folder / "settings.json", json.dumps({"settings": settings}, indent=2, default=str))
-
-
-def check_settings(path: Path, settings: dict, out: Path) -> None:
-    """Refuse to resume into a folder whose samples were drawn with other settings (``path`` holds theirs).
+    """Save `settings` in ``folder/settings.json``, refusing a folder whose samples were drawn with others.
 
     Finished shards are skipped on a rerun, so settings that change the pixels (or where images fall
     in shards) must equal the saved ones, or the old images would be returned as if they were these.
     """
+    from maskfit.checkpoint import atomic_write_text
+
+    path = folder / "settings.json"
     settings = json.loads(json.dumps(settings, default=str))  # tuples -> lists, as they are saved
     if path.exists():
         old = json.loads(path.read_text()).get("settings")
@@ -91,9 +86,10 @@ def check_settings(path: Path, settings: dict, out: Path) -> None:
             shown = ", ".join(f"{k}: {old.get(k)!r} before, {settings.get(k)!r} now" for k in keys
                               if old.get(k) != settings.get(k))
             raise ValueError(
-                f"{out} holds samples drawn with other settings ({shown}); they would be reused as if they were "
-                f"yours. Use another --out, or delete {out} to start over"
+                f"{folder} holds samples drawn with other settings ({shown}); they would be reused as if they "
+                f"were yours. Use another --out, or delete {folder} to start over"
             )
+    atomic_write_text(path, json.dumps({"settings": settings}, indent=2))
 
 
 def load_autoencoder(run_cfg, vae_path, device):
