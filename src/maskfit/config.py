@@ -183,7 +183,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        _check_choice("model.attention", self.model.attention, ("dense", "varlen", "flex"))
+        from maskfit.models.attention import ATTENTION_BACKENDS
+
+        _check_choice("model.attention", self.model.attention, ATTENTION_BACKENDS)
         static_stream = self.data.batching == "tokens" and self.mask.design == "plain"
         if self.model.attention == "flex" and not static_stream:
             # FlexAttention is compiled for one stream length: every new length recompiles it (seconds each,
