@@ -60,13 +60,12 @@ def sampling_attention(requested: str, device: torch.device) -> str:
     return requested
 
 
-def load_sampling_model(args, device: torch.device):
-    """(model, run config) of --checkpoint with the EMA weights unless --no-ema, on --attention's backend."""
+def load_sampling_model(checkpoint: Path, args, device: torch.device):
+    """(model, run config) of a resolved checkpoint folder, EMA weights unless --no-ema, on --attention's backend."""
     from maskfit.train import load_model_from_checkpoint
 
     attention = sampling_attention(getattr(args, "attention", "auto"), device)
-    return load_model_from_checkpoint(Path(args.checkpoint), use_ema=not args.no_ema, device=device,
-                                      attention=attention)
+    return load_model_from_checkpoint(checkpoint, use_ema=not args.no_ema, device=device, attention=attention)
 
 
 def record_settings(folder: Path, settings: dict) -> None:
@@ -128,7 +127,9 @@ def run_sampling(args) -> dict:
     from maskfit.train import build_diffusion, resolve_device
 
     device = resolve_device(args.device)
-    model, run_cfg = load_sampling_model(args, device)
+    # Resolved once: the checkpoint loaded is the one recorded, even if the run writes a newer one meanwhile.
+    ckpt = resolve_checkpoint(Path(args.checkpoint))
+    model, run_cfg = load_sampling_model(ckpt, args, device)
     diffusion = build_diffusion(run_cfg)
     autoencoder, factor = load_autoencoder(run_cfg, args.vae_path, device)
     p = model.cfg.patch_size
@@ -152,8 +153,7 @@ def run_sampling(args) -> dict:
     # What changes the pixels of a shard; each shard folder keeps its own copy and refuses others on a rerun.
     settings = {
         # The checkpoint itself, not the run folder: a run that trained on must not reuse older samples.
-        "checkpoint": str(resolve_checkpoint(Path(args.checkpoint)).resolve()), "use_ema": not args.no_ema,
-        "num_images": args.num_images,
+        "checkpoint": str(ckpt.resolve()), "use_ema": not args.no_ema, "num_images": args.num_images,
         "batch_size": args.batch_size, "labels": args.labels, "seed": args.seed,
         "options": {**vars(options), "rope": vars(options.rope)},
     }

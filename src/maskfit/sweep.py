@@ -282,7 +282,7 @@ def run_sweep(args) -> dict:
     device = resolve_device(args.device)
     network = _load_network(args, device)
     is_proxy = bool(args.proxy)
-    model, run_cfg = load_sampling_model(args, device)
+    model, run_cfg = load_sampling_model(ckpt, args, device)
     diffusion = build_diffusion(run_cfg)
     factor = autoencoder_factor(run_cfg.data)  # known from the config: the VAE loads only if sampling is needed
     p = model.cfg.patch_size
