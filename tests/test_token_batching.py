@@ -27,7 +27,7 @@ def run_config(out: Path = Path("unused"), steps=6, mask=None, **data):
                  **data},
         "diffusion": {"objective": "flow"},
         "optim": {"lr": 1e-3, "ema_decay": 0.9},
-        "train": {"out_dir": str(out), "steps": steps, "batch_size": 8, "log_every": 2, "ckpt_every": 3,
+        "train": {"out_dir": str(out), "steps": steps, "log_every": 2, "ckpt_every": 3,
                   "device": "cpu", "seed": 3},
     }
     if mask is not None:

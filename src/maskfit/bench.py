@@ -30,8 +30,9 @@ from typing import Optional
 import numpy as np
 import torch
 
+from maskfit.throughput import design_flops, peak_tflops  # noqa: F401 (bench's public names)
+
 ASPECT_MIX = [((1, 1), 0.30), ((4, 3), 0.35), ((3, 4), 0.15), ((16, 9), 0.10), ((1, 2), 0.05), ((2, 1), 0.05)]
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
 
 def imagenet_like_grids(num_images: int, token_budget: int = 256, patch_px: int = 16, seed: int = 0):
@@ -69,29 +70,6 @@ class BenchResult:
     loss: float
 
 
-def design_flops(cfg, n_full: int, n_kept: int) -> float:
-    """Training FLOPs of one image (3 x forward) for a masked design; n_kept == n_full when unmasked."""
-    from maskfit.models.transformer import flops_per_image
-
-    fw = flops_per_image(cfg, n_kept)
-    d = cfg.hidden_size
-
-    def block(c, n):  # one backbone-style block of config c on n tokens
-        plain = replace(c, mask_design="plain")
-        return flops_per_image(replace(plain, depth=1), n) - flops_per_image(replace(plain, depth=0), n)
-
-    if cfg.mask_design == "mixer":
-        fw += cfg.mixer_depth * block(cfg, n_full)
-    elif cfg.mask_design == "side_interp" and n_kept < n_full:
-        extra = cfg.side_decode_depth * (block(cfg, n_full) - block(cfg, n_kept)) + block(cfg, n_full)
-        fw += extra
-    elif cfg.mask_design == "decoder":
-        dd = cfg.decoder_hidden
-        dec = replace(cfg, hidden_size=dd, num_heads=cfg.decoder_heads, ffn_hidden=(4 * dd * 2) // 3, adaln="full")
-        fw += cfg.decoder_depth * block(dec, n_full) + 2 * n_full * d * dd
-    return 3.0 * fw
-
-
 def build_batch(grids, mode: str, token_dim: int, seed: int, device):
     from maskfit.masking import uniform_random
     from maskfit.tokens import masked_view, pack, to_padded
@@ -123,14 +101,6 @@ def sync_device(dev: torch.device) -> None:
     """Wait for queued GPU work, so a host clock reading covers it (no-op off CUDA)."""
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-
-
-def peak_tflops(dev: torch.device) -> Optional[float]:
-    """Dense bf16 peak of the device (None where unknown, e.g. a CPU)."""
-    if dev.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(dev)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
 def time_steps(step, warmup: int, steps: int, dev: torch.device, profile_label: Optional[str] = None):

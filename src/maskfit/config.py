@@ -158,7 +158,11 @@ class MaskSection:
 class TrainConfig:
     out_dir: str = "runs/default"
     steps: int = 400_000
-    batch_size: int = 256  # images per step (global)
+    # Images per step (global) with data.batching="images"; None there means FiT's 256. With "tokens" the
+    # images per step follow the token budget and the mask: setting a batch size is an error.
+    batch_size: Optional[int] = None
+    max_images: Optional[int] = None  # stop once this many images were trained on (compare runs by images seen)
+    max_seconds: Optional[float] = None  # stop after this much wall-clock time in one call (a checkpoint is written)
     seed: int = 0
     precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU) | "fp32" | "bf16"
     compile: bool = False
@@ -169,8 +173,12 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
-        if self.steps < 1 or self.batch_size < 1:
+        if self.steps < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise ValueError(f"train.steps={self.steps} and train.batch_size={self.batch_size} must be >= 1")
+        if self.max_images is not None and self.max_images < 1:
+            raise ValueError(f"train.max_images={self.max_images} must be a positive number of images (or null)")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ValueError(f"train.max_seconds={self.max_seconds} must be a positive number of seconds (or null)")
 
 
 @dataclass
@@ -184,6 +192,16 @@ class RunConfig:
 
     def __post_init__(self):
         from maskfit.models.attention import ATTENTION_BACKENDS
+
+        if self.data.batching == "tokens" and self.train.batch_size is not None:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} has no effect with data.batching='tokens': each step "
+                f"holds as many images as fit in data.tokens_per_step={self.data.tokens_per_step} backbone tokens "
+                "(more when masking). Remove train.batch_size; to compare runs at equal images seen, set "
+                "train.max_images (images seen are logged and checkpointed)"
+            )
+        if self.data.batching == "images" and self.train.batch_size is None:
+            self.train.batch_size = 256  # FiT's global batch
 
         _check_choice("model.attention", self.model.attention, ATTENTION_BACKENDS)
         static_stream = self.data.batching == "tokens" and self.mask.design == "plain"

@@ -163,6 +163,13 @@ def unpatchify(tokens: Tensor, grid_hw: tuple[int, int], patch_size: int) -> Ten
 # ----------------------------------------------------------------------------------------------------
 
 
+def _segment_offsets(lengths: Tensor) -> Tensor:
+    """(B,) segment lengths -> (B+1,) int32 offsets (cu_seqlens)."""
+    cu = torch.zeros(lengths.shape[0] + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lengths, 0)
+    return cu
+
+
 def pack(
     tokens: Sequence[Tensor],
     grids: Sequence[tuple[int, int]],
@@ -175,35 +182,43 @@ def pack(
     tokens[b]: (n_b, D) tokens of image b (all h*w of them, or the kept subset given by keep[b]).
     keep[b]: (n_b,) raster indices of those tokens in the full h x w grid (None: all, in raster order).
     max_seqlen: a static upper bound of n_b (defaults to the largest n_b, read on the CPU).
+
+    Runs once per training step in the loader workers: the per-token tensors are built with one
+    vectorised op each over the whole stream, not a Python loop over images.
     """
     if len(tokens) != len(grids) or len(tokens) != labels.shape[0]:
         raise ValueError(f"pack got {len(tokens)} token sets, {len(grids)} grids and {labels.shape[0]} labels")
-    lengths, pos, seq_id, keeps = [], [], [], []
-    for b, (x, (h, w)) in enumerate(zip(tokens, grids)):
-        if keep is None:
-            if x.shape[0] != h * w:
-                raise ValueError(f"image {b} has {x.shape[0]} tokens but its grid is {h}x{w}; pass keep=")
-            idx = torch.arange(h * w)
-        else:
-            idx = keep[b].long().cpu()
-            if idx.shape[0] != x.shape[0]:
-                raise ValueError(f"image {b}: {x.shape[0]} tokens but {idx.shape[0]} keep indices")
-        lengths.append(x.shape[0])
-        pos.append(torch.stack([idx // w, idx % w], dim=1))
-        seq_id.append(torch.full((x.shape[0],), b, dtype=torch.long))
-        keeps.append(idx)
-    lengths_t = torch.tensor(lengths, dtype=torch.int32)
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(lengths_t, 0)
-    uniform = lengths[0] if lengths and all(n == lengths[0] for n in lengths) else None
+    grid = torch.tensor([list(g) for g in grids], dtype=torch.long).reshape(-1, 2)  # (B, 2)
+    lengths = torch.tensor([x.shape[0] for x in tokens], dtype=torch.long)  # (B,)
+    if keep is None:
+        bad = (lengths != grid[:, 0] * grid[:, 1]).nonzero()
+        if bad.numel():
+            b = int(bad[0])
+            h, w = grids[b]
+            raise ValueError(f"image {b} has {tokens[b].shape[0]} tokens but its grid is {h}x{w}; pass keep=")
+        # Raster index of every token: its offset inside its own segment.
+        starts = torch.cumsum(lengths, 0) - lengths  # (B,)
+        seq_id = torch.repeat_interleave(torch.arange(len(tokens)), lengths)  # (T,)
+        idx = torch.arange(int(lengths.sum())) - starts[seq_id]  # (T,)
+    else:
+        keep_lengths = torch.tensor([k.shape[0] for k in keep], dtype=torch.long)
+        bad = (keep_lengths != lengths).nonzero()
+        if bad.numel():
+            b = int(bad[0])
+            raise ValueError(f"image {b}: {tokens[b].shape[0]} tokens but {keep[b].shape[0]} keep indices")
+        seq_id = torch.repeat_interleave(torch.arange(len(tokens)), lengths)  # (T,)
+        idx = torch.cat([k.long().cpu() for k in keep]) if len(keep) else torch.zeros(0, dtype=torch.long)
+    w_tok = grid[seq_id, 1]  # (T,) grid width of each token's image
+    lengths_list = lengths.tolist()
+    uniform = lengths_list[0] if lengths_list and all(n == lengths_list[0] for n in lengths_list) else None
     layout = TokenLayout(
-        pos=torch.cat(pos),
-        seq_id=torch.cat(seq_id),
-        cu_seqlens=cu,
-        grid=torch.tensor([list(g) for g in grids], dtype=torch.long),
-        max_seqlen=int(max_seqlen if max_seqlen is not None else max(lengths)),
+        pos=torch.stack([idx // w_tok, idx % w_tok], dim=1),
+        seq_id=seq_id,
+        cu_seqlens=_segment_offsets(lengths),
+        grid=grid,
+        max_seqlen=int(max_seqlen if max_seqlen is not None else max(lengths_list)),
         uniform_len=uniform,
-        keep=None if keep is None else torch.cat(keeps),
+        keep=None if keep is None else idx,
     )
     return TokenBatch(tokens=torch.cat(list(tokens)), y=labels.long(), layout=layout)
 
@@ -212,30 +227,31 @@ def masked_view(layout: TokenLayout, keep: Sequence[Tensor], max_seqlen: Optiona
     """The kept subset of a stream of complete grids (packed or padded, tokens in raster order).
 
     keep[b]: raster indices (row * w + col) of the tokens of image b that the backbone sees.
+    Vectorised over the stream (one concatenation, one range check): it runs every masked step.
     """
     if len(keep) != layout.num_images:
         raise ValueError(f"masked_view got keep indices for {len(keep)} images, the stream has {layout.num_images}")
-    starts = layout.cu_seqlens.long().cpu()
+    starts = layout.cu_seqlens[:-1].long().cpu()  # (B,)
     grid = layout.grid.cpu()
-    index, counts = [], []
-    for b, idx in enumerate(keep):
-        idx = idx.long().cpu()
-        n = int(grid[b, 0] * grid[b, 1])
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
-            raise ValueError(f"image {b}: keep indices must lie in [0, {n}) for its {tuple(grid[b].tolist())} grid")
-        index.append(starts[b] + idx)
-        counts.append(idx.numel())
-    index_t = torch.cat(index).to(layout.pos.device)
-    cu = torch.zeros(len(counts) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(counts), 0)
+    counts = torch.tensor([int(k.numel()) for k in keep], dtype=torch.long)  # (B,)
+    raster = torch.cat([k.long().cpu().reshape(-1) for k in keep]) if len(keep) else torch.zeros(0, dtype=torch.long)
+    owner = torch.repeat_interleave(torch.arange(len(keep)), counts)  # (T_k,) image of each kept token
+    size = grid[:, 0] * grid[:, 1]  # (B,)
+    out_of_range = (raster < 0) | (raster >= size[owner])
+    if bool(out_of_range.any()):
+        b = int(owner[out_of_range.nonzero()[0]])
+        n = int(size[b])
+        raise ValueError(f"image {b}: keep indices must lie in [0, {n}) for its {tuple(grid[b].tolist())} grid")
+    index_t = (starts[owner] + raster).to(layout.pos.device)  # (T_k,) positions in the full stream
+    counts_list = counts.tolist()
     kept = TokenLayout(
         pos=layout.pos[index_t],
         seq_id=layout.seq_id[index_t],
-        cu_seqlens=cu.to(layout.pos.device),
+        cu_seqlens=_segment_offsets(counts).to(layout.pos.device),
         grid=layout.grid,
-        max_seqlen=int(max_seqlen if max_seqlen is not None else max(counts)),
-        uniform_len=counts[0] if all(c == counts[0] for c in counts) else None,
-        keep=torch.cat([k.long().cpu() for k in keep]).to(layout.pos.device),
+        max_seqlen=int(max_seqlen if max_seqlen is not None else max(counts_list)),
+        uniform_len=counts_list[0] if all(c == counts_list[0] for c in counts_list) else None,
+        keep=raster.to(layout.pos.device),
     )
     return MaskedView(index_t, kept)
 

@@ -1,7 +1,11 @@
 """One training loop for every path (padded FiT, packed, masked-and-packed), single device.
 
-bf16 autocast on GPU and fp32 on CPU, AdamW, EMA, gradient clipping, tqdm, TensorBoard scalars, atomic
-checkpoints and exact resume (model, EMA, optimizer, data order, RNG).
+bf16 autocast on GPU and fp32 on CPU, AdamW, EMA, gradient clipping, tqdm, TensorBoard scalars (loss,
+images/s, tokens/s, MFU, images seen, torch.compile graphs and seconds), atomic checkpoints and exact
+resume (model, EMA, optimizer, data order, RNG, images seen).
+
+The step itself (:func:`train_step`) is shared with ``maskfit bench``, and the loader's workers build each
+step's whole batch (masks included), so the loop here only moves pinned tensors to the device and runs it.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -21,7 +25,8 @@ from maskfit import checkpoint as ckpt_io
 from maskfit.config import RunConfig, save_config, to_dict
 from maskfit.diffusion.guidance import drop_labels
 from maskfit.models.transformer import FiT, ModelConfig, count_parameters, model_config
-from maskfit.tokens import TokenBatch
+from maskfit.throughput import FlopModel, compile_stats, peak_tflops
+from maskfit.tokens import TokenBatch, TokenLayout
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -132,6 +137,93 @@ class TensorBoardLog:
 
 
 # ----------------------------------------------------------------------------------------------------
+# One step: the same code for `maskfit train` and `maskfit bench`
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingRun:
+    """Everything one optimisation step touches, built from a run config (:func:`build_training_run`)."""
+
+    cfg: RunConfig
+    mcfg: ModelConfig
+    device: torch.device
+    model: FiT
+    ema: FiT
+    forward: Callable  # the model, compiled under train.compile (stream lengths marked dynamic: see below)
+    diffusion: object
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # t, noise and label dropout
+
+
+def build_training_run(cfg: RunConfig, data_channels: int, dynamic_stream: bool = False) -> TrainingRun:
+    """Model, EMA, optimizer, diffusion and generator of a run (weights from ``train.seed``).
+
+    dynamic_stream: the stream length changes between steps (image batching of packed or masked
+    streams). Under ``train.compile`` the stream dimension of every input is then marked dynamic before
+    the first call, so Dynamo compiles one graph for every length instead of specialising on the first
+    one and recompiling at the second (token batching has one length and stays static).
+    """
+    tcfg = cfg.train
+    device = resolve_device(tcfg.device)
+    check_attention_device(cfg.model.attention, device, "set model.attention='dense' to train on the CPU")
+    torch.manual_seed(tcfg.seed)
+    mcfg = resolved_model_config(cfg, data_channels)
+    model = FiT(mcfg).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda",
+    )
+    forward = model
+    if tcfg.compile:
+        compiled = torch.compile(model)
+        forward = _with_dynamic_stream(compiled) if dynamic_stream else compiled
+    generator = torch.Generator(device=device).manual_seed(tcfg.seed + 1)
+    return TrainingRun(cfg, mcfg, device, model, ema, forward, build_diffusion(cfg), optimizer, generator)
+
+
+def _with_dynamic_stream(compiled: Callable) -> Callable:
+    """Mark dim 0 (the token stream) of the stream tensors dynamic before each compiled call."""
+    from torch._dynamo import maybe_mark_dynamic
+
+    def mark(layout: TokenLayout) -> None:
+        for t in (layout.pos, layout.seq_id, layout.valid, layout.keep):
+            if t is not None:
+                maybe_mark_dynamic(t, 0)
+
+    def forward(x, t, y, layout, mask=None):
+        maybe_mark_dynamic(x, 0)
+        mark(layout)
+        if mask is not None:
+            maybe_mark_dynamic(mask.index, 0)
+            mark(mask.layout)
+        return compiled(x, t, y, layout, mask=mask)
+
+    forward._orig_mod = getattr(compiled, "_orig_mod", compiled)  # training_loss reads the model's config
+    return forward
+
+
+def train_step(run: TrainingRun, batch: TokenBatch, step: int) -> tuple[Tensor, dict, Tensor]:
+    """One optimisation step on a batch already on the device: (loss, loss terms, grad norm), all tensors.
+
+    No host sync: nothing here reads a value back (log lines read the loss every log_every steps).
+    """
+    cfg = run.cfg
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps)
+    y = drop_labels(batch.y, cfg.diffusion.label_dropout, run.mcfg.num_classes, generator=run.generator)
+    with autocast_for(cfg.train.precision, run.device):
+        loss, terms = training_loss(run.forward, run.diffusion, batch, y, cfg.mask.aux_loss_weight, run.generator)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
+    run.optimizer.step()
+    update_ema(run.ema, run.model, cfg.optim.ema_decay)
+    return loss, terms, grad_norm
+
+
+# ----------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------
 
@@ -143,6 +235,39 @@ class TrainResult:
     losses: list[float]
     images_per_s: float
     num_params: int
+    images_seen: int = 0  # over the whole run, resumes included
+    compile_graphs: int = 0  # graphs torch.compile built in this call (1 forward graph = no recompile)
+    compile_seconds: float = 0.0
+    measured: Optional[dict] = None  # the timed window asked for with measure_after (maskfit bench --data)
+
+
+class RateWindow:
+    """Images, tokens and useful FLOPs since the last log line, for per-window rates.
+
+    Windows end at log lines, where the loss is read back (a device sync), so each window's wall time
+    covers its steps' GPU work; rates over a window include everything the loop waited for (loader,
+    recompiles, checkpoints), which is the point.
+    """
+
+    def __init__(self, flop_model: FlopModel):
+        self.flop_model = flop_model
+        self.reset(time.perf_counter())
+
+    def reset(self, now: float) -> None:
+        self.t0, self.images, self.tokens, self.flops = now, 0, 0, 0.0
+
+    def add(self, info) -> None:
+        self.images += info.num_images
+        self.tokens += info.sums.kept
+        self.flops += self.flop_model.step_flops(info.sums, info.masked)
+
+    def rates(self, now: float, peak: Optional[float]) -> dict[str, float]:
+        dt = max(now - self.t0, 1e-9)
+        out = {"images_per_s": self.images / dt, "tokens_per_s": self.tokens / dt,
+               "tflops_per_s": self.flops / dt / 1e12}
+        if peak is not None:
+            out["mfu"] = self.flops / dt / 1e12 / peak
+        return out
 
 
 def train(
@@ -151,101 +276,129 @@ def train(
     progress: bool = True,
     stop_after: Optional[int] = None,
     max_seconds: Optional[float] = None,
+    measure_after: Optional[int] = None,
 ) -> TrainResult:
     """Train (or resume) the run described by ``cfg`` in ``cfg.train.out_dir``.
 
+    Stops at ``train.steps``, at ``train.max_images`` images seen, or after ``train.max_seconds`` (a
+    checkpoint is written at every stop).
     stop_after: stop after this many optimiser steps in this call (tests use it to simulate a crash).
-    max_seconds: stop after this much wall-clock time (the CPU demo); a checkpoint is written at the stop.
+    max_seconds: overrides ``train.max_seconds`` (the CPU demo).
+    measure_after: time this call's steps after the first ``measure_after`` (device synced at both ends,
+    peak memory over the window): ``maskfit bench --data`` reads ``TrainResult.measured``.
     """
     from maskfit.data.pipeline import build_training_data
 
     tcfg = cfg.train
-    device = resolve_device(tcfg.device)
-    check_attention_device(cfg.model.attention, device, "set model.attention='dense' to train on the CPU")
+    max_seconds = tcfg.max_seconds if max_seconds is None else max_seconds
     run_dir = Path(tcfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(tcfg.seed)
 
     data = build_training_data(cfg, run_patch_size(cfg))
-    mcfg = resolved_model_config(cfg, data.channels)
-    model = FiT(mcfg).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    diffusion = build_diffusion(cfg)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda",
-    )
-    generator = torch.Generator(device=device).manual_seed(tcfg.seed + 1)  # t, noise and label dropout
+    dynamic = cfg.data.batching == "images" and (cfg.data.layout == "packed" or data.mask is not None)
+    run = build_training_run(cfg, data.channels, dynamic_stream=dynamic)
+    model, device = run.model, run.device
 
-    step = 0
+    step, images_seen = 0, 0
     latest = ckpt_io.latest_checkpoint(run_dir) if resume else None
     if latest is not None:
         ckpt_io.load_weights(model, latest / "model.safetensors")
-        ckpt_io.load_weights(ema, latest / "ema.safetensors")
-        optimizer.load_state_dict(torch.load(latest / "optimizer.pt", map_location=device, weights_only=False))
+        ckpt_io.load_weights(run.ema, latest / "ema.safetensors")
+        run.optimizer.load_state_dict(torch.load(latest / "optimizer.pt", map_location=device, weights_only=False))
         state = ckpt_io.load_state(latest)
         step = state["step"]
+        images_seen = int(state.get("images_seen", 0))  # checkpoints from before the count start at 0
         ckpt_io.set_rng_state(state["rng"])
-        generator.set_state(state["generator"].to(generator.get_state().device))
+        run.generator.set_state(state["generator"].to(run.generator.get_state().device))
         data.load_state_dict(state["data"])
     full_config = to_dict(cfg)
-    full_config["resolved_model"] = to_dict(mcfg)
+    full_config["resolved_model"] = to_dict(run.mcfg)
     save_config(cfg, run_dir / "config.json")
 
-    forward = torch.compile(model) if tcfg.compile else model
     log = TensorBoardLog(run_dir)
+    peak = peak_tflops(device)
+    window = RateWindow(FlopModel.of(run.mcfg))
+    graphs0, compile0 = compile_stats()
     losses: list[float] = []
     last_step = tcfg.steps if stop_after is None else min(tcfg.steps, step + stop_after)
     bar = _progress(step, None if max_seconds is not None else tcfg.steps, progress)
-    images_seen, t0 = 0, time.perf_counter()
+    first_step, images_at_start, t0 = step, images_seen, time.perf_counter()
+    measured, mark = None, None
     running = torch.zeros((), device=device)  # sum of the losses since the last log line ...
     since_log = 0  # ... over this many steps (0 at every start: a resume need not begin on a log boundary)
     model.train()
     while step < last_step:
-        cpu_batch: TokenBatch = data.next_batch(step)
-        # Real images of this step, counted on the host before the copy (token batching adds a dummy
-        # padding segment that is no image).
-        num_images = len(data.last_plan.indices) if data.last_plan is not None else cpu_batch.layout.num_images
-        batch = cpu_batch.to(device)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps)
-        y = drop_labels(batch.y, cfg.diffusion.label_dropout, mcfg.num_classes, generator=generator)
-        with autocast_for(tcfg.precision, device):
-            loss, terms = training_loss(forward, diffusion, batch, y, cfg.mask.aux_loss_weight, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        update_ema(ema, model, cfg.optim.ema_decay)
+        if measure_after is not None and step - first_step == measure_after:
+            mark = _start_measure(device, step, images_seen, window)
+        batch = data.next_batch(step).to(device)  # built and pinned by the loader workers
+        info = data.last_info
+        loss, terms, grad_norm = train_step(run, batch, step)
         step += 1
-        images_seen += num_images
+        images_seen += info.num_images
+        window.add(info)
         running += loss.detach()
         since_log += 1
         bar.update(1)
         out_of_time = max_seconds is not None and time.perf_counter() - t0 > max_seconds
-        if step % tcfg.log_every == 0 or step == last_step or out_of_time:
+        enough_images = tcfg.max_images is not None and images_seen >= tcfg.max_images
+        stopping = step == last_step or out_of_time or enough_images
+        if step % tcfg.log_every == 0 or stopping:
             # One host sync every log_every steps, never inside the step.
             mean_loss = float(running) / since_log
             running.zero_()
             since_log = 0
             losses.append(mean_loss)
-            elapsed = time.perf_counter() - t0
+            now = time.perf_counter()
+            graphs, compile_s = compile_stats()
             values = {
-                "loss": mean_loss, "grad_norm": float(grad_norm), "images_per_s": images_seen / max(elapsed, 1e-9),
-                "padding_fraction": data.padding_fraction(), "lr": optimizer.param_groups[0]["lr"],
+                "loss": mean_loss, "grad_norm": float(grad_norm), "lr": run.optimizer.param_groups[0]["lr"],
+                "padding_fraction": data.padding_fraction(), "images_seen": images_seen,
+                **{f"speed/{k}": v for k, v in window.rates(now, peak).items()},
+                "compile/graphs": graphs - graphs0, "compile/seconds": compile_s - compile0,
             }
             values.update({f"loss/{k}": float(v) for k, v in terms.items()})
             log.scalars(step, values)
-            bar.set_postfix(loss=f"{mean_loss:.4f}")
-        if step % tcfg.ckpt_every == 0 or step == tcfg.steps or out_of_time:
-            extra = {"generator": generator.get_state(), "data": data.state_dict()}
-            ckpt_io.save_checkpoint(run_dir, step, model, ema, optimizer, extra, full_config)
-        if out_of_time:
+            window.reset(now)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{values['speed/images_per_s']:.0f}")
+        if step % tcfg.ckpt_every == 0 or step == tcfg.steps or out_of_time or enough_images:
+            extra = {"generator": run.generator.get_state(), "data": data.state_dict(), "images_seen": images_seen}
+            ckpt_io.save_checkpoint(run_dir, step, model, run.ema, run.optimizer, extra, full_config)
+        if out_of_time or enough_images:
             break
+    if mark is not None:
+        measured = _end_measure(device, mark, step, images_seen, window)
     bar.close()
     log.close()
     elapsed = time.perf_counter() - t0
-    return TrainResult(run_dir, step, losses, images_seen / max(elapsed, 1e-9), count_parameters(model))
+    graphs, compile_s = compile_stats()
+    return TrainResult(
+        run_dir, step, losses, (images_seen - images_at_start) / max(elapsed, 1e-9), count_parameters(model),
+        images_seen=images_seen, compile_graphs=graphs - graphs0, compile_seconds=round(compile_s - compile0, 2),
+        measured=measured,
+    )
+
+
+def _start_measure(device: torch.device, step: int, images_seen: int, window: RateWindow) -> dict:
+    from maskfit.bench import sync_device
+
+    sync_device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return {"t": time.perf_counter(), "step": step, "images": images_seen, "compile": compile_stats()[1]}
+
+
+def _end_measure(device: torch.device, mark: dict, step: int, images_seen: int, window: RateWindow) -> dict:
+    from maskfit.bench import sync_device
+
+    sync_device(device)
+    seconds = time.perf_counter() - mark["t"]
+    steps = step - mark["step"]
+    return {
+        "steps": steps, "seconds": seconds, "images_per_s": (images_seen - mark["images"]) / max(seconds, 1e-9),
+        "compile_seconds_in_window": round(compile_stats()[1] - mark["compile"], 2),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+    }
 
 
 def training_loss(forward, diffusion, batch: TokenBatch, y: Tensor, aux_weight: float, generator):

@@ -177,7 +177,12 @@ class ResumableBatchSampler(Sampler):
 
 
 class _KeyedDataset(Dataset):
-    """Reads ``(index, epoch)`` keys: per-item randomness follows the epoch the sampler is in."""
+    """Reads ``(index, epoch)`` keys: per-item randomness follows the epoch the sampler is in.
+
+    A longer key ``(index, epoch, *rest)`` (the training path: ``rest`` starts with the step the batch is
+    for) returns ``(key, item)``, so the collate function that builds the step's batch in the worker knows
+    which step, epoch and image every item belongs to.
+    """
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -185,35 +190,82 @@ class _KeyedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> DataItem:
-        index, epoch = key
+    def __getitem__(self, key: tuple):
+        index, epoch = key[0], key[1]
         get = getattr(self.dataset, "get", None)
-        return get(index, epoch) if get is not None else self.dataset[index]
+        item = get(index, epoch) if get is not None else self.dataset[index]
+        return item if len(key) == 2 else (key, item)
+
+
+class _EndlessBatches:
+    """The DataLoader's batch_sampler for training: batches across epochs without end, each key
+    ``(index, epoch, step)``, starting at the sampler's position and at training step ``first_step``.
+
+    One endless iteration means the workers start once and the prefetch queue never drains at an
+    epoch boundary (a per-epoch ``for`` loop restarts both).
+    """
+
+    def __init__(self, sampler: "ResumableBatchSampler", epoch: int, batch: int, first_step: int):
+        self.sampler, self.epoch, self.batch, self.first_step = sampler, epoch, batch, first_step
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        step, epoch, start = self.first_step, self.epoch, self.batch
+        while True:
+            self.sampler.set_position(epoch, start)
+            for keys in self.sampler:
+                yield [(i, e, step) for i, e in keys]
+                step += 1
+            epoch, start = epoch + 1, 0
 
 
 class ResumableLoader:
-    """Iterate one epoch per ``for`` loop; ``state_dict()`` is the position after the last batch handed out."""
+    """Iterate one epoch per ``for`` loop, or :meth:`forever`; ``state_dict()`` is the position after
+    the last batch handed out (workers prefetch ahead, so the sampler's own position would overshoot)."""
 
-    def __init__(self, dataloader: DataLoader, sampler: ResumableBatchSampler):
-        self.dataloader = dataloader
+    def __init__(self, dataset: Dataset, sampler: "ResumableBatchSampler", collate, *, num_workers: int = 0,
+                 pin_memory: bool = False, step_collate=None):
+        self.dataset = _KeyedDataset(dataset)  # (index, epoch) keys: per-item flips follow the epoch
         self.sampler = sampler
+        self.collate = collate  # items -> TokenBatch (epoch iteration)
+        self.step_collate = step_collate  # [(key, item)] -> the step's batch (forever); None: collate
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
         self.epoch = 0
         self.batch = 0  # batches of the current epoch already handed to the caller
 
     def __len__(self) -> int:
         return len(self.sampler)
 
+    def _dataloader(self, batch_sampler, collate) -> DataLoader:
+        # Not persistent_workers: forever() is one endless iteration (workers start once), and a per-epoch
+        # ``for`` builds its DataLoader afresh so it starts at the position set here.
+        return DataLoader(
+            self.dataset, batch_sampler=batch_sampler, num_workers=self.num_workers, collate_fn=collate,
+            pin_memory=self.pin_memory, persistent_workers=False,
+        )
+
     def __iter__(self) -> Iterator[TokenBatch]:
         self.sampler.set_position(self.epoch, self.batch)
-        for tb in self.dataloader:
+        for tb in self._dataloader(self.sampler, self.collate):
             self.batch += 1
             yield tb
         self.epoch, self.batch = self.epoch + 1, 0
 
-    def forever(self) -> Iterator[TokenBatch]:
-        """Batches across epochs without end (step-based training)."""
-        while True:
-            yield from self
+    def forever(self, first_step: int = 0) -> Iterator:
+        """Batches across epochs without end (step-based training), from the saved position.
+
+        With ``step_collate`` the items arrive as ``(key, item)`` with key ``(index, epoch, step)`` and
+        the batch of step ``first_step + k`` is built whole in a worker (masks included), then pinned.
+        """
+        if self.step_collate is None:
+            while True:
+                yield from self
+        batches = _EndlessBatches(self.sampler, self.epoch, self.batch, first_step)
+        for out in self._dataloader(batches, self.step_collate):
+            self.batch += 1
+            if self.batch == len(self.sampler):
+                self.epoch, self.batch = self.epoch + 1, 0
+            yield out
 
     def state_dict(self) -> dict:
         return {**self.sampler.state_dict(), "epoch": self.epoch, "batch": self.batch}
@@ -236,13 +288,14 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
+    step_collate=None,
 ) -> ResumableLoader:
     """A resumable loader of TokenBatches.
 
     patch: token side in units of ``item.x`` (defaults to ``dataset.patch``: pixels for image datasets,
     latent pixels for a latent cache). seq_len: padded slots per image (defaults to
-    ``dataset.token_budget``; padded layout only). Workers are not persistent, so each epoch's
-    iteration starts from the sampler position set by :class:`ResumableLoader`.
+    ``dataset.token_budget``; padded layout only). step_collate: builds a training step's whole batch
+    from ``(key, item)`` pairs in the workers (:meth:`ResumableLoader.forever`).
     """
     if layout not in ("padded", "packed"):
         raise ValueError(f"layout={layout!r} must be 'padded' (FiT) or 'packed'")
@@ -255,12 +308,6 @@ def make_loader(
         if seq_len is None:
             raise ValueError("the padded layout needs seq_len= (the token budget); the dataset does not say it")
     sampler = ResumableBatchSampler(len(dataset), batch_size, seed, shuffle, drop_last, rank, world_size)
-    dataloader = DataLoader(
-        _KeyedDataset(dataset),
-        batch_sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=functools.partial(collate_items, patch=patch, layout=layout, seq_len=seq_len),
-        pin_memory=pin_memory,
-        persistent_workers=False,
-    )
-    return ResumableLoader(dataloader, sampler)
+    collate = functools.partial(collate_items, patch=patch, layout=layout, seq_len=seq_len)
+    return ResumableLoader(dataset, sampler, collate, num_workers=num_workers, pin_memory=pin_memory,
+                           step_collate=step_collate)

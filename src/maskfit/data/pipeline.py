@@ -2,9 +2,13 @@
 
 Two ways to batch (``data.batching``):
 
-- ``"images"``: ``train.batch_size`` images per step (FiT). Masks are drawn in the main process from a
-  generator seeded by (seed, step), so a resumed run draws exactly the masks an uninterrupted one would,
-  whatever the loader's workers did.
+- ``"images"``: ``train.batch_size`` images per step (FiT). Masks are drawn from a generator seeded by
+  (seed, step), so a resumed run draws exactly the masks an uninterrupted one would, whichever worker
+  builds the batch.
+
+Either way the loader's workers build each step's whole batch, masks and budget padding included
+(:class:`StepBatchBuilder`), and the DataLoader pins it: the training loop's main process does no
+per-image work, so the real step runs at the speed of the benchmarked one.
 - ``"tokens"``: a constant budget of ``data.tokens_per_step`` *backbone* tokens per step (the kept
   tokens when masking; NaViT packing). :class:`TokenBudgetSampler` packs whole images by their token
   counts, read without decoding where the dataset allows (:func:`token_grids`), and
@@ -27,7 +31,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -37,6 +40,7 @@ import torch
 from maskfit.config import DataConfig, RunConfig
 from maskfit.masking import MaskConfig, choose_keep, mask_scale_at, num_keep_for, per_image_generator
 from maskfit.packing import pad_stream_to_budget, pick_next
+from maskfit.throughput import TokenSums
 from maskfit.tokens import MaskedView, TokenBatch, masked_view
 
 
@@ -396,48 +400,52 @@ class _PlannedBins:
     def __init__(self, loader: "TokenBudgetLoader"):
         self.loader = loader
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple]]:
         return self.loader._plan_bins()
 
 
 class TokenBudgetLoader:
-    """Loads the sampler's bins with a DataLoader; yields ``(TokenBatch, BinPlan)`` without end.
+    """Loads the sampler's bins with a DataLoader; yields ``(TokenBatch, StepInfo, BinPlan)`` without end.
 
-    The DataLoader's workers prefetch, so the sampler runs ahead of the training loop. Every bin's plan
-    is queued with the sampler state after it; ``state_dict()`` is the state after the last bin handed
-    out, which is where a resumed run must continue.
+    The DataLoader's workers prefetch, so the sampler runs ahead of the training loop, and each worker
+    builds its bin's whole batch (patchify, pack, masks, padding to the budget: :class:`StepBatchBuilder`),
+    so the main process only moves pinned tensors to the device. Every bin's plan is queued with the
+    sampler state after it; ``state_dict()`` is the state after the last bin handed out, which is where a
+    resumed run must continue.
     """
 
-    def __init__(self, dataset, sampler: TokenBudgetSampler, patch: int, num_workers: int = 0,
+    def __init__(self, dataset, sampler: TokenBudgetSampler, builder: "StepBatchBuilder", num_workers: int = 0,
                  pin_memory: bool = False):
         from torch.utils.data import DataLoader
 
-        from maskfit.data.loader import _KeyedDataset, collate_items
+        from maskfit.data.loader import _KeyedDataset
 
         self.sampler = sampler
         self._state = sampler.state_dict()  # after the last bin handed out
         self._planned: collections.deque = collections.deque()  # (plan, state after it) of bins in flight
         self.dataloader = DataLoader(
-            _KeyedDataset(dataset),  # (index, epoch) keys: per-item flips follow the epoch
+            _KeyedDataset(dataset),  # (index, epoch, ...) keys: per-item flips follow the epoch
             batch_sampler=_PlannedBins(self),
             num_workers=num_workers,
-            collate_fn=functools.partial(collate_items, patch=patch, layout="packed", seq_len=None),
+            collate_fn=builder,
             pin_memory=pin_memory,
-            persistent_workers=False,
+            persistent_workers=False,  # one endless iteration: the workers start once per forever()
         )
 
-    def _plan_bins(self) -> Iterator[list[tuple[int, int]]]:
+    def _plan_bins(self) -> Iterator[list[tuple]]:
         while True:
             plan = self.sampler.next_bin()
             self._planned.append((plan, self.sampler.state_dict()))
-            yield [(i, plan.epoch) for i in plan.indices]
+            # Each key carries what its worker needs to build and check the bin: the step (mask schedule),
+            # the planned grid and backbone count of the image.
+            yield [(i, plan.epoch, plan.step, c, g[0], g[1]) for i, c, g in zip(plan.indices, plan.counts, plan.grids)]
 
-    def forever(self) -> Iterator[tuple[TokenBatch, BinPlan]]:
+    def forever(self) -> Iterator[tuple[TokenBatch, "StepInfo", BinPlan]]:
         self.sampler.load_state_dict(self._state)  # drop whatever an earlier iterator prefetched
         self._planned.clear()
-        for batch in self.dataloader:  # batches come in sampler order
+        for batch, info in self.dataloader:  # batches come in sampler order
             plan, self._state = self._planned.popleft()
-            yield batch, plan
+            yield batch, info, plan
 
     def state_dict(self) -> dict:
         return dict(self._state)
@@ -489,16 +497,102 @@ def pad_to_budget(
 # ----------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """What the training loop counts about a step's batch, computed with it in the worker (no host reads
+    of the batch in the main process)."""
+
+    step: int
+    num_images: int  # real images (the token budget's dummy segment is none)
+    backbone_slots: int  # tokens the backbone runs on (kept stream when masked), padding included
+    backbone_real: int  # of those, real image tokens
+    masked: bool  # the backbone ran on a kept subset this step
+    sums: TokenSums  # per-image token sums of the real images (useful FLOPs: maskfit.throughput)
+
+
+@dataclass(frozen=True)
+class StepBatchBuilder:
+    """Builds one training step's whole batch from its ``(key, item)`` pairs; the loader's collate_fn.
+
+    It runs in the DataLoader's workers: patchify and pack the images, draw the masks (image batching:
+    :func:`apply_mask` from (seed, step); token batching: each image's :func:`mask_generator`, the
+    stream the sampler packed by) and pad the backbone stream to the token budget. The main process then
+    only copies pinned tensors to the device, so the step the GPU runs is the benchmarked step.
+
+    Keys: ``(index, epoch, step)`` for image batching; ``(index, epoch, step, count, h, w)`` for token
+    batching, with the planned backbone count and grid of each image, checked here.
+    """
+
+    patch: int
+    layout: str  # "packed" | "padded"
+    seq_len: Optional[int]  # padded slots per image (padded layout)
+    mask: Optional[MaskConfig]
+    seed: int
+    tokens_per_step: Optional[int] = None  # token batching: backbone tokens per step
+    max_images: Optional[int] = None  # token batching: images per step at most
+    max_seqlen: int = 0  # token batching: the static segment-length bound (the per-image token budget)
+
+    def __call__(self, pairs: Sequence[tuple[tuple, object]]) -> tuple[TokenBatch, StepInfo]:
+        from maskfit.data.loader import collate_items
+
+        keys = [k for k, _ in pairs]
+        step = int(keys[0][2])
+        batch = collate_items([item for _, item in pairs], self.patch, self.layout, self.seq_len)
+        if self.tokens_per_step is None:
+            if self.mask is not None:
+                batch = apply_mask(batch, self.mask, step, self.seed)
+        else:
+            batch = self._fill_budget(batch, keys, step)
+        backbone = batch.layout if batch.mask is None else batch.mask.layout
+        slots = backbone.num_tokens
+        real = slots if backbone.valid is None else int(backbone.valid.sum())
+        n = len(pairs)  # real images come first; the budget's dummy and empty segments follow
+        full = batch.layout.grid[:n].prod(dim=1)  # (n,)
+        kept = full if batch.mask is None else batch.mask.layout.seqlens()[:n]  # (n,)
+        sums = TokenSums(n, int(kept.sum()), int((kept * kept).sum()), int(full.sum()), int((full * full).sum()))
+        return batch, StepInfo(step, n, slots, real, batch.mask is not None, sums)
+
+    def _fill_budget(self, batch: TokenBatch, keys: Sequence[tuple], step: int) -> TokenBatch:
+        grids = [tuple(g) for g in batch.layout.grid.tolist()]
+        planned = [(int(k[4]), int(k[5])) for k in keys]
+        indices = [int(k[0]) for k in keys]
+        if grids != planned:
+            raise ValueError(
+                f"step {step}: images {indices} loaded with token grids {grids}, but the sampler packed them by "
+                f"the grids {planned} read before loading; the dataset must give each image the size it reports "
+                "(no random crops or resizes that change between reads)"
+            )
+        # A fixed bound instead of this batch's longest image: the kernels see one value every step.
+        layout = dataclasses.replace(batch.layout, max_seqlen=max(self.max_seqlen, batch.layout.max_seqlen))
+        batch = TokenBatch(batch.tokens, batch.y, layout)
+        keep = None
+        if self.mask is not None:
+            keep = [choose_keep(g, self.mask, step, mask_generator(self.seed, int(k[1]), int(k[0])))
+                    for g, k in zip(grids, keys)]
+            counts = tuple(int(k.numel()) for k in keep)
+            planned_counts = tuple(int(k[3]) for k in keys)
+            if counts != planned_counts:  # the sampler and the mask must draw from the same stream
+                raise RuntimeError(
+                    f"step {step}: the masks keep {counts} tokens but the bin was packed for {planned_counts}; "
+                    "TokenBudgetSampler.count and choose_keep disagree (a bug: report it)"
+                )
+            if all(c == h * w for c, (h, w) in zip(counts, grids)):
+                keep = None  # unmasked step (e.g. the final fine-tune): the backbone runs the full grids
+        return pad_to_budget(batch, keep, self.tokens_per_step, self.max_images)
+
+
 @dataclass
 class TrainingData:
     """``next_batch(step)`` for the training loop, its resumable state, and the padding it trains on.
 
     ``tokens_per_step`` None: image batching (``loader`` a ResumableLoader of batch_size images);
     otherwise token batching (``loader`` a :class:`TokenBudgetLoader`), every backbone stream exactly
-    that long. ``padding_fraction()`` is the share of backbone token slots that were padding over the
+    that long. Either way the loader's workers build each step's whole batch (:class:`StepBatchBuilder`)
+    and pin it. ``padding_fraction()`` is the share of backbone token slots that were padding over the
     steps produced so far (FiT's per-image padding in the padded layout; the dummy segment with a token
     budget; 0 for packed image batches), counted across resumes; ``last_padding_fraction`` is the
-    latest step's, and ``last_plan`` (token batching) names the latest step's images.
+    latest step's, ``last_info`` the latest step's counts, and ``last_plan`` (token batching) names the
+    latest step's images.
     """
 
     loader: object  # maskfit.data.loader.ResumableLoader or TokenBudgetLoader
@@ -506,68 +600,36 @@ class TrainingData:
     mask: Optional[MaskConfig]
     seed: int
     tokens_per_step: Optional[int] = None  # token batching: backbone tokens per step
-    max_images: Optional[int] = None  # token batching: images per step at most (segments: max_images + 1)
-    max_seqlen: int = 0  # token batching: the static segment-length bound (the per-image token budget)
     last_padding_fraction: float = 0.0
+    last_info: Optional[StepInfo] = field(default=None, init=False, repr=False)
     last_plan: Optional[BinPlan] = field(default=None, init=False, repr=False)  # token batching: the latest bin
     _real_slots: int = field(default=0, init=False, repr=False)
     _all_slots: int = field(default=0, init=False, repr=False)
     _iterator: Optional[Iterator] = field(default=None, init=False, repr=False)
 
     def next_batch(self, step: int) -> TokenBatch:
-        if self._iterator is None:
-            self._iterator = self.loader.forever()
         if self.tokens_per_step is None:
-            batch = next(self._iterator)
-            if self.mask is not None:
-                batch = apply_mask(batch, self.mask, step, self.seed)
+            if self._iterator is None:
+                self._iterator = self.loader.forever(first_step=step)
+            batch, info = next(self._iterator)
         else:
-            batch, plan = next(self._iterator)
+            if self._iterator is None:
+                self._iterator = self.loader.forever()
+            batch, info, plan = next(self._iterator)
             if plan.step != step:
                 raise ValueError(
                     f"next_batch(step={step}) got the bin planned for step {plan.step}: token batches are packed "
                     "for their step (the mask schedule sets the kept counts); ask for consecutive steps from 0, "
                     "or load the data state saved with the checkpoint before resuming at a later step"
                 )
-            batch = self._fill_budget(batch, plan)
             self.last_plan = plan
-        self._count_padding(batch)
+        if info.step != step:  # the loader's step keys and the loop's count must agree
+            raise RuntimeError(f"next_batch(step={step}) got the batch built for step {info.step} (a bug: report it)")
+        self.last_info = info
+        self._real_slots += info.backbone_real
+        self._all_slots += info.backbone_slots
+        self.last_padding_fraction = 1.0 - info.backbone_real / info.backbone_slots if info.backbone_slots else 0.0
         return batch
-
-    def _fill_budget(self, batch: TokenBatch, plan: BinPlan) -> TokenBatch:
-        grids = [tuple(g) for g in batch.layout.grid.tolist()]
-        if grids != [tuple(g) for g in plan.grids]:
-            raise ValueError(
-                f"step {plan.step}: images {list(plan.indices)} loaded with token grids {grids}, but the sampler "
-                f"packed them by the grids {list(plan.grids)} read before loading; the dataset must give each "
-                "image the size it reports (no random crops or resizes that change between reads)"
-            )
-        # A fixed bound instead of this batch's longest image: the kernels see one value every step.
-        layout = dataclasses.replace(batch.layout, max_seqlen=max(self.max_seqlen, batch.layout.max_seqlen))
-        batch = TokenBatch(batch.tokens, batch.y, layout)
-        keep = None
-        if self.mask is not None:
-            keep = [
-                choose_keep(g, self.mask, plan.step, mask_generator(self.seed, plan.epoch, i))
-                for g, i in zip(grids, plan.indices)
-            ]
-            counts = tuple(int(k.numel()) for k in keep)
-            if counts != plan.counts:  # the sampler and the mask must draw from the same stream
-                raise RuntimeError(
-                    f"step {plan.step}: the masks keep {counts} tokens but the bin was packed for {plan.counts}; "
-                    "TokenBudgetSampler.count and choose_keep disagree (a bug: report it)"
-                )
-            if all(k == h * w for k, (h, w) in zip(counts, grids)):
-                keep = None  # unmasked step (e.g. the final fine-tune): the backbone runs the full grids
-        return pad_to_budget(batch, keep, self.tokens_per_step, self.max_images)
-
-    def _count_padding(self, batch: TokenBatch) -> None:
-        backbone = batch.layout if batch.mask is None else batch.mask.layout
-        slots = backbone.num_tokens
-        real = slots if backbone.valid is None else int(backbone.valid.sum())
-        self._real_slots += real
-        self._all_slots += slots
-        self.last_padding_fraction = 1.0 - real / slots if slots else 0.0
 
     def padding_fraction(self) -> float:
         """Share of the backbone token slots that were padding, over every step produced so far."""
@@ -590,29 +652,32 @@ def build_training_data(cfg: RunConfig, patch_size: int) -> TrainingData:
     dataset = build_dataset(cfg.data, patch_size, cfg.train.seed, train=True)
     patch = getattr(dataset, "patch", patch_size)
     mask = mask_config(cfg)
+    pin = torch.cuda.is_available()
     if cfg.data.batching == "tokens":
-        return _token_batching(cfg, dataset, patch, mask)
+        return _token_batching(cfg, dataset, patch, mask, pin)
     if len(dataset) < cfg.train.batch_size:
         raise ValueError(
             f"the dataset has {len(dataset)} images, fewer than train.batch_size={cfg.train.batch_size}; "
             "lower the batch size or add images"
         )
+    builder = StepBatchBuilder(patch, cfg.data.layout, cfg.data.token_budget, mask, cfg.train.seed)
     loader = make_loader(
         dataset, cfg.train.batch_size, layout=cfg.data.layout, seed=cfg.train.seed,
-        num_workers=cfg.data.num_workers, patch=patch,
-        seq_len=cfg.data.token_budget, pin_memory=torch.cuda.is_available(),
+        num_workers=cfg.data.num_workers, patch=patch, seq_len=cfg.data.token_budget, pin_memory=pin,
+        step_collate=builder,
     )
     return TrainingData(loader, dataset_channels(dataset), mask, cfg.train.seed)
 
 
-def _token_batching(cfg: RunConfig, dataset, patch: int, mask: Optional[MaskConfig]) -> TrainingData:
+def _token_batching(cfg: RunConfig, dataset, patch: int, mask: Optional[MaskConfig], pin: bool) -> TrainingData:
     data = cfg.data
     sampler = TokenBudgetSampler(
         token_grids(dataset, patch), data.tokens_per_step, mask=mask, seed=cfg.train.seed,
         max_images=data.max_images_per_step,
     )
-    loader = TokenBudgetLoader(dataset, sampler, patch, data.num_workers, pin_memory=torch.cuda.is_available())
-    return TrainingData(
-        loader, dataset_channels(dataset), mask, cfg.train.seed, tokens_per_step=data.tokens_per_step,
+    builder = StepBatchBuilder(
+        patch, "packed", None, mask, cfg.train.seed, tokens_per_step=data.tokens_per_step,
         max_images=data.max_images_per_step, max_seqlen=int(getattr(dataset, "token_budget", data.token_budget)),
     )
+    loader = TokenBudgetLoader(dataset, sampler, builder, data.num_workers, pin_memory=pin)
+    return TrainingData(loader, dataset_channels(dataset), mask, cfg.train.seed, tokens_per_step=data.tokens_per_step)
