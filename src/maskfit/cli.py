@@ -1,4 +1,5 @@
-"""`maskfit` command line: models | train | sample | sweep | prepare | eval | train-classifier | bench | demo."""
+"""`maskfit` command line: models | train | sample | sweep | prepare | eval | train-classifier | bench | demo |
+import-published."""
 from __future__ import annotations
 
 import argparse
@@ -100,6 +101,7 @@ def _add_module_commands(sub) -> None:
     from maskfit.bench import add_bench_arguments, run_bench
     from maskfit.data.prepare import add_prepare_arguments, run_prepare
     from maskfit.evaluate.cli import add_eval_arguments, add_train_classifier_arguments, run_eval, run_train_classifier
+    from maskfit.published import add_import_arguments, run_import
     from maskfit.sweep import add_sweep_arguments, cmd_sweep
 
     commands = [
@@ -110,6 +112,8 @@ def _add_module_commands(sub) -> None:
         ("train-classifier", "train the proxy feature network on the training images",
          add_train_classifier_arguments, run_train_classifier),
         ("bench", "training/sampling throughput, MFU and memory", add_bench_arguments, run_bench),
+        ("import-published", "turn a released FiT/FiTv2 checkpoint (whlzy/FiT) into a maskfit checkpoint folder",
+         add_import_arguments, run_import),
     ]
     for name, help_text, add_arguments, func in commands:
         p = sub.add_parser(name, help=help_text)

@@ -298,8 +298,13 @@ class FiT(nn.Module):
             if isinstance(m, nn.Linear):  # xavier weights, zero biases (DiT, FiT)
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-            if isinstance(m, SwiGLU):  # each half of the fused W_g | W_x as its own (h, d) layer
-                for half in m.fc1.weight.data.chunk(2, dim=0):
+        # A second pass, after every Linear: modules() visits a SwiGLU before its child fc1, so halves set in
+        # the first pass would be overwritten by a whole-matrix (2h, d) Xavier, 0.745x the published std at
+        # d=768. The published code has W_g, W_x as two nn.Linear(d, h) (timm SwiGLU fc1_g / fc1_x), each
+        # Xavier-uniform with bound sqrt(6 / (d + h)) and a zero bias (already zeroed above).
+        for m in self.modules():
+            if isinstance(m, SwiGLU):
+                for half in m.fc1.weight.data.chunk(2, dim=0):  # (h, d) views: fans d and h
                     nn.init.xavier_uniform_(half)
         nn.init.normal_(self.y_embedder.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
