@@ -139,6 +139,9 @@ class MaskSection:
     mixer_depth: int = 2
     side_decode_depth: int = 2
     aux_loss_weight: float = 0.1  # weight of the loss on dropped tokens for full-grid designs (MaskDiT: 0.1)
+    # DDPM target on those dropped tokens: "noisy_input" (x_t, MaskDiT) | "x0". Flow keeps its velocity
+    # target there (maskfit.objective says why each is sound).
+    aux_target: str = "noisy_input"
 
     def __post_init__(self):
         if not 0.0 < self.keep_ratio <= 1.0:
@@ -152,6 +155,9 @@ class MaskSection:
             )
         if self.aux_loss_weight < 0:
             raise ValueError(f"mask.aux_loss_weight={self.aux_loss_weight} must be >= 0")
+        from maskfit.objective import AUX_TARGETS
+
+        _check_choice("mask.aux_target", self.aux_target, AUX_TARGETS)
 
 
 @dataclass
@@ -204,6 +210,12 @@ class RunConfig:
             self.train.batch_size = 256  # FiT's global batch
 
         _check_choice("model.attention", self.model.attention, ATTENTION_BACKENDS)
+        if self.diffusion.objective == "flow" and self.mask.aux_target != "noisy_input":
+            raise ValueError(
+                f"mask.aux_target={self.mask.aux_target!r} applies to diffusion.objective='ddpm' only: the flow "
+                "objective keeps its velocity target on dropped tokens (sound there, see maskfit.objective); "
+                "remove mask.aux_target"
+            )
         static_stream = self.data.batching == "tokens" and self.mask.design == "plain"
         if self.model.attention == "flex" and not static_stream:
             # FlexAttention is compiled for one stream length: every new length recompiles it (seconds each,

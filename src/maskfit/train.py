@@ -401,9 +401,16 @@ def _end_measure(device: torch.device, mark: dict, step: int, images_seen: int, 
     }
 
 
-def training_loss(forward, diffusion, batch: TokenBatch, y: Tensor, aux_weight: float, generator):
-    """The diffusion loss of one batch, masked or not (maskfit.objective says which tokens count)."""
-    from maskfit.objective import token_weights
+def training_loss(
+    forward, diffusion, batch: TokenBatch, y: Tensor, aux_weight: float, generator, aux_target: str = "noisy_input"
+):
+    """The diffusion loss of one batch, masked or not (maskfit.objective says which tokens count).
+
+    aux_target: the DDPM target on dropped tokens of a full-grid design (mask.aux_target); the flow
+    objective keeps its velocity target there (sound: maskfit.objective).
+    """
+    from maskfit.diffusion.gaussian import GaussianDiffusion
+    from maskfit.objective import dropped_tokens, token_weights
 
     model = getattr(forward, "_orig_mod", forward)  # torch.compile wraps the module
     mask, layout = batch.mask, batch.layout
@@ -412,12 +419,19 @@ def training_loss(forward, diffusion, batch: TokenBatch, y: Tensor, aux_weight: 
         # attention restricted to them): noise, loss and every layer touch kept tokens only.
         kept_tokens = batch.tokens[mask.index]  # (T_k, D)
         return diffusion.training_loss(forward, kept_tokens, y, mask.layout, generator=generator)
-    weights = token_weights(layout, mask, aux_weight, model.predicts_dropped_tokens())
+    predicts_dropped = mask is not None and model.predicts_dropped_tokens()
+    weights = token_weights(layout, mask, aux_weight, predicts_dropped)
+    aux = {}
+    if predicts_dropped and isinstance(diffusion, GaussianDiffusion):
+        # ε has conditional mean 0 on tokens the model never saw: fit those to aux_target instead.
+        aux = {"aux_tokens": dropped_tokens(layout, mask), "aux_target": aux_target}
 
     def model_fn(x, t, labels, _layout):
         return forward(x, t, labels, layout, mask=mask)  # (T, D_out); zeros where nothing was predicted
 
-    return diffusion.training_loss(model_fn, batch.tokens, y, layout, generator=generator, token_weights=weights)
+    return diffusion.training_loss(
+        model_fn, batch.tokens, y, layout, generator=generator, token_weights=weights, **aux
+    )
 
 
 def _progress(start: int, total: int, enabled: bool):

@@ -112,7 +112,9 @@ class RectifiedFlow:
         Per-token loss = mean over channels; each image = mean over its real tokens (padding excluded); the
         batch loss = mean over images (FiTv2's per-sample normalisation, reference/fit.md §2.3; no loss weight,
         as FiTv2's ``loss_weight: null``). ``token_weights`` (T,) replaces the per-image token mean (masked
-        training counts kept tokens only: ``maskfit.objective``). Returns (loss, {"loss"}).
+        training counts kept tokens only: ``maskfit.objective``). Dropped tokens of a full-grid masked design
+        keep the velocity target (unlike DDPM's ε, its mean given the visible tokens is not 0:
+        ``maskfit.objective``). Returns (loss, {"loss"}).
         """
         t = self.sample_t(layout.num_images, x1, generator)  # (B,)
         x0 = _randn(x1.shape, x1, generator)  # (T, D) noise

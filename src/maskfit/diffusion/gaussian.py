@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from maskfit.objective import reduce_per_image, token_weights as default_token_weights
+from maskfit.objective import AUX_TARGETS, reduce_per_image, token_weights as default_token_weights
 from maskfit.tokens import TokenLayout
 
 ModelFn = Callable[[Tensor, Tensor, Tensor, TokenLayout], Tensor]
@@ -245,6 +245,8 @@ class GaussianDiffusion:
         layout: TokenLayout,
         generator: Optional[torch.Generator] = None,
         token_weights: Optional[Tensor] = None,
+        aux_tokens: Optional[Tensor] = None,
+        aux_target: str = "noisy_input",
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Hybrid loss L_simple + L_vlb (iDDPM eq. 16, VB unscaled as DiT/FiT) over a token stream.
 
@@ -254,8 +256,15 @@ class GaussianDiffusion:
         (FiT's per-sample N/N_valid normalisation, reference/fit.md §2.3).
         ``token_weights`` (T,) replaces the per-image token mean (masked training counts kept tokens only:
         ``maskfit.objective``).
-        Returns (loss, {"loss", "mse", "vb"}) with detached terms for logging.
+        ``aux_tokens`` (T,) bool marks the dropped tokens of a full-grid masked design (the model never saw
+        their x_t). There the ε channels are fitted to ``aux_target`` ("noisy_input": x_t, MaskDiT; "x0")
+        instead of ε, whose conditional mean there is 0, with the weight ``token_weights`` gives them
+        (aux / n_dropped); the VB term counts the other tokens only (``maskfit.objective`` says why).
+        Returns (loss, {"loss", "mse", "vb", and "aux" with aux_tokens}) with detached terms for logging;
+        loss = mse + vb + aux.
         """
+        if aux_target not in AUX_TARGETS:
+            raise ValueError(f"aux_target={aux_target!r}; choose one of {AUX_TARGETS} (mask.aux_target)")
         B = layout.num_images
         tdev = generator.device if generator is not None else x0.device
         t = torch.randint(0, self.num_timesteps, (B,), generator=generator, device=tdev).to(x0.device)  # (B,)
@@ -265,13 +274,22 @@ class GaussianDiffusion:
         out = model_fn(x_t, t, y, layout)  # (T, D_out); t as integers, unclamped (see module docstring)
         eps, v = self.split_output(out, x0)
 
-        per_token = ((noise - eps) ** 2).mean(dim=1)  # (T,) L_simple, DDPM eq. 14
         weights = token_weights if token_weights is not None else default_token_weights(layout)
-        terms = {"mse": reduce_per_image(per_token, weights, layout)}
+        zero = torch.zeros((), dtype=weights.dtype, device=weights.device)
+        # Kept (or all real) tokens: ε target and the VB term; dropped tokens: the auxiliary target only.
+        seen_weights = weights if aux_tokens is None else torch.where(aux_tokens, zero, weights)  # (T,)
+        per_token = ((noise - eps) ** 2).mean(dim=1)  # (T,) L_simple, DDPM eq. 14
+        # images_of=weights: every term divides by the images of the whole loss, so the terms add up to it.
+        terms = {"mse": reduce_per_image(per_token, seen_weights, layout, images_of=weights)}
         if v is not None:
             # Stop-gradient on ε for the VB term: it trains Σ only, L_simple trains the mean (iDDPM §3.1).
             vb_tok = self.vb_terms(x0, x_t, t_tok, eps.detach(), v)  # (T,)
-            terms["vb"] = reduce_per_image(vb_tok, weights, layout)
+            terms["vb"] = reduce_per_image(vb_tok, seen_weights, layout, images_of=weights)
+        if aux_tokens is not None:
+            target = x_t if aux_target == "noisy_input" else x0  # (T, D)
+            aux_tok = ((target - eps) ** 2).mean(dim=1)  # (T,)
+            aux_weights = torch.where(aux_tokens, weights, zero)  # (T,) aux / n_dropped
+            terms["aux"] = reduce_per_image(aux_tok, aux_weights, layout, images_of=weights)
         loss = sum(terms.values())
         logs = {k: val.detach() for k, val in terms.items()}
         logs["loss"] = loss.detach()
