@@ -182,11 +182,6 @@ def test_aux_target_errors_name_the_value():
         ddpm_step(batch, FixedOutput(batch.layout.num_tokens, 2 * D), "eps")
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="train() must pass aux_target=cfg.mask.aux_target to training_loss; that call site is in the training "
-    "loop being rewritten on another branch. Wire it there, then remove this marker.",
-)
 def test_train_passes_the_configured_aux_target(tmp_path, monkeypatch):
     import maskfit.train as train_mod
 

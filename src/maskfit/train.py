@@ -214,7 +214,8 @@ def train_step(run: TrainingRun, batch: TokenBatch, step: int) -> tuple[Tensor, 
         group["lr"] = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps)
     y = drop_labels(batch.y, cfg.diffusion.label_dropout, run.mcfg.num_classes, generator=run.generator)
     with autocast_for(cfg.train.precision, run.device):
-        loss, terms = training_loss(run.forward, run.diffusion, batch, y, cfg.mask.aux_loss_weight, run.generator)
+        loss, terms = training_loss(run.forward, run.diffusion, batch, y, cfg.mask.aux_loss_weight, run.generator,
+                                    aux_target=cfg.mask.aux_target)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
