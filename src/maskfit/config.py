@@ -28,6 +28,9 @@ class DataConfig:
     num_classes: int = 8  # synthetic classes
     token_budget: int = 256  # max tokens per image: H*W/(f*p)^2 <= budget, aspect ratio kept (FiT)
     random_aspect_crop: bool = False  # for square-only sets (e.g. Imagenette): random crops of ratio 1:3..3:1
+    # "flexible" (FiT): resize to the budget, never crop | "mixed" (FiTv2 §IV-C, Alg. 1): an image with both
+    # sides above the square side sqrt(token_budget) x patch px is its resize or its centre crop, 50/50 per sample
+    preprocess: str = "flexible"
     hflip: bool = True
     autoencoder: str = "sd-vae"  # "sd-vae" (sd-vae-ft-ema from vae_path) | "identity" (pixel space)
     vae_path: str = ""  # local folder of stabilityai/sd-vae-ft-ema (no hub access)
@@ -45,6 +48,9 @@ class DataConfig:
         _check_choice("data.autoencoder", self.autoencoder, ("sd-vae", "identity"))
         _check_choice("data.layout", self.layout, ("padded", "packed"))
         _check_choice("data.batching", self.batching, ("images", "tokens"))
+        from maskfit.data.resize import PREPROCESS_MODES
+
+        _check_choice("data.preprocess", self.preprocess, PREPROCESS_MODES)
         if self.token_budget < 1:
             raise ValueError(f"data.token_budget={self.token_budget}; it must hold at least one patch token")
         if self.batching == "tokens":

@@ -3,24 +3,32 @@
 Every dataset returns a :class:`DataItem`: an image as a float tensor (3, H, W) in [-1, 1] whose sides
 are multiples of ``patch_px`` within the token budget (FiT's resize rule), and its label.
 
-Randomness per item (random crop, flip) comes from ``numpy.random.default_rng([seed, epoch, index])``,
-never from a global generator: an item is the same whichever worker loads it and in whatever order,
-so a run resumed mid-epoch sees exactly the images an uninterrupted run would. ``dataset[i]`` is
-``dataset.get(i, epoch=0)``; the loader passes the real epoch (see :mod:`maskfit.data.loader`).
+Randomness per item (FiTv2's resize-or-crop choice, random crop, flip) comes from
+``numpy.random.default_rng([seed, epoch, index])``, never from a global generator: an item is the same
+whichever worker loads it and in whatever order, so a run resumed mid-epoch sees exactly the images an
+uninterrupted run would. ``dataset[i]`` is ``dataset.get(i, epoch=0)``; the loader passes the real epoch
+(see :mod:`maskfit.data.loader`).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from maskfit.data.resize import check_budget, random_aspect_crop, resize_to_token_budget
+from maskfit.data.resize import (
+    center_crop_to_square,
+    check_budget,
+    check_preprocess,
+    has_crop_version,
+    random_aspect_crop,
+    resize_to_token_budget,
+)
 from maskfit.data.synthetic import SyntheticSizes, check_num_classes, synthetic_sample
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -99,12 +107,36 @@ def load_rgb(path: Union[str, Path]) -> Image.Image:
 # ----------------------------------------------------------------------------------------------------
 
 
+def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The random stream of one item in one epoch (independent of worker and order)."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+def mixed_choice(rng: np.random.Generator) -> bool:
+    """FiTv2 "Mixed" (Algorithm 1): True = this sample uses its centre-crop version, with p = 0.5.
+
+    Drawn only for an image that has a crop version, right after its random aspect crop (if any) and
+    before its flip: without a random crop it is the FIRST draw of ``item_rng(seed, epoch, index)``, so
+    token batching replays it before loading (:func:`replay_mixed_choice`) to know each image's size in
+    each epoch. Images without a crop version draw nothing more than under "flexible".
+    """
+    return bool(rng.random() < 0.5)
+
+
+def replay_mixed_choice(seed: int, epoch: int, index: int) -> bool:
+    """The :func:`mixed_choice` that item ``index`` (with a crop version, no random crop) draws in ``epoch``."""
+    return mixed_choice(item_rng(seed, epoch, index))
+
+
 @dataclass(frozen=True)
 class ImageTransform:
-    """Optional random-aspect crop, FiT budget resize (bicubic, no crop), optional horizontal flip.
+    """Optional random-aspect crop, FiT budget resize or FiTv2 centre crop, optional horizontal flip.
 
     token_budget: the most tokens an image may have; patch_px: pixels per token side
     (autoencoder factor x patch size: 16 for SD-VAE with patch 2, the patch size in pixel space).
+    preprocess: "flexible" resizes to the budget (FiT, no crop); "mixed" (FiTv2) gives an image whose
+    both sides exceed the square side its resize or its centre crop (:func:`center_crop_to_square`),
+    50/50 per sample (:func:`mixed_choice`); smaller images are resized as under "flexible".
     random_crop: for square-only sets (e.g. Imagenette's centre crops), crop to a log-uniform aspect
     ratio in ``crop_ratio_range`` first, so the model sees non-square images.
     hflip: flip with probability 0.5. Leave it off when building a latent cache: the cache stores both
@@ -117,23 +149,41 @@ class ImageTransform:
     crop_ratio_range: tuple[float, float] = (1 / 3, 3.0)
     crop_min_area: float = 0.25
     hflip: bool = False
+    preprocess: str = "flexible"
 
     def __post_init__(self) -> None:
         check_budget(self.token_budget, self.patch_px)
+        check_preprocess(self.preprocess)
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> Tensor:
-        if self.random_crop:
-            img = random_aspect_crop(img, rng, self.crop_ratio_range, self.crop_min_area)
-        img = resize_to_token_budget(img, self.token_budget, self.patch_px)
-        x = to_tensor_image(img)  # (3, H, W)
+        img, crop = self._draw(img, rng)
+        x = self._crop(img) if crop else self._resize(img)  # (3, H, W)
         if self.hflip and rng.random() < 0.5:
             x = x.flip(-1)
         return x
 
+    def versions(self, img: Image.Image, rng: np.random.Generator) -> tuple[Tensor, Optional[Tensor]]:
+        """(resize version (3, H, W), centre-crop version (3, S, S) or None), unflipped: what a latent
+        cache stores. The random aspect crop (if any) is the one ``__call__`` draws from the same ``rng``."""
+        if self.random_crop:
+            img = random_aspect_crop(img, rng, self.crop_ratio_range, self.crop_min_area)
+        return self._resize(img), (self._crop(img) if self._has_crop(img) else None)
 
-def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """The random stream of one item in one epoch (independent of worker and order)."""
-    return np.random.default_rng([seed, epoch, index])
+    def _draw(self, img: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, bool]:
+        """The item's draws before resizing: the random aspect crop, then the mixed choice (only for an
+        image with a crop version). Returns the (cropped) image and whether to use its crop version."""
+        if self.random_crop:
+            img = random_aspect_crop(img, rng, self.crop_ratio_range, self.crop_min_area)
+        return img, self._has_crop(img) and mixed_choice(rng)
+
+    def _has_crop(self, img: Image.Image) -> bool:
+        return self.preprocess == "mixed" and has_crop_version(img.width, img.height, self.token_budget, self.patch_px)
+
+    def _resize(self, img: Image.Image) -> Tensor:
+        return to_tensor_image(resize_to_token_budget(img, self.token_budget, self.patch_px))
+
+    def _crop(self, img: Image.Image) -> Tensor:
+        return to_tensor_image(center_crop_to_square(img, self.token_budget, self.patch_px))
 
 
 class _EpochDataset(torch.utils.data.Dataset):
@@ -159,8 +209,26 @@ class _EpochDataset(torch.utils.data.Dataset):
     def hflip(self) -> bool:
         return self.transform.hflip
 
-    def get(self, index: int, epoch: int = 0) -> DataItem:
+    @property
+    def preprocess(self) -> str:
+        return self.transform.preprocess
+
+    def _load(self, index: int) -> tuple[Image.Image, int]:
+        """(RGB image, label) of item ``index`` (already checked), before the transform."""
         raise NotImplementedError
+
+    def get(self, index: int, epoch: int = 0) -> DataItem:
+        index = self._check_index(index)
+        img, label = self._load(index)
+        return DataItem(x=self.transform(img, item_rng(self.seed, epoch, index)), label=label)  # x: (3, H, W)
+
+    def versions(self, index: int) -> tuple[DataItem, Optional[Tensor]]:
+        """Item ``index`` as a latent cache stores it: (its resize version, its centre-crop version (3, S, S)
+        or None), unflipped, with the random aspect crop (if any) of epoch 0."""
+        index = self._check_index(index)
+        img, label = self._load(index)
+        resized, crop = self.transform.versions(img, item_rng(self.seed, 0, index))
+        return DataItem(x=resized, label=label), crop
 
     def _check_index(self, index: int) -> int:
         n = len(self)
@@ -212,11 +280,9 @@ class ImageFolderDataset(_EpochDataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def get(self, index: int, epoch: int = 0) -> DataItem:
-        index = self._check_index(index)
+    def _load(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
-        x = self.transform(load_rgb(path), item_rng(self.seed, epoch, index))  # (3, H, W)
-        return DataItem(x=x, label=label)
+        return load_rgb(path), label
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -266,10 +332,8 @@ class ImageListDataset(_EpochDataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def get(self, index: int, epoch: int = 0) -> DataItem:
-        index = self._check_index(index)
-        img = Image.fromarray(self.images[index])
-        return DataItem(x=self.transform(img, item_rng(self.seed, epoch, index)), label=self.labels[index])
+    def _load(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.images[index]), self.labels[index]
 
 
 class SyntheticDataset(_EpochDataset):
@@ -287,6 +351,7 @@ class SyntheticDataset(_EpochDataset):
         seed: int = 0,
         sizes: SyntheticSizes = SyntheticSizes(),
         hflip: bool = False,
+        preprocess: str = "flexible",
     ):
         check_num_classes(num_classes)
         if num_images < 1:
@@ -295,8 +360,12 @@ class SyntheticDataset(_EpochDataset):
         self.num_classes = num_classes
         self.seed = seed
         self.sizes = sizes
-        # The transform only flips here: images are drawn at their final size (no crop, no resize).
-        self.transform = ImageTransform(token_budget=sizes.token_budget, patch_px=sizes.patch_px, hflip=hflip)
+        # The transform only flips here: images are drawn at their final size (no crop, no resize). A size
+        # within the budget never has both sides above the square side, so "mixed" changes no image; it is
+        # kept so a cache built from this set records the run's preprocessing.
+        self.transform = ImageTransform(
+            token_budget=sizes.token_budget, patch_px=sizes.patch_px, hflip=hflip, preprocess=preprocess
+        )
 
     def __len__(self) -> int:
         return self.num_images
@@ -312,4 +381,9 @@ class SyntheticDataset(_EpochDataset):
         if self.hflip and item_rng(self.seed, epoch, self._check_index(index)).random() < 0.5:
             x = x.flip(-1)
         return DataItem(x=x, label=label)
+
+    def versions(self, index: int) -> tuple[DataItem, Optional[Tensor]]:
+        """(the unflipped item, None): drawn within the budget, no image here has a centre-crop version."""
+        arr, label = self.image(index)
+        return DataItem(x=to_tensor_image(arr), label=label), None
 

@@ -6,7 +6,11 @@ multiplied by its scale (as FiT stores them), and back. ``IdentityAutoencoder`` 
 C = 4, f = 8, scale 0.18215) loaded from a local folder only.
 
 The cache follows FiT's released training data (reference/fit.md section 2.4): one latent per image and
-one of its horizontally flipped copy, the loader picking one with p = 0.5. Shards are safetensors
+one of its horizontally flipped copy, the loader picking one with p = 0.5. A cache built with FiTv2's
+"mixed" preprocessing also holds, for each image whose both sides exceed the square side, the latents
+of its centre-crop version and of that version's mirror image; a "mixed" run picks the resize or the
+crop with p = 0.5 per sample (FiT's ``random: 'random'``), a "flexible" run always the resize (FiT's
+``random: 'resize'``), so one mixed cache serves both. Shards are safetensors
 files written atomically (temporary file, then rename); ``manifest.json`` is written last, so a cache
 without a manifest is an unfinished one.
 """
@@ -22,7 +26,8 @@ from typing import Optional, Protocol, Sequence, Union
 import torch
 from torch import Tensor
 
-from maskfit.data.datasets import DataItem, item_rng
+from maskfit.data.datasets import DataItem, item_rng, mixed_choice
+from maskfit.data.resize import check_preprocess
 
 SD_VAE_REPO = "stabilityai/sd-vae-ft-ema"
 SD_VAE_SCALE = 0.18215
@@ -193,7 +198,10 @@ def build_latent_cache(
     Items are read as ``dataset[i]`` (epoch 0: a random crop is drawn once and kept). The dataset must
     not flip on its own (``hflip=False``): the cache stores both orientations. Shard ``k`` holds items
     ``k*shard_size ...`` as ``latent.<i>`` / ``latent_flip.<i>`` (C, h, w) plus ``index``, ``label``
-    and ``size`` (pixel H, W) tensors. Returns the manifest path.
+    and ``size`` (pixel H, W) tensors. With ``dataset.preprocess == "mixed"`` items are read with
+    ``dataset.versions(i)`` instead, and an item with a centre-crop version also gets
+    ``latent_crop.<i>`` / ``latent_crop_flip.<i>``, with a ``crop_size`` tensor (pixel H, W; 0, 0 for
+    items without one). Returns the manifest path.
     """
     from safetensors.torch import save_file
     from tqdm import tqdm
@@ -208,6 +216,9 @@ def build_latent_cache(
     n = len(dataset)
     if n == 0:
         raise ValueError("the dataset is empty; there is nothing to cache")
+    preprocess = getattr(dataset, "preprocess", "flexible")
+    check_preprocess(preprocess)
+    mixed = preprocess == "mixed"
     token_budget = getattr(dataset, "token_budget", None)
     patch_px = getattr(dataset, "patch_px", None)
     if patch_px is not None and patch_px % autoencoder.factor:
@@ -226,23 +237,29 @@ def build_latent_cache(
         manifest_path.unlink()  # overwrite: the cache is invalid until the new manifest lands
 
     shards = []
+    num_crops = 0
     bar = tqdm(total=n, desc="encoding latents", unit="img", disable=not progress)
     for shard_id, start in enumerate(range(0, n, shard_size)):
         stop = min(n, start + shard_size)
-        items: list[DataItem] = [dataset[i] for i in range(start, stop)]
+        if mixed:
+            pairs = [dataset.versions(i) for i in range(start, stop)]  # (resize DataItem, crop (3, S, S) or None)
+            items: list[DataItem] = [item for item, _ in pairs]
+            crops = {i: crop for i, (_, crop) in zip(range(start, stop), pairs) if crop is not None}
+        else:
+            items, crops = [dataset[i] for i in range(start, stop)], {}
         images = [item.x for item in items]
-        latents = encode_by_size(autoencoder, images, batch_size)
         tensors: dict[str, Tensor] = {
             "index": torch.arange(start, stop, dtype=torch.long),
             "label": torch.tensor([item.label for item in items], dtype=torch.long),
             "size": torch.tensor([list(x.shape[-2:]) for x in images], dtype=torch.long),  # (n, 2) pixel H, W
         }
-        for i, z in zip(range(start, stop), latents):
-            tensors[f"latent.{i}"] = z.to(dtype).contiguous()
-        if flips:
-            flipped = encode_by_size(autoencoder, [x.flip(-1) for x in images], batch_size)
-            for i, z in zip(range(start, stop), flipped):
-                tensors[f"latent_flip.{i}"] = z.to(dtype).contiguous()
+        _encode_into(tensors, "latent", range(start, stop), images, autoencoder, batch_size, flips, dtype)
+        if mixed:
+            tensors["crop_size"] = torch.tensor(  # (n, 2) pixel H, W of the crop version, (0, 0) for none
+                [list(crops[i].shape[-2:]) if i in crops else [0, 0] for i in range(start, stop)], dtype=torch.long
+            )
+            _encode_into(tensors, "latent_crop", crops.keys(), crops.values(), autoencoder, batch_size, flips, dtype)
+            num_crops += len(crops)
         name = f"shard_{shard_id:05d}.safetensors"
         _atomic(cache_dir / name, lambda tmp: save_file(tensors, str(tmp)))
         shards.append({"file": name, "start": start, "count": stop - start})
@@ -260,11 +277,23 @@ def build_latent_cache(
         "patch": None if patch_px is None else patch_px // autoencoder.factor,  # token side in latent pixels
         "count": n,
         "flips": flips,
+        "preprocess": preprocess,  # "mixed": crop versions are stored (absent in caches from before the field)
+        "crops": num_crops,  # items with a centre-crop version
         "dtype": str(dtype).removeprefix("torch."),
         "shards": shards,
     }
     _atomic(manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
     return manifest_path
+
+
+def _encode_into(tensors, prefix, indices, images, autoencoder, batch_size, flips, dtype) -> None:
+    """Encode images (3, H_i, W_i) of items ``indices`` as ``<prefix>.<i>`` (and ``<prefix>_flip.<i>``)."""
+    indices, images = list(indices), list(images)
+    for i, z in zip(indices, encode_by_size(autoencoder, images, batch_size)):
+        tensors[f"{prefix}.{i}"] = z.to(dtype).contiguous()  # (C, H_i/f, W_i/f)
+    if flips:
+        for i, z in zip(indices, encode_by_size(autoencoder, [x.flip(-1) for x in images], batch_size)):
+            tensors[f"{prefix}_flip.{i}"] = z.to(dtype).contiguous()
 
 
 def _atomic(path: Path, write) -> None:
@@ -283,11 +312,17 @@ class LatentCacheDataset(torch.utils.data.Dataset):
 
     With ``train=True`` and a cache holding flips, each item is the original or the flipped latent with
     p = 0.5, drawn from (seed, epoch, index) like the image datasets; otherwise always the original.
+    With ``train=True`` and ``preprocess="mixed"`` (a cache built with "mixed"), an item with a
+    centre-crop version first picks the resize or the crop with p = 0.5 (:func:`mixed_choice`, the
+    first draw of its stream, as the image datasets draw it); otherwise it is always the resize.
     """
 
-    def __init__(self, cache_dir: Union[str, Path], train: bool = True, seed: int = 0):
+    def __init__(
+        self, cache_dir: Union[str, Path], train: bool = True, seed: int = 0, preprocess: str = "flexible"
+    ):
         from safetensors import safe_open
 
+        check_preprocess(preprocess)
         self.cache_dir = Path(cache_dir)
         manifest_path = self.cache_dir / MANIFEST
         if not manifest_path.is_file():
@@ -301,10 +336,19 @@ class LatentCacheDataset(torch.utils.data.Dataset):
                 f"cache {self.cache_dir} has format {self.manifest.get('format')}, this code reads format "
                 f"{CACHE_FORMAT}; rebuild the cache"
             )
+        built_with = self.manifest.get("preprocess", "flexible")  # caches from before the field: flexible
+        if preprocess == "mixed" and built_with != "mixed":
+            raise ValueError(
+                f"cache {self.cache_dir} was built with preprocess={built_with!r}: it holds no centre-crop versions "
+                f"for data.preprocess='mixed' to pick from; rebuild it with `maskfit prepare CONFIG --set "
+                f"data.preprocess=mixed --out {self.cache_dir} --overwrite` (a mixed cache also serves "
+                f"'flexible' runs), or set data.preprocess='flexible'"
+            )
         self.train = train
         self.seed = seed
+        self.preprocess = preprocess
         self._starts = [s["start"] for s in self.manifest["shards"]]
-        labels, sizes = [], []
+        labels, sizes, crop_sizes = [], [], []
         for shard in self.manifest["shards"]:
             path = self.cache_dir / shard["file"]
             if not path.is_file():
@@ -312,8 +356,12 @@ class LatentCacheDataset(torch.utils.data.Dataset):
             with safe_open(str(path), framework="pt") as f:
                 labels.append(f.get_tensor("label"))
                 sizes.append(f.get_tensor("size"))
+                if built_with == "mixed":
+                    crop_sizes.append(f.get_tensor("crop_size"))
         self.labels = torch.cat(labels)  # (N,) int64
-        self.sizes = torch.cat(sizes)  # (N, 2) pixel (H, W) of each image
+        self.sizes = torch.cat(sizes)  # (N, 2) pixel (H, W) of each image's resize version
+        # (N, 2) pixel (H, W) of each image's centre-crop version, (0, 0) where it has none
+        self.crop_sizes = torch.cat(crop_sizes) if crop_sizes else torch.zeros_like(self.sizes)
         self._handles: dict[int, object] = {}  # open shard files, per process (dropped when pickled)
 
     # Properties the loader and the cache writer read.
@@ -328,6 +376,15 @@ class LatentCacheDataset(torch.utils.data.Dataset):
     @property
     def hflip(self) -> bool:
         return self.train and bool(self.manifest["flips"])
+
+    @property
+    def mixed(self) -> bool:
+        """Whether items pick between their resize and centre-crop versions (training with "mixed")."""
+        return self.train and self.preprocess == "mixed"
+
+    def has_crop(self, index: int) -> bool:
+        """Whether item ``index`` has a centre-crop version in this cache."""
+        return bool(self.crop_sizes[index, 0] > 0)
 
     def __len__(self) -> int:
         return int(self.manifest["count"])
@@ -345,22 +402,32 @@ class LatentCacheDataset(torch.utils.data.Dataset):
             self._handles[shard] = safe_open(str(path), framework="pt")
         return self._handles[shard]
 
-    def latent(self, index: int, flipped: bool = False) -> Tensor:
-        """(C, h, w) float32 stored latent of item ``index`` (of its mirror image with ``flipped``)."""
+    def latent(self, index: int, flipped: bool = False, crop: bool = False) -> Tensor:
+        """(C, h, w) float32 stored latent of item ``index``: of its mirror image with ``flipped``, of its
+        centre-crop version with ``crop``."""
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} is out of range for a cache of {n} items")
         index %= n
         if flipped and not self.manifest["flips"]:
             raise ValueError(f"cache {self.cache_dir} was built with flips=False; it holds no flipped latents")
+        if crop and not self.has_crop(index):
+            raise ValueError(
+                f"item {index} of cache {self.cache_dir} has no centre-crop version (only images with both sides "
+                f"above the square side get one, in caches built with preprocess='mixed'); read its resize version"
+            )
         shard = bisect.bisect_right(self._starts, index) - 1
-        return self._handle(shard).get_tensor(f"latent_flip.{index}" if flipped else f"latent.{index}").float()
+        key = ("latent_crop" if crop else "latent") + ("_flip" if flipped else "")
+        return self._handle(shard).get_tensor(f"{key}.{index}").float()
 
     def get(self, index: int, epoch: int = 0) -> DataItem:
         n = len(self)
         index = index % n if -n <= index < n else index  # out of range: latent() names it
-        flip = self.hflip and item_rng(self.seed, epoch, index).random() < 0.5
-        return DataItem(x=self.latent(index, flip), label=int(self.labels[index]))
+        rng = item_rng(self.seed, epoch, index)
+        # The same draws in the same order as ImageTransform: the mixed choice, then the flip.
+        crop = self.mixed and 0 <= index < n and self.has_crop(index) and mixed_choice(rng)
+        flip = self.hflip and rng.random() < 0.5
+        return DataItem(x=self.latent(index, flip, crop), label=int(self.labels[index]))
 
     def __getitem__(self, index: int) -> DataItem:
         return self.get(index, epoch=0)

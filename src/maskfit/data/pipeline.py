@@ -59,21 +59,24 @@ def build_dataset(data: DataConfig, patch_size: int, seed: int, train: bool = Tr
 
         if not data.root:
             raise ValueError("data.source='latents' needs data.root, a cache folder made by `maskfit prepare`")
-        return LatentCacheDataset(data.root, train=train, seed=seed)
+        return LatentCacheDataset(data.root, train=train, seed=seed, preprocess=data.preprocess)
     if data.autoencoder != "identity":
         raise ValueError(
             f"data.source={data.source!r} with autoencoder {data.autoencoder!r}: encode the images once with "
             "`maskfit prepare CONFIG` and train on the cache (data.source='latents', data.root=<cache>), or "
             "train in pixel space (data.autoencoder='identity')"
         )
+    preprocess = data.preprocess if train else "flexible"  # like flips, the random crop version is for training
     if data.source == "synthetic":
         sizes = SyntheticSizes(token_budget=data.token_budget, patch_px=patch_px)
-        return SyntheticDataset(data.num_images, data.num_classes, seed=seed, sizes=sizes, hflip=data.hflip and train)
+        return SyntheticDataset(
+            data.num_images, data.num_classes, seed=seed, sizes=sizes, hflip=data.hflip and train, preprocess=preprocess
+        )
     if not data.root:
         raise ValueError("data.source='folder' needs data.root, an image folder in ImageNet layout")
     transform = ImageTransform(
         token_budget=data.token_budget, patch_px=patch_px, random_crop=data.random_aspect_crop,
-        hflip=data.hflip and train,
+        hflip=data.hflip and train, preprocess=preprocess,
     )
     return ImageFolderDataset(data.root, transform=transform, seed=seed)
 
@@ -134,46 +137,72 @@ def mask_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
 
 class TokenGrids:
-    """(h, w) token grid of every item of a dataset, each read on first use and then cached.
+    """(h, w) token grid of every item of a dataset in every epoch, each read on first use and then cached.
 
     Reading on first use spreads the cost of a large image folder (one header read per file) over the
     first epoch instead of stalling the start of training.
+
+    ``read(i)`` gives (item i's grid, its centre-crop grid or None). Under FiTv2's "mixed" preprocessing
+    an image with both sides above the square side is loaded as one of two versions, picked per (epoch,
+    item) by ``use_crop(epoch, i)``, which replays the dataset's own draw
+    (:func:`maskfit.data.datasets.replay_mixed_choice`); without ``use_crop`` the crop is never used.
+    ``at(i, epoch)`` is the grid loaded in that epoch; ``grids[i]`` is epoch 0's, as ``dataset[i]`` is
+    ``dataset.get(i, epoch=0)``.
     """
 
-    def __init__(self, num_items: int, read: Callable[[int], tuple[int, int]]):
+    def __init__(
+        self,
+        num_items: int,
+        read: Callable[[int], tuple[tuple[int, int], Optional[tuple[int, int]]]],
+        use_crop: Optional[Callable[[int, int], bool]] = None,
+    ):
         if num_items < 1:
             raise ValueError(f"the dataset has {num_items} items; token batching needs at least one image")
         self._read = read
-        self._grids: list[Optional[tuple[int, int]]] = [None] * num_items
+        self._use_crop = use_crop
+        # (resize grid, crop grid or None) per item, None until read
+        self._grids: list[Optional[tuple[tuple[int, int], Optional[tuple[int, int]]]]] = [None] * num_items
 
     def __len__(self) -> int:
         return len(self._grids)
 
     def __getitem__(self, index: int) -> tuple[int, int]:
-        grid = self._grids[index]
-        if grid is None:
-            h, w = self._read(index)
-            grid = self._grids[index] = (int(h), int(w))
-        return grid
+        return self.at(index, 0)
+
+    def at(self, index: int, epoch: int) -> tuple[int, int]:
+        """(h, w) of item ``index`` as loaded in ``epoch``."""
+        grids = self._grids[index]
+        if grids is None:
+            (h, w), crop = self._read(index)
+            grids = self._grids[index] = ((int(h), int(w)), None if crop is None else (int(crop[0]), int(crop[1])))
+        resized, crop = grids
+        if crop is not None and self._use_crop is not None and self._use_crop(epoch, index):
+            return crop
+        return resized
 
 
 def token_grids(dataset, patch: int) -> TokenGrids:
-    """Each item's token grid, without decoding images where the dataset allows.
+    """Each item's token grid in each epoch, without decoding images where the dataset allows.
 
     - :class:`SyntheticDataset`: the size is the first draw of the item's (seed, index) stream;
-    - :class:`LatentCacheDataset`: the cache's ``sizes``;
+    - :class:`LatentCacheDataset`: the cache's ``sizes`` (and ``crop_sizes`` under "mixed");
     - :class:`ImageFolderDataset`: PIL reads the file header only, then FiT's budget rule
-      (:func:`fit_to_token_budget`), exactly what loading does;
-    - :class:`ImageListDataset`: the array shapes, then the budget rule;
+      (:func:`fit_to_token_budget`) and, under "mixed", whether the image has a centre-crop version
+      (:func:`has_crop_version`), exactly what loading does;
+    - :class:`ImageListDataset`: the array shapes, then the same rules;
     - any other dataset: each item is loaded once (``dataset[i]``) and its grid kept.
+
+    Under FiTv2's "mixed" preprocessing an image with a crop version has the square grid in the epochs
+    whose replayed choice picks the crop (the sampler reads :meth:`TokenGrids.at` per epoch), so the
+    sampler packs exactly what will be loaded.
 
     A dataset with random crops changes its sizes every epoch: that is an error here, since the
     sampler packs by the sizes read before loading. ``TrainingData`` checks every loaded batch against
     these grids, so a dataset whose sizes drift anyway fails loudly.
     """
-    from maskfit.data.datasets import ImageFolderDataset, ImageListDataset, SyntheticDataset
+    from maskfit.data.datasets import ImageFolderDataset, ImageListDataset, SyntheticDataset, replay_mixed_choice
     from maskfit.data.latents import LatentCacheDataset
-    from maskfit.data.resize import fit_to_token_budget
+    from maskfit.data.resize import fit_to_token_budget, has_crop_version, square_side
 
     n = len(dataset)
     transform = getattr(dataset, "transform", None)
@@ -183,32 +212,46 @@ def token_grids(dataset, patch: int) -> TokenGrids:
             "and cannot be packed ahead of loading; turn the random aspect crop off (data.random_aspect_crop"
             "=false) or use data.batching='images'"
         )
+
+    def use_crop(epoch: int, i: int) -> bool:
+        # Without a random aspect crop the mixed choice is the first draw of the item's stream.
+        return replay_mixed_choice(dataset.seed, epoch, i)
+
     if isinstance(dataset, SyntheticDataset):
         p = dataset.sizes.patch_px
 
-        def read(i: int) -> tuple[int, int]:
-            # synthetic_sample's first draw from default_rng([seed, index]) is the size.
+        def read(i: int):
+            # synthetic_sample's first draw from default_rng([seed, index]) is the size (within the budget,
+            # so never with a crop version).
             w, h = dataset.sizes.draw(np.random.default_rng([dataset.seed, i]))
-            return h // p, w // p
+            return (h // p, w // p), None
 
         return TokenGrids(n, read)
     if isinstance(dataset, LatentCacheDataset):
-        sizes = dataset.sizes  # (N, 2) pixel (H, W)
+        sizes, crop_sizes = dataset.sizes, dataset.crop_sizes  # (N, 2) pixel (H, W); crop (0, 0) where none
         p = dataset.patch_px
-        return TokenGrids(n, lambda i: (int(sizes[i, 0]) // p, int(sizes[i, 1]) // p))
+
+        def read_cache(i: int):
+            crop = (int(crop_sizes[i, 0]) // p, int(crop_sizes[i, 1]) // p) if dataset.has_crop(i) else None
+            return (int(sizes[i, 0]) // p, int(sizes[i, 1]) // p), crop
+
+        return TokenGrids(n, read_cache, use_crop if dataset.mixed else None)
     if isinstance(dataset, (ImageFolderDataset, ImageListDataset)):
         budget, p = dataset.token_budget, dataset.patch_px
+        mixed = dataset.preprocess == "mixed"
+        side = square_side(budget, p) // p
 
-        def read(i: int) -> tuple[int, int]:
-            w, h = _image_size(dataset, i)
-            w, h = fit_to_token_budget(w, h, budget, p)
-            return h // p, w // p
+        def read_image(i: int):
+            w0, h0 = _image_size(dataset, i)
+            w, h = fit_to_token_budget(w0, h0, budget, p)
+            crop = (side, side) if mixed and has_crop_version(w0, h0, budget, p) else None
+            return (h // p, w // p), crop
 
-        return TokenGrids(n, read)
+        return TokenGrids(n, read_image, use_crop if mixed else None)
 
-    def load(i: int) -> tuple[int, int]:
+    def load(i: int):
         x = dataset[i].x  # (C, H, W)
-        return x.shape[1] // patch, x.shape[2] // patch
+        return (x.shape[1] // patch, x.shape[2] // patch), None
 
     return TokenGrids(n, load)
 
@@ -308,9 +351,16 @@ class TokenBudgetSampler:
             self._order_cache = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.grids)))
         return self._order_cache[1]
 
+    def grid(self, index: int) -> tuple[int, int]:
+        """(h, w) of image ``index`` in the current epoch: under FiTv2's "mixed" preprocessing an image's
+        version (resize or centre crop), and so its grid, is drawn per epoch (:meth:`TokenGrids.at`)."""
+        if isinstance(self.grids, TokenGrids):
+            return self.grids.at(index, self.epoch)
+        return self.grids[index]
+
     def count(self, index: int, step: int) -> int:
         """Backbone tokens of image ``index`` at ``step`` in the current epoch."""
-        h, w = self.grids[index]
+        h, w = self.grid(index)
         n = h * w
         if self.mask is None:
             kept = n
@@ -356,7 +406,7 @@ class TokenBudgetSampler:
         for i in chosen:
             self._counts.pop(i, None)
         self.step += 1
-        return BinPlan(self.epoch, step, tuple(chosen), tuple(self.grids[i] for i in chosen), tuple(counts))
+        return BinPlan(self.epoch, step, tuple(chosen), tuple(self.grid(i) for i in chosen), tuple(counts))
 
     def _refill(self, order: np.ndarray) -> None:
         while len(self.pending) < self.buffer_size and self.cursor < len(order):

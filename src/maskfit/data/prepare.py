@@ -2,7 +2,9 @@
 
 FiT trains on pre-encoded latents (its encoding script is unreleased; reference/fit.md §2.4). We encode
 each image after the token-budget resize (and the optional random-aspect crop, drawn once), with the
-SD-VAE's posterior mean, and store the latent of the image and of its mirror image, like FiT. Train on
+SD-VAE's posterior mean, and store the latent of the image and of its mirror image, like FiT. With
+``data.preprocess="mixed"`` an image with both sides above the square side also gets its centre-crop
+version (and its mirror image), FiTv2's "Mixed" data; such a cache serves "flexible" runs too. Train on
 the cache with ``data.source="latents"`` and ``data.root=CACHE``.
 """
 from __future__ import annotations

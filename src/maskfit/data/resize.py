@@ -1,4 +1,4 @@
-"""FiT's no-crop resize rule (generalised to any token budget), bicubic resizing and random aspect crops.
+"""FiT's no-crop resize rule (generalised to any token budget), FiTv2's centre-crop version, random aspect crops.
 
 FiT (``fit/data/in1k_dataset.py:resize_arr``, reference/fit.md section 2.4) resizes every image to fit a
 token budget instead of cropping it to a square:
@@ -12,6 +12,12 @@ Here the budget is given in tokens (S^2 = token_budget * patch_px^2), where ``pa
 size of one token in pixels: autoencoder factor x patch size (16 for SD-VAE latents with patch 2; just
 the patch size in pixel space).
 
+FiTv2's "Mixed" preprocessing (FiTv2 paper section IV-C, Algorithm 1; reference/fit.md section 2.4) keeps,
+for an image whose both sides exceed the square side S = isqrt(token_budget) * patch_px (256 px for 256
+tokens of 16 px), a second version next to the resize: the image resized so its short side is S, then
+centre-cropped to S x S (:func:`center_crop_to_square`). Training picks one of the two at random per
+sample; "flexible" (FiT v1) always takes the resize. :data:`PREPROCESS_MODES` names the two.
+
 Two corner cases where FiT's code breaks and this one differs, both documented on the function:
 an extreme aspect ratio that would floor a side to zero pixels, and a tiny image whose *longer* side
 is under one patch (FiT raises the wrong side first there).
@@ -23,6 +29,10 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image
+
+# "flexible": resize to the budget only (FiT, and FiTv2 Tab. II's "Flexible" rows); "mixed": images with
+# both sides above the square side also get a centre-crop version, one of the two picked at random (FiTv2).
+PREPROCESS_MODES = ("flexible", "mixed")
 
 
 def check_budget(token_budget: int, patch_px: int) -> None:
@@ -80,6 +90,56 @@ def resize_to_token_budget(img: Image.Image, token_budget: int, patch_px: int) -
     if (new_w, new_h) == (img.width, img.height):
         return img
     return img.resize((new_w, new_h), resample=Image.BICUBIC)
+
+
+def check_preprocess(preprocess: str) -> None:
+    if preprocess not in PREPROCESS_MODES:
+        raise ValueError(
+            f"preprocess={preprocess!r} is not one of {PREPROCESS_MODES}: 'flexible' resizes every image to the "
+            f"token budget (FiT), 'mixed' also keeps a centre crop of large images (FiTv2)"
+        )
+
+
+def square_side(token_budget: int, patch_px: int) -> int:
+    """Side in pixels of the largest square token grid within the budget: isqrt(token_budget) * patch_px.
+
+    256 for FiT's 256 tokens of 16 px (FiT's S); a budget that is not a square number rounds down, so the
+    crop never exceeds the budget.
+    """
+    check_budget(token_budget, patch_px)
+    return math.isqrt(int(token_budget)) * int(patch_px)
+
+
+def has_crop_version(width: int, height: int, token_budget: int, patch_px: int) -> bool:
+    """Whether a ``width`` x ``height`` image gets a centre-crop version under "mixed": BOTH sides exceed
+    the square side (FiT's README: H > S and W > S; smaller images are only ever resized)."""
+    side = square_side(token_budget, patch_px)
+    return width > side and height > side
+
+
+def center_crop_to_square(img: Image.Image, token_budget: int, patch_px: int) -> Image.Image:
+    """FiTv2's crop version: bicubic resize so the short side is the square side S, then the centre S x S.
+
+    Only defined for images with :func:`has_crop_version` (a smaller image would be upscaled). The
+    offset is ``(side_len - S) // 2``, as ADM's ``center_crop_arr`` that FiT ships; unlike that function
+    we resize in one bicubic step (PIL's bicubic already low-passes when shrinking) instead of halving
+    with a box filter first. FiT's encoding script is unreleased, so which of the two it ran is unknown.
+    """
+    side = square_side(token_budget, patch_px)
+    if not has_crop_version(img.width, img.height, token_budget, patch_px):
+        raise ValueError(
+            f"image size {img.width}x{img.height} has no centre-crop version: both sides must exceed the square "
+            f"side {side} px (token_budget={token_budget}, patch_px={patch_px}); resize it with "
+            f"resize_to_token_budget instead"
+        )
+    # The short side becomes exactly S; the long side is rounded (it is >= S since long >= short).
+    if img.width <= img.height:
+        new_w, new_h = side, max(side, int(round(img.height * side / img.width)))
+    else:
+        new_w, new_h = max(side, int(round(img.width * side / img.height))), side
+    img = img.resize((new_w, new_h), resample=Image.BICUBIC)
+    x0, y0 = (new_w - side) // 2, (new_h - side) // 2
+    return img.crop((x0, y0, x0 + side, y0 + side))
 
 
 def random_aspect_crop(
