@@ -20,6 +20,7 @@ from torch import Tensor
 from maskfit import checkpoint as ckpt_io
 from maskfit.config import RunConfig, save_config, to_dict
 from maskfit.diffusion.guidance import drop_labels
+from maskfit.finetune import prepare_model
 from maskfit.models.transformer import FiT, ModelConfig, count_parameters, model_config
 from maskfit.tokens import TokenBatch
 
@@ -169,10 +170,12 @@ def train(
     data = build_training_data(cfg, run_patch_size(cfg))
     mcfg = resolved_model_config(cfg, data.channels)
     model = FiT(mcfg).to(device)
+    # [finetune]: base weights (fresh starts only), training RoPE, frozen weights; before the EMA copies the model.
+    trainable = prepare_model(model, cfg, resuming=resume and ckpt_io.latest_checkpoint(run_dir) is not None)
     ema = copy.deepcopy(model).requires_grad_(False)
     diffusion = build_diffusion(cfg)
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+        trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda",
     )
     generator = torch.Generator(device=device).manual_seed(tcfg.seed + 1)  # t, noise and label dropout
