@@ -217,7 +217,7 @@ def _token_config(source, root, preprocess="mixed"):
         "data": {"source": source, "root": str(root), "token_budget": BUDGET, "autoencoder": "identity",
                  "layout": "packed", "batching": "tokens", "tokens_per_step": 40, "preprocess": preprocess},
         "diffusion": {"objective": "flow"},
-        "train": {"steps": 10, "batch_size": 2, "device": "cpu", "seed": 3},
+        "train": {"steps": 10, "device": "cpu", "seed": 3},
     })
 
 

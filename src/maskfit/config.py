@@ -194,6 +194,34 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """A stage that starts from another run's weights (maskfit.finetune), e.g. FiTv2's high-resolution
+    post-training (FiTv2 §IV-D, §V-E). The defaults train from scratch with every weight."""
+
+    init_from: str = ""  # base run folder (its latest checkpoint) or checkpoint folder; "" = from scratch
+    init_weights: str = "ema"  # which of its weights: "ema" (the published HR stage starts from model_ema) | "model"
+    trainable: str = "all"  # "all" | "hr_subset": x_embedder, biases, adaLN modulations, final layer only
+    hr_subset_init: str = "reinit"  # hr_subset: "reinit" keeps a fresh init (released code) | "loaded" (paper)
+    rope: str = "none"  # RoPE scaling at training, per image from its own grid (a maskfit.models.rope method)
+    rope_base_grid: int = 16  # L0: the base model's training grid side, in tokens (16 for 256 tokens)
+
+    def __post_init__(self):
+        from maskfit.models.rope import EXTRAPOLATION_METHODS
+
+        _check_choice("finetune.init_weights", self.init_weights, ("ema", "model"))
+        _check_choice("finetune.trainable", self.trainable, ("all", "hr_subset"))
+        _check_choice("finetune.hr_subset_init", self.hr_subset_init, ("reinit", "loaded"))
+        _check_choice("finetune.rope", self.rope, EXTRAPOLATION_METHODS)
+        if self.rope_base_grid < 1:
+            raise ValueError(f"finetune.rope_base_grid={self.rope_base_grid}; it is a grid side in tokens (>= 1)")
+        if self.trainable == "hr_subset" and not self.init_from:
+            raise ValueError(
+                "finetune.trainable='hr_subset' trains ~14 % of the weights and freezes the rest, which must come "
+                "from a trained model: set finetune.init_from to the base run (or its checkpoint folder)"
+            )
+
+
+@dataclass
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
@@ -201,6 +229,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     mask: MaskSection = field(default_factory=MaskSection)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self):
         from maskfit.models.attention import ATTENTION_BACKENDS

@@ -124,6 +124,7 @@ def default_sampler(objective: str) -> tuple[str, int]:
 
 def run_sampling(args) -> dict:
     from maskfit.checkpoint import resolve_checkpoint
+    from maskfit.finetune import rope_train_grid
     from maskfit.train import build_diffusion, resolve_device
 
     device = resolve_device(args.device)
@@ -145,7 +146,7 @@ def run_sampling(args) -> dict:
         cfg_scale=args.cfg_scale,
         guidance_channels=args.guidance_channels,
         guidance_schedule=getattr(args, "cfg_schedule", "constant"),
-        rope=RopeExtrapolation(args.extrapolation, train_grid, attn_scale=args.attn_scale),
+        rope=RopeExtrapolation(args.extrapolation, rope_train_grid(run_cfg), attn_scale=args.attn_scale),
     )
     out = Path(args.out) if args.out else Path(args.checkpoint) / "samples"
     out.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,6 @@ from maskfit.models.rope import (
     attention_logit_scale,
     axis_frequencies,
     axis_scales,
-    training_grid,
     yarn_mscale,
 )
 from maskfit.sample import check_resolution, parse_resolution
@@ -261,6 +260,7 @@ def run_sweep(args) -> dict:
     from maskfit.data.pipeline import autoencoder_factor
     from maskfit.evaluate.cli import load_image_folder
     from maskfit.evaluate.report import evaluate_samples, network_id
+    from maskfit.finetune import rope_train_grid
     from maskfit.sampling_run import (
         default_sampler, load_autoencoder, load_sampling_model, record_settings, sample_resolution,
     )
@@ -288,7 +288,7 @@ def run_sweep(args) -> dict:
     p = model.cfg.patch_size
     multiple = factor * p
     budget = run_cfg.data.token_budget
-    train_grid = training_grid(budget)  # as `maskfit sample`: RoPE scales count from this square grid
+    train_grid = rope_train_grid(run_cfg)  # as `maskfit sample`: RoPE scales count from this square grid
     derived = not args.resolutions
     resolutions = derive_resolutions(budget, multiple) if derived else parse_resolutions(args.resolutions, budget, multiple)
 

@@ -24,6 +24,7 @@ from torch import Tensor
 from maskfit import checkpoint as ckpt_io
 from maskfit.config import RunConfig, save_config, to_dict
 from maskfit.diffusion.guidance import drop_labels
+from maskfit.finetune import prepare_model
 from maskfit.models.transformer import FiT, ModelConfig, count_parameters, model_config
 from maskfit.throughput import FlopModel, compile_stats, peak_tflops
 from maskfit.tokens import TokenBatch, TokenLayout
@@ -156,13 +157,16 @@ class TrainingRun:
     generator: torch.Generator  # t, noise and label dropout
 
 
-def build_training_run(cfg: RunConfig, data_channels: int, dynamic_stream: bool = False) -> TrainingRun:
+def build_training_run(
+    cfg: RunConfig, data_channels: int, dynamic_stream: bool = False, resuming: bool = False
+) -> TrainingRun:
     """Model, EMA, optimizer, diffusion and generator of a run (weights from ``train.seed``).
 
     dynamic_stream: the stream length changes between steps (image batching of packed or masked
     streams). Under ``train.compile`` the stream dimension of every input is then marked dynamic before
     the first call, so Dynamo compiles one graph for every length instead of specialising on the first
     one and recompiling at the second (token batching has one length and stays static).
+    resuming: a checkpoint will be loaded over the weights, so ``[finetune]`` loads no base weights.
     """
     tcfg = cfg.train
     device = resolve_device(tcfg.device)
@@ -170,9 +174,11 @@ def build_training_run(cfg: RunConfig, data_channels: int, dynamic_stream: bool 
     torch.manual_seed(tcfg.seed)
     mcfg = resolved_model_config(cfg, data_channels)
     model = FiT(mcfg).to(device)
+    # [finetune]: base weights (fresh starts only), training RoPE, frozen weights; before the EMA copies the model.
+    trainable = prepare_model(model, cfg, resuming=resuming)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+        trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda",
     )
     forward = model
@@ -298,7 +304,8 @@ def train(
 
     data = build_training_data(cfg, run_patch_size(cfg))
     dynamic = cfg.data.batching == "images" and (cfg.data.layout == "packed" or data.mask is not None)
-    run = build_training_run(cfg, data.channels, dynamic_stream=dynamic)
+    resuming = resume and ckpt_io.latest_checkpoint(run_dir) is not None
+    run = build_training_run(cfg, data.channels, dynamic_stream=dynamic, resuming=resuming)
     model, device = run.model, run.device
 
     step, images_seen = 0, 0

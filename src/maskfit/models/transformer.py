@@ -265,6 +265,11 @@ class _Stream:
 class FiT(nn.Module):
     """FiT / FiTv2 backbone on a token stream, with optional modules for masked training."""
 
+    # RoPE scaling used when forward() is given none (None: plain RoPE). The high-resolution stage sets
+    # per-image VisionNTK here (maskfit.finetune), so every training forward scales RoPE without the loop
+    # passing it; a RopeExtrapolation given to forward() (as samplers do) overrides it.
+    default_rope: Optional[RopeExtrapolation] = None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -362,6 +367,7 @@ class FiT(nn.Module):
                 f"{cfg.patch_size}^2 x {cfg.in_channels} = {cfg.token_dim}"
             )
         cond, global_mod = self.condition(t, y)  # (B, d), (B, 6d) or None
+        rope = rope if rope is not None else self.default_rope
         full = _Stream(layout, cfg.head_dim, rope, cfg.rope_theta, cfg.attention)
         if mask is not None and cfg.mask_design != "mixer":
             h = self.x_embedder(x[mask.index])  # (T_k, d): dropped tokens are never embedded
