@@ -95,3 +95,67 @@ def test_training_step_has_no_host_sync():
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def _real_path_config(tmp_path, objective: str, design: str, batching: str, compile: bool = False):
+    from maskfit.config import config_from_dict
+
+    preset = "FiT-tiny" if objective == "ddpm" else "FiTv2-tiny"
+    data = {"source": "synthetic", "num_images": 64, "num_classes": 4, "token_budget": 64, "autoencoder": "identity",
+            "layout": "packed", "batching": batching, "num_workers": 2}
+    train = {"out_dir": str(tmp_path / "run"), "steps": 100, "device": "cuda", "compile": compile, "log_every": 1000}
+    if batching == "tokens":
+        data.update(tokens_per_step=512, max_images_per_step=16)
+    else:
+        train["batch_size"] = 8
+    return config_from_dict({
+        "model": {"preset": preset, "attention": "varlen", "overrides": {"patch_size": 4, "num_classes": 4}},
+        "data": data, "diffusion": {"objective": objective},
+        "mask": {"keep_ratio": 0.5, "design": design, "decoder_hidden": 64, "decoder_heads": 1}, "train": train,
+    })
+
+
+@pytest.mark.parametrize("batching", ["images", "tokens"])
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+@pytest.mark.parametrize("design", ["plain", "decoder"])
+def test_the_real_masked_training_step_has_no_host_sync(tmp_path, design, objective, batching):
+    """What `maskfit train` runs per step (loader batch -> device -> train_step) never waits for the GPU."""
+    from maskfit.data.pipeline import build_training_data
+    from maskfit.train import build_training_run, run_patch_size, train_step
+
+    cfg = _real_path_config(tmp_path, objective, design, batching)
+    data = build_training_data(cfg, run_patch_size(cfg))
+    run = build_training_run(cfg, data.channels)
+    for step in range(2):  # warm-up: lazy initialisation may sync
+        train_step(run, data.next_batch(step).to(run.device), step)
+    torch.cuda.synchronize()
+    batches = [data.next_batch(step) for step in (2, 3)]  # host-side loader work, before the check
+    assert all(b.tokens.is_pinned() and b.mask.index.is_pinned() for b in batches)  # async copies
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step, batch in zip((2, 3), batches):
+            loss, _, _ = train_step(run, batch.to(run.device), step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)
+
+
+def test_compiled_image_batching_compiles_once_for_every_stream_length(tmp_path):
+    """Masked image batches change the stream length every step; marked dynamic, no step recompiles."""
+    from maskfit.data.pipeline import build_training_data
+    from maskfit.throughput import compile_stats
+    from maskfit.train import build_training_run, run_patch_size, train_step
+
+    torch._dynamo.reset()
+    cfg = _real_path_config(tmp_path, "flow", "plain", "images", compile=True)
+    data = build_training_data(cfg, run_patch_size(cfg))
+    run = build_training_run(cfg, data.channels, dynamic_stream=True)
+    lengths = set()
+    for step in range(8):
+        batch = data.next_batch(step)
+        lengths.add(batch.mask.layout.num_tokens)
+        train_step(run, batch.to(run.device), step)
+        if step == 0:
+            graphs_after_first = compile_stats()[0]
+    assert len(lengths) > 1  # the synthetic sizes vary, so the kept stream does too
+    assert compile_stats()[0] == graphs_after_first

@@ -260,6 +260,14 @@ def bench_sampling(
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", action="append", default=None, metavar="CONFIG",
+                   help="time the real `maskfit train` path of a run config (loader, masks, packing) beside the "
+                        "synthetic-layout step of the same model and mode (maskfit.bench_data); repeatable")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="--data: override a config value, as `maskfit train --set`")
+    p.add_argument("--write-random-cache", default=None, metavar="DIR",
+                   help="write a latent cache of random latents at ImageNet-like sizes (--num-images of them) "
+                        "to DIR and exit: the latent-cache path without autoencoder weights")
     p.add_argument("--sampling", action="store_true",
                    help="benchmark sampling instead of training: packed mixed resolutions vs one per batch")
     p.add_argument("--num-images", type=int, default=512, help="--sampling: images per layout")
@@ -295,6 +303,19 @@ def run_bench(args) -> int:
             with open(args.out, "a") as f:
                 f.write(line + "\n")
 
+    if args.write_random_cache:
+        from maskfit.bench_data import write_random_latent_cache
+
+        print(write_random_latent_cache(Path(args.write_random_cache), args.num_images))
+        return 0
+    if args.data:
+        from maskfit.bench_data import bench_config
+        from maskfit.config import load_config
+
+        for path in args.data:
+            for row in bench_config(load_config(path, args.set), Path(path).name, args.steps, args.warmup):
+                record(row)
+        return 0
     if args.sampling:
         for preset in args.models.split(","):
             for packed in (True, False):

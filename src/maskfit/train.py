@@ -258,15 +258,19 @@ class RateWindow:
 
     def __init__(self, flop_model: FlopModel):
         self.flop_model = flop_model
+        self.totals = {"images": 0, "tokens": 0, "flops": 0.0}  # over the whole call, never reset
         self.reset(time.perf_counter())
 
     def reset(self, now: float) -> None:
         self.t0, self.images, self.tokens, self.flops = now, 0, 0, 0.0
 
     def add(self, info) -> None:
+        flops = self.flop_model.step_flops(info.sums, info.masked)
         self.images += info.num_images
         self.tokens += info.sums.kept
-        self.flops += self.flop_model.step_flops(info.sums, info.masked)
+        self.flops += flops
+        for key, value in (("images", info.num_images), ("tokens", info.sums.kept), ("flops", flops)):
+            self.totals[key] += value
 
     def rates(self, now: float, peak: Optional[float]) -> dict[str, float]:
         dt = max(now - self.t0, 1e-9)
@@ -393,7 +397,7 @@ def _start_measure(device: torch.device, step: int, images_seen: int, window: Ra
     sync_device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    return {"t": time.perf_counter(), "step": step, "images": images_seen, "compile": compile_stats()[1]}
+    return {"t": time.perf_counter(), "step": step, "compile": compile_stats()[1], **window.totals}
 
 
 def _end_measure(device: torch.device, mark: dict, step: int, images_seen: int, window: RateWindow) -> dict:
@@ -402,8 +406,10 @@ def _end_measure(device: torch.device, mark: dict, step: int, images_seen: int, 
     sync_device(device)
     seconds = time.perf_counter() - mark["t"]
     steps = step - mark["step"]
+    images, tokens, flops = (window.totals[k] - mark[k] for k in ("images", "tokens", "flops"))
     return {
-        "steps": steps, "seconds": seconds, "images_per_s": (images_seen - mark["images"]) / max(seconds, 1e-9),
+        "steps": steps, "seconds": seconds, "images_per_s": images / max(seconds, 1e-9),
+        "tokens_per_s": tokens / max(seconds, 1e-9), "flops": flops,
         "compile_seconds_in_window": round(compile_stats()[1] - mark["compile"], 2),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
     }

@@ -1,0 +1,179 @@
+"""`maskfit bench --data CONFIG`: the real training path beside the synthetic-layout step, one command.
+
+Two rows per config, same model, same mode, same process:
+
+- ``synthetic``: the first few batches the run's loader builds (steps 0..K-1), moved to the GPU once,
+  then :func:`maskfit.train.train_step` cycled over them: the steady-state step with no loader, which
+  is what ``maskfit bench`` measures on its own workload.
+- ``real``: :func:`maskfit.train.train` itself (the loop ``maskfit train`` runs: workers building batches
+  and masks, pinned copies, logging), timed after ``warmup`` steps with the device synced at both ends.
+
+``real / synthetic`` is the share of the benchmarked speed that training actually gets; below 1 the
+difference is the loader, host work or recompilation (each row reports torch.compile's graphs and the
+compile seconds that fell inside its timed window).
+
+:func:`write_random_latent_cache` makes a latent cache of random latents shaped like ImageNet under
+FiT's pipeline (the sizes of :func:`maskfit.bench.imagenet_like_grids`), in the format ``maskfit
+prepare`` writes, so the latent-cache path can be timed where no autoencoder weights exist.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class DataBenchResult:
+    config: str
+    path: str  # "synthetic" | "real"
+    model: str
+    params_m: float
+    batching: str
+    keep_ratio: float
+    design: str
+    num_workers: int
+    steps: int
+    images_per_s: float
+    tokens_per_s: float  # backbone tokens (kept tokens when masked), padding excluded
+    mfu: Optional[float]
+    peak_mem_gib: Optional[float]
+    compile_graphs: int
+    compile_seconds: float  # compilation inside the timed window (real) / in total (synthetic, before timing)
+    real_over_synthetic: Optional[float] = None
+
+
+def bench_config(cfg, name: str, steps: int = 30, warmup: int = 10, distinct_batches: int = 4):
+    """(synthetic row, real row) for a run config; the real row's ratio is real / synthetic images/s."""
+    from maskfit.bench import sync_device, time_steps
+    from maskfit.data.pipeline import build_training_data
+    from maskfit.throughput import FlopModel, TokenSums, compile_stats, peak_tflops
+    from maskfit.train import build_training_run, count_parameters, run_patch_size, train, train_step
+
+    with tempfile.TemporaryDirectory(prefix="maskfit_bench_") as tmp:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, out_dir=str(Path(tmp) / "run"), log_every=10**9, ckpt_every=10**9,
+            steps=max(cfg.train.steps, warmup + steps + 1), max_images=None, max_seconds=None,
+        ))
+        common = dict(
+            config=name, model=cfg.model.preset, batching=cfg.data.batching,
+            keep_ratio=cfg.mask.keep_ratio, design=cfg.mask.design, num_workers=cfg.data.num_workers, steps=steps,
+        )
+
+        # --- synthetic: a few real batches, on the GPU once, cycled
+        torch._dynamo.reset()
+        data = build_training_data(cfg, run_patch_size(cfg))
+        dynamic = cfg.data.batching == "images" and (cfg.data.layout == "packed" or data.mask is not None)
+        run = build_training_run(cfg, data.channels, dynamic_stream=dynamic)
+        batches, infos = [], []
+        for s in range(distinct_batches):
+            batches.append(data.next_batch(s).to(run.device))
+            infos.append(data.last_info)
+        del data  # stops its workers
+        flop_model = FlopModel.of(run.mcfg)
+        counter = {"i": 0}
+
+        def step():
+            i = counter["i"]
+            counter["i"] += 1
+            loss, _, _ = train_step(run, batches[i % distinct_batches], i)
+            return loss
+
+        for _ in range(distinct_batches):  # compile every layout before timing
+            step()
+        sync_device(run.device)
+        graphs, compile_s = compile_stats()
+        counter["i"] = 0  # the timed window starts at batch 0, so its batches are known
+        elapsed, peak_mem, _ = time_steps(step, warmup, steps, run.device)
+        window = [infos[(warmup + k) % distinct_batches] for k in range(steps)]
+        sums = sum((info.sums for info in window), TokenSums())
+        flops = sum(flop_model.step_flops(info.sums, info.masked) for info in window)
+        peak = peak_tflops(run.device)
+        synthetic = DataBenchResult(
+            path="synthetic", params_m=round(count_parameters(run.model) / 1e6, 1),
+            images_per_s=round(sums.images / elapsed, 1), tokens_per_s=round(sums.kept / elapsed, 1),
+            mfu=None if peak is None else round(flops / elapsed / 1e12 / peak, 3),
+            peak_mem_gib=None if peak_mem != peak_mem else peak_mem,
+            compile_graphs=graphs, compile_seconds=round(compile_s, 2), **common,
+        )
+        del run, batches
+        _free_memory()
+
+        # --- real: the training loop itself
+        torch._dynamo.reset()
+        result = train(cfg, resume=False, progress=False, stop_after=warmup + steps, measure_after=warmup)
+        m = result.measured
+        real = DataBenchResult(
+            path="real", params_m=round(result.num_params / 1e6, 1), images_per_s=round(m["images_per_s"], 1),
+            tokens_per_s=round(m["tokens_per_s"], 1),
+            mfu=None if peak is None else round(m["flops"] / m["seconds"] / 1e12 / peak, 3),
+            peak_mem_gib=m["peak_mem_gib"], compile_graphs=result.compile_graphs,
+            compile_seconds=m["compile_seconds_in_window"], **common,
+        )
+        real.real_over_synthetic = round(real.images_per_s / synthetic.images_per_s, 3)
+        _free_memory()
+        return synthetic, real
+
+
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------
+# A latent cache of random latents (the latent-cache path without autoencoder weights)
+# ----------------------------------------------------------------------------------------------------
+
+
+class _BlankImages(torch.utils.data.Dataset):
+    """Blank RGB images of ImageNet-like sizes after FiT's resize; only their sizes matter."""
+
+    def __init__(self, grids, patch_px: int, token_budget: int, num_classes: int, seed: int):
+        self.grids, self.patch_px, self.token_budget = grids, patch_px, token_budget
+        self.labels = torch.randint(0, num_classes, (len(grids),), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.grids)
+
+    def __getitem__(self, index: int):
+        from maskfit.data.datasets import DataItem
+
+        h, w = self.grids[index]
+        return DataItem(torch.zeros(3, h * self.patch_px, w * self.patch_px), int(self.labels[index]))
+
+
+class _RandomLatents:
+    """An autoencoder stand-in (factor 8, 4 channels, like sd-vae-ft-ema) whose latents are N(0, 1)."""
+
+    name, factor, channels, scale = "random-latents", 8, 4, 1.0
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def encode(self, images):  # (B, 3, H, W) -> (B, 4, H/8, W/8)
+        B, _, H, W = images.shape
+        return torch.randn(B, self.channels, H // self.factor, W // self.factor, generator=self.generator)
+
+    def decode(self, latents):
+        raise NotImplementedError("random latents have no decoder: use this cache for timing only")
+
+
+def write_random_latent_cache(out: Path, num_images: int = 8192, token_budget: int = 256, patch: int = 2,
+                              num_classes: int = 1000, seed: int = 0) -> Path:
+    """A latent cache (``maskfit prepare``'s format) of random latents at ImageNet-like sizes; returns its folder."""
+    from maskfit.bench import imagenet_like_grids
+    from maskfit.data.latents import build_latent_cache
+
+    patch_px = patch * _RandomLatents.factor
+    grids = imagenet_like_grids(num_images, token_budget, patch_px, seed=seed)
+    dataset = _BlankImages(grids, patch_px, token_budget, num_classes, seed)
+    build_latent_cache(dataset, _RandomLatents(seed), out, batch_size=256, flips=True, dtype=torch.float16,
+                       progress=False)
+    return Path(out)

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The real `maskfit train` path beside the synthetic-layout step (issue "Masked training fast in practice"),
+# in stages that each fit one 10-minute device command.
+#
+#   tools/real_path.sh STAGE [OUT_DIR]        (repository root, on the GPU machine)
+#
+# STAGE:
+#   tests     tests/test_gpu.py (no host sync in the real masked step, compiled image batching compiles once,
+#             backends and layouts agree, sampling in bf16)
+#   pixels    Imagenette 64 px in pixel space (configs/imagenette_pixels.toml as the issue ran it: 256-token
+#             budget, batch 256, 10 workers, varlen, compiled), unmasked and 50 % kept; needs the images in
+#             the ignored folder .carry/imagenette/train-64 (carry .carry)
+#   latents   FiT-B/2 (158.7 M) from a latent cache of random latents at ImageNet-like sizes (written first,
+#             8192 images), unmasked, 50 % plain, 50 % decoder
+# Each writes JSON lines and a log under OUT_DIR (default: $OUT, else ./device_out).
+set -uo pipefail
+stage=${1:?usage: tools/real_path.sh tests|pixels|latents [OUT_DIR]}
+out=${2:-${OUT:-device_out}}
+mkdir -p "$out"
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+log="$out/$stage.log"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$log"
+python3 -c 'import torch, sys; print("torch", torch.__version__, "python", sys.version.split()[0])' | tee -a "$log"
+bench() { local limit=$1; shift
+  timeout "$limit" python3 -m maskfit.cli bench --out "$out/$stage.jsonl" "$@" 2>&1 | tee -a "$log"; }
+case "$stage" in
+  tests)
+    timeout 500 python3 -m pytest -q tests/test_gpu.py 2>&1 | tee -a "$log" ;;
+  pixels)
+    common=(--set data.root='".carry/imagenette/train-64"' --set data.token_budget=256 --set train.batch_size=256
+            --set data.num_workers=10 --set model.attention='"varlen"' --set train.compile=true)
+    bench 280 --data configs/imagenette_pixels.toml "${common[@]}" --steps 60 --warmup 15
+    bench 280 --data configs/imagenette_pixels.toml "${common[@]}" --set mask.keep_ratio=0.5 --steps 60 --warmup 15 ;;
+  latents)
+    python3 -m maskfit.cli bench --write-random-cache /tmp/rand_cache --num-images 8192 2>&1 | tee -a "$log"
+    common=(--set data.source='"latents"' --set data.root='"/tmp/rand_cache"' --set model.attention='"varlen"'
+            --set data.layout='"packed"' --set data.num_workers=10)
+    bench 170 --data configs/fit_b2_imagenet.toml "${common[@]}" --steps 20 --warmup 8
+    bench 170 --data configs/fit_b2_imagenet.toml "${common[@]}" --set mask.keep_ratio=0.5 --steps 20 --warmup 8
+    bench 170 --data configs/fit_b2_imagenet.toml "${common[@]}" --set mask.keep_ratio=0.5 --set mask.design='"decoder"' --steps 20 --warmup 8 ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
