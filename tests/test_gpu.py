@@ -127,14 +127,14 @@ def test_the_real_masked_training_step_has_no_host_sync(tmp_path, design, object
     data = build_training_data(cfg, run_patch_size(cfg))
     run = build_training_run(cfg, data.channels)
     for step in range(2):  # warm-up: lazy initialisation may sync
-        train_step(run, data.next_batch(step).to(run.device), step)
+        train_step(run, data.next_device_batch(step, run.device), step)
     torch.cuda.synchronize()
-    batches = [data.next_batch(step) for step in (2, 3)]  # host-side loader work, before the check
-    assert all(b.tokens.is_pinned() and b.mask.index.is_pinned() for b in batches)  # async copies
+    flat = [data._next_flat(step) for step in (2, 3)]  # host-side loader work, before the check
+    assert all(f.tokens.is_pinned() and f.ints.is_pinned() for f in flat)  # asynchronous copies
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for step, batch in zip((2, 3), batches):
-            loss, _, _ = train_step(run, batch.to(run.device), step)
+        for step, f in zip((2, 3), flat):
+            loss, _, _ = train_step(run, f.to(run.device), step)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss)
@@ -152,9 +152,9 @@ def test_compiled_image_batching_compiles_once_for_every_stream_length(tmp_path)
     run = build_training_run(cfg, data.channels, dynamic_stream=True)
     lengths = set()
     for step in range(8):
-        batch = data.next_batch(step)
+        batch = data.next_device_batch(step, run.device)
         lengths.add(batch.mask.layout.num_tokens)
-        train_step(run, batch.to(run.device), step)
+        train_step(run, batch, step)
         if step == 0:
             graphs_after_first = compile_stats()[0]
     assert len(lengths) > 1  # the synthetic sizes vary, so the kept stream does too

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -30,7 +31,7 @@ import torch
 @dataclass
 class DataBenchResult:
     config: str
-    path: str  # "synthetic" | "real"
+    path: str  # "synthetic" | "loader" | "real"
     model: str
     params_m: float
     batching: str
@@ -48,11 +49,15 @@ class DataBenchResult:
 
 
 def bench_config(cfg, name: str, steps: int = 30, warmup: int = 10, distinct_batches: int = 4):
-    """(synthetic row, real row) for a run config; the real row's ratio is real / synthetic images/s."""
+    """(synthetic, loader, real) rows for a run config; the real row's ratio is real / synthetic images/s.
+
+    The loader row runs the run's loader alone (batches built by the workers and copied to the device,
+    no model): the rate at which data can arrive, whatever the model.
+    """
     from maskfit.bench import sync_device, time_steps
     from maskfit.data.pipeline import build_training_data
     from maskfit.throughput import FlopModel, TokenSums, compile_stats, peak_tflops
-    from maskfit.train import build_training_run, count_parameters, run_patch_size, train, train_step
+    from maskfit.train import build_training_run, count_parameters, resolve_device, run_patch_size, train, train_step
 
     with tempfile.TemporaryDirectory(prefix="maskfit_bench_") as tmp:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(
@@ -71,7 +76,7 @@ def bench_config(cfg, name: str, steps: int = 30, warmup: int = 10, distinct_bat
         run = build_training_run(cfg, data.channels, dynamic_stream=dynamic)
         batches, infos = [], []
         for s in range(distinct_batches):
-            batches.append(data.next_batch(s).to(run.device))
+            batches.append(data.next_device_batch(s, run.device))
             infos.append(data.last_info)
         del data  # stops its workers
         flop_model = FlopModel.of(run.mcfg)
@@ -103,6 +108,24 @@ def bench_config(cfg, name: str, steps: int = 30, warmup: int = 10, distinct_bat
         del run, batches
         _free_memory()
 
+        # --- loader: the same loader alone (batches built, copied to the device, nothing trained): its top rate
+        data = build_training_data(cfg, run_patch_size(cfg))
+        dev = resolve_device(cfg.train.device)
+        for s in range(warmup):
+            data.next_device_batch(s, dev)
+        sync_device(dev)
+        t0, images = time.perf_counter(), 0
+        for s in range(warmup, warmup + steps):
+            data.next_device_batch(s, dev)
+            images += data.last_info.num_images
+        sync_device(dev)
+        seconds = time.perf_counter() - t0
+        loader = DataBenchResult(
+            path="loader", params_m=synthetic.params_m, images_per_s=round(images / seconds, 1),
+            tokens_per_s=0.0, mfu=None, peak_mem_gib=None, compile_graphs=0, compile_seconds=0.0, **common,
+        )
+        del data
+
         # --- real: the training loop itself
         torch._dynamo.reset()
         result = train(cfg, resume=False, progress=False, stop_after=warmup + steps, measure_after=warmup)
@@ -116,7 +139,7 @@ def bench_config(cfg, name: str, steps: int = 30, warmup: int = 10, distinct_bat
         )
         real.real_over_synthetic = round(real.images_per_s / synthetic.images_per_s, 3)
         _free_memory()
-        return synthetic, real
+        return synthetic, loader, real
 
 
 def _free_memory() -> None:

@@ -343,7 +343,7 @@ def train(
     while step < last_step:
         if measure_after is not None and step - first_step == measure_after:
             mark = _start_measure(device, step, images_seen, window)
-        batch = data.next_batch(step).to(device)  # built and pinned by the loader workers
+        batch = data.next_device_batch(step, device)  # built, flattened and pinned by the loader workers
         info = data.last_info
         loss, terms, grad_norm = train_step(run, batch, step)
         step += 1

@@ -40,6 +40,7 @@ import torch
 from maskfit.config import DataConfig, RunConfig
 from maskfit.masking import MaskConfig, choose_keep, mask_scale_at, num_keep_for, per_image_generator
 from maskfit.packing import pad_stream_to_budget, pick_next
+from maskfit.data.transfer import FlatBatch, flatten
 from maskfit.throughput import TokenSums
 from maskfit.tokens import MaskedView, TokenBatch, masked_view
 
@@ -582,7 +583,7 @@ class StepBatchBuilder:
     max_images: Optional[int] = None  # token batching: images per step at most
     max_seqlen: int = 0  # token batching: the static segment-length bound (the per-image token budget)
 
-    def __call__(self, pairs: Sequence[tuple[tuple, object]]) -> tuple[TokenBatch, StepInfo]:
+    def __call__(self, pairs: Sequence[tuple[tuple, object]]) -> tuple[FlatBatch, StepInfo]:
         from maskfit.data.loader import collate_items
 
         keys = [k for k, _ in pairs]
@@ -600,7 +601,8 @@ class StepBatchBuilder:
         full = batch.layout.grid[:n].prod(dim=1)  # (n,)
         kept = full if batch.mask is None else batch.mask.layout.seqlens()[:n]  # (n,)
         sums = TokenSums(n, int(kept.sum()), int((kept * kept).sum()), int(full.sum()), int((full * full).sum()))
-        return batch, StepInfo(step, n, slots, real, batch.mask is not None, sums)
+        # Two tensors instead of 14 cross to the main process (maskfit.data.transfer says why).
+        return flatten(batch), StepInfo(step, n, slots, real, batch.mask is not None, sums)
 
     def _fill_budget(self, batch: TokenBatch, keys: Sequence[tuple], step: int) -> TokenBatch:
         grids = [tuple(g) for g in batch.layout.grid.tolist()]
@@ -658,6 +660,14 @@ class TrainingData:
     _iterator: Optional[Iterator] = field(default=None, init=False, repr=False)
 
     def next_batch(self, step: int) -> TokenBatch:
+        """Step ``step``'s batch on the CPU (views of the pinned flat tensors the loader built)."""
+        return self._next_flat(step).unflatten()
+
+    def next_device_batch(self, step: int, device: torch.device) -> TokenBatch:
+        """Step ``step``'s batch on ``device``: two asynchronous copies from pinned memory, then views."""
+        return self._next_flat(step).to(device)
+
+    def _next_flat(self, step: int) -> FlatBatch:
         if self.tokens_per_step is None:
             if self._iterator is None:
                 self._iterator = self.loader.forever(first_step=step)
