@@ -1,4 +1,5 @@
-"""GPU checks (skipped without CUDA): attention backends agree, bf16 layouts agree, no host sync in a step."""
+"""GPU checks (skipped without CUDA): attention backends agree, bf16 layouts agree, no host sync in a step,
+sampling in bf16 with varlen agrees with dense fp32, and `maskfit sample` runs on CUDA by default."""
 import math
 
 import pytest
@@ -159,3 +160,69 @@ def test_compiled_image_batching_compiles_once_for_every_stream_length(tmp_path)
             graphs_after_first = compile_stats()[0]
     assert len(lengths) > 1  # the synthetic sizes vary, so the kept stream does too
     assert compile_stats()[0] == graphs_after_first
+
+
+def _sampling_model(attention: str) -> FiT:
+    """A small FiTv2 (head dim 64, FlashAttention's common size) whose output depends on its input."""
+    torch.manual_seed(0)
+    model = FiT(model_config("FiTv2-tiny", hidden_size=128, num_heads=2, num_classes=4, attention=attention))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # past adaLN-zero's zero gates and final layer
+    return model.to(DEV).eval().requires_grad_(False)
+
+
+def test_varlen_bf16_sampling_agrees_with_dense_fp32():
+    from dataclasses import replace
+
+    from maskfit.config import config_from_dict
+    from maskfit.sample import SamplerOptions, sample_tokens
+    from maskfit.sampling_run import resolve_precision, sampling_attention
+    from maskfit.train import build_diffusion
+
+    precision = resolve_precision("auto", DEV)
+    assert (precision, sampling_attention("auto", DEV, precision)) == ("bf16", "varlen")  # the defaults on CUDA
+    fast = _sampling_model("varlen")
+    ref = FiT(replace(fast.cfg, attention="dense"))
+    ref.load_state_dict(fast.state_dict())
+    ref = ref.to(DEV).eval()
+    diffusion = build_diffusion(config_from_dict({"diffusion": {"objective": "flow"}}))
+    grids, labels = [(16, 16), (10, 24)], torch.tensor([1, 2])  # two resolutions packed in one stream
+    noise = torch.randn(sum(h * w for h, w in grids), fast.cfg.token_dim, device=DEV,
+                        generator=torch.Generator(device=DEV).manual_seed(0))  # sample_tokens' first draw
+
+    def displacement(model, precision):
+        options = SamplerOptions(method="euler", steps=4, cfg_scale=1.5, precision=precision)
+        tokens = sample_tokens(model, diffusion, grids, labels, options, torch.Generator(device=DEV).manual_seed(0), DEV)
+        assert all(t.dtype == torch.float32 for t in tokens)  # the sampler state stays fp32
+        return torch.cat(tokens) - noise  # what the network added (the shared noise alone would agree)
+
+    a, b = displacement(fast, "bf16"), displacement(ref, "fp32")
+    scale = b.abs().mean()
+    assert scale > 0.1 and not torch.equal(a, b)  # the network moved the state; bf16 really ran
+    assert (a - b).abs().mean() < 0.03 * scale  # measured ~0.5 % (CPU bf16 autocast, the same model)
+
+
+def test_maskfit_sample_runs_on_cuda_with_auto_attention(tmp_path):
+    import json
+
+    import numpy as np
+
+    from maskfit.cli import main
+    from maskfit.train import train
+    from tests.test_train import tiny_run
+
+    overrides = {"patch_size": 4, "num_classes": 4, "hidden_size": 128, "num_heads": 2}
+    run = train(tiny_run(tmp_path / "run", steps=2, model={"preset": "FiTv2-tiny", "overrides": overrides}),
+                progress=False).run_dir  # trained on the CPU, sampled on CUDA
+    out = tmp_path / "samples"
+    assert main(["sample", str(run), "-n", "3", "--batch-size", "3", "--steps", "2", "-r", "16", "-r", "16x32",
+                 "--device", "cuda", "--attention", "auto", "--out", str(out)]) == 0
+    record = json.loads((out / "sampling.json").read_text())
+    assert (record["attention"], record["options"]["precision"]) == ("varlen", "bf16")
+    assert np.load(out / "samples_16x16.npz")["arr_0"].shape == (3, 16, 16, 3)
+    assert np.load(out / "samples_16x32.npz")["arr_0"].shape == (3, 16, 32, 3)
+    # Mixed resolutions in one packed stream, as `maskfit bench --sampling` times it.
+    assert main(["sample", str(run), "-n", "2", "--steps", "2", "-r", "16", "-r", "24x16", "--pack",
+                 "--device", "cuda", "--out", str(tmp_path / "packed")]) == 0
+    assert np.load(tmp_path / "packed" / "samples_24x16.npz")["arr_0"].shape == (2, 24, 16, 3)

@@ -4,16 +4,14 @@ One tiny pixel-space run (64-token budget, patch 4) and a tiny proxy classifier,
 on CPU: the sweep's plumbing is under test, not sample quality.
 """
 import csv
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 
-from maskfit import checkpoint as ckpt_io
 from maskfit.cli import main
 from maskfit.config import config_from_dict
 from maskfit.data.synthetic import render
@@ -26,10 +24,12 @@ from maskfit.sweep import (
     derive_resolutions,
     parse_resolutions,
     parse_variants,
+    rope_signature,
     sample_set_for,
     scaled_fit_grids,
 )
 from maskfit.train import train
+from tests.test_sampling_run import randomise_zero_weights
 
 EXPECTED_64 = ["32x32", "20x40", "16x48", "40x40", "28x56", "20x60"]  # 8x8 5x10 4x12 | 10x10 7x14 5x15 patches
 
@@ -67,6 +67,18 @@ def test_methods_share_a_sample_set_only_when_their_rope_tables_agree():
     assert sample_set_for(Variant("none", "code"), (16, 16), **args) == Variant("none", "code")  # ln 512 / ln 256
 
 
+def test_the_sweeps_rope_readings_decide_shared_sets_and_signatures():
+    args = dict(train_grid=(16, 16), head_dim=64, theta=10000.0)
+    code = Variant("yarn", yarn_ramp="code")
+    assert code.rope((16, 16)).yarn_ramp == "code"
+    # Scale 1: every reading is plain RoPE, so the set is `none`'s (read with the same ramp).
+    assert sample_set_for(code, (16, 16), **args) == Variant("none", yarn_ramp="code")
+    assert sample_set_for(code, (20, 20), **args) == code
+    paper_sig = rope_signature(Variant("yarn"), (20, 20), args["train_grid"], 64, 10000.0)
+    assert not np.allclose(rope_signature(code, (20, 20), args["train_grid"], 64, 10000.0), paper_sig)
+    assert [v.ntk_exponent for v in parse_variants("ntk,pi", "none", "paper", "head")] == ["head", "head"]
+
+
 def test_bad_method_names_are_clear_errors():
     with pytest.raises(ValueError, match=r"unknown method\(s\) \['vison_ntk'\]; choose a comma list from none,pi"):
         parse_variants("none,vison_ntk")
@@ -92,15 +104,8 @@ def assets(tmp_path_factory):
                   "device": "cpu", "seed": 0},
     })
     train(cfg, progress=False)
-    # adaLN-zero: after two steps the zero-initialised layers (gates, final projection) are still ~0, so the
-    # network ignores attention and every RoPE method would give the same pixels. Seeded weights there let
-    # the test see that each sample set was drawn with its own RoPE setting.
-    ema_file = ckpt_io.latest_checkpoint(root / "run") / "ema.safetensors"
-    weights, gen = load_file(str(ema_file)), torch.Generator().manual_seed(0)
-    for key, value in weights.items():
-        if value.abs().max() < 1e-3:
-            weights[key] = 0.3 * torch.randn(value.shape, generator=gen)
-    save_file(weights, str(ema_file))
+    # Seeded weights in the layers adaLN-zero leaves at ~0, so each sample set shows its own RoPE setting.
+    randomise_zero_weights(root / "run")
     rng = np.random.default_rng(0)
     labels = np.arange(32) % 4
     images = np.stack([render(int(k), 32, 32, rng) for k in labels])  # (32, 32, 32, 3) uint8, square like ADM's
@@ -191,3 +196,26 @@ def test_bad_method_and_missing_reference_fail_before_any_work(assets, tmp_path,
     err = capsys.readouterr().err
     assert "missing.npz does not exist" in err and "ImageFolder" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_rerun_with_another_rope_reading_is_refused(assets, swept, capsys):
+    assert main(sweep_argv(assets, swept, "--yarn-ramp", "code")) == 2
+    assert "yarn_ramp: 'paper' before, 'code' now" in capsys.readouterr().err
+
+
+def test_a_recipe_sweep_records_its_resolved_choices_on_every_row(assets, tmp_path):
+    out = tmp_path / "released"
+    argv = sweep_argv(assets, out, "--recipe", "released", "--sampler", "euler", "--resolutions", "40x40")
+    argv[argv.index("--methods") + 1] = "none,yarn"
+    assert main(argv) == 0
+    rows = read_rows(out / "sweep.csv")
+    assert [r["variant"] for r in rows] == ["none+attn_code", "yarn+attn_code"]  # FiTv2 run: the code's scale
+    for r in rows:
+        assert (r["recipe"], r["yarn_ramp"], r["ntk_exponent"], r["attn_scale"]) == ("released", "code", "axis", "code")
+        assert (r["sampler"], r["steps"], r["guidance_channels"], r["precision"]) == ("euler", "2", "3", "fp32")
+    md = (out / "sweep.md").read_text()
+    assert "- Sampler: euler, 2 steps, classifier-free guidance scale 1.5 on the first 3 channels." in md
+    assert "- Recipe: `released` (as the released whlzy/FiT code runs it); YaRN ramp `code`, NTK exponent `axis`" in md
+    assert "network in fp32 (dense attention)" in md
+    saved = json.loads((out / "settings.json").read_text())["settings"]
+    assert (saved["yarn_ramp"], saved["guidance_channels"], saved["atol"]) == ("code", 3, None)

@@ -200,29 +200,41 @@ class SamplingBenchResult:
     sampler: str
     steps: int
     cfg_scale: float
+    precision: str  # the network's forward ("bf16" autocast | "fp32"); the sampler is fp32 either way
+    attention: str
+    compiled: bool
     seconds: float
     images_per_s: float
 
 
 def bench_sampling(
     preset: str = "FiTv2-B/2", num_images: int = 512, batch: int = 128, steps: int = 50, cfg_scale: float = 1.5,
-    packed: bool = True, attention: str = "varlen", compile: bool = True, device: str = "cuda", seed: int = 0,
+    packed: bool = True, attention: str = "auto", compile: bool = False, device: str = "cuda", seed: int = 0,
+    precision: str = "auto",
 ) -> SamplingBenchResult:
     """Images/s of sampling (Euler, CFG) at FiT's ImageNet-like resolution mix, one layout per batch.
 
+    What is timed is what `maskfit sample` runs: ``sample_tokens`` with the precision and attention backend
+    resolved by the same functions (``resolve_precision``, ``sampling_attention``: bf16 autocast and varlen on
+    CUDA by default), eager unless ``compile`` (the command does not compile), and the same clock
+    (``SamplingClock``: drawing only, no decoding), so this figure and the ``throughput`` that `maskfit sample
+    --distribution imagenet` prints compare directly.
+
     packed: each batch holds images of every resolution in one stream (per-image RoPE and varlen
     attention); otherwise images are grouped by resolution and each batch holds one resolution.
-    The model's weights are random (the cost does not depend on them); bf16 autocast on GPU. Every
-    batch layout is run once with one step before the clock starts, so compilation is not timed.
+    The model's weights are random (the cost does not depend on them). Every batch layout is run once
+    with one step before the clock starts, so start-up (and compilation, if any) is not timed.
     """
     from maskfit.config import config_from_dict
     from maskfit.models.transformer import FiT, model_config
     from maskfit.sample import SamplerOptions, sample_tokens
+    from maskfit.sampling_run import SamplingClock, resolve_precision, sampling_attention
     from maskfit.train import build_diffusion
 
     dev = torch.device(device)
-    cfg = model_config(preset, attention=attention)
-    model = FiT(cfg).to(dev).eval()
+    precision = resolve_precision(precision, dev)
+    cfg = model_config(preset, attention=sampling_attention(attention, dev, precision))
+    model = FiT(cfg).to(dev).eval().requires_grad_(False)  # as load_model_from_checkpoint leaves it
     objective = "ddpm" if cfg.learn_sigma else "flow"
     diffusion = build_diffusion(config_from_dict({"diffusion": {"objective": objective}}))
     if compile:
@@ -239,23 +251,19 @@ def bench_sampling(
             chunk = [g for g in chunk if g == chunk[0]]
         batches.append(chunk)
         i += len(chunk)
-    options = SamplerOptions(method="euler" if objective == "flow" else "ddim", steps=steps, cfg_scale=cfg_scale)
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    options = SamplerOptions(method="euler" if objective == "flow" else "ddim", steps=steps, cfg_scale=cfg_scale,
+                             precision=precision)
     generator = torch.Generator(device=dev).manual_seed(seed)
     one_step = replace(options, steps=1)
-    with amp:
-        for chunk in batches:  # warm-up: compile for every batch layout, so the timing below excludes it
-            sample_tokens(model, diffusion, chunk, torch.zeros(len(chunk), dtype=torch.long), one_step, generator, dev)
-        sync_device(dev)
-        t0 = time.perf_counter()
-        for chunk in batches:
-            labels = torch.randint(0, cfg.num_classes, (len(chunk),))
-            sample_tokens(model, diffusion, chunk, labels, options, generator, dev)
-        sync_device(dev)
-    seconds = time.perf_counter() - t0
+    for chunk in batches:  # warm-up: every batch layout once, so the timing below excludes start-up
+        sample_tokens(model, diffusion, chunk, torch.zeros(len(chunk), dtype=torch.long), one_step, generator, dev)
+    clock = SamplingClock()
+    for chunk in batches:
+        labels = torch.randint(0, cfg.num_classes, (len(chunk),))
+        clock.draw(lambda: sample_tokens(model, diffusion, chunk, labels, options, generator, dev), len(chunk), dev)
     return SamplingBenchResult(
         preset, "packed" if packed else "per-resolution", num_images, batch, options.method, steps, cfg_scale,
-        round(seconds, 2), round(num_images / seconds, 1),
+        precision, cfg.attention, compile, round(clock.seconds, 2), round(num_images / clock.seconds, 1),
     )
 
 
@@ -273,12 +281,17 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int, default=512, help="--sampling: images per layout")
     p.add_argument("--sample-steps", type=int, default=50, help="--sampling: Euler steps")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="--sampling: guidance scale")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="--sampling: the network's precision, as `maskfit sample --precision` (auto = bf16 on CUDA)")
     p.add_argument("--models", default="FiT-B/2-dit", help="comma list of presets")
     p.add_argument("--modes", default="padded,packed,keep0.75,keep0.5,keep0.25")
     p.add_argument("--designs", default="plain", help="comma list: plain,decoder,mixer,side_interp (masked modes)")
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--attention", default="varlen", help="varlen | flex | dense (padded mode always dense)")
-    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--attention", default=None,
+                   help="varlen | flex | dense (padded mode always dense); default varlen, and for --sampling auto "
+                        "(as `maskfit sample`: varlen on CUDA in bf16)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="training rows only: --sampling always runs eager, as `maskfit sample` does")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -320,7 +333,8 @@ def run_bench(args) -> int:
         for preset in args.models.split(","):
             for packed in (True, False):
                 record(bench_sampling(preset, args.num_images, args.batch, args.sample_steps, args.cfg_scale, packed,
-                                      args.attention, not args.no_compile, args.device))
+                                      args.attention or "auto", compile=False, device=args.device,
+                                      precision=args.precision))
         return 0
     for preset in args.models.split(","):
         if args.published_fit:
@@ -332,7 +346,7 @@ def run_bench(args) -> int:
             designs = args.designs.split(",") if mode not in ("padded", "packed") else ["plain"]
             for design in designs:
                 r = bench_train_step(
-                    preset, mode, design, args.batch, args.attention, not args.no_compile, args.steps,
+                    preset, mode, design, args.batch, args.attention or "varlen", not args.no_compile, args.steps,
                     args.warmup, device=args.device, profile=args.profile,
                     compile_mode=args.compile_mode,
                     design_overrides={k: v for k, v in (("decoder_depth", args.decoder_depth),

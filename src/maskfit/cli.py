@@ -34,6 +34,7 @@ def cmd_train(args) -> int:
 
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
+    from maskfit.models.rope import ATTN_SCALES
     from maskfit.sampling_run import add_sampler_arguments
 
     p.add_argument("checkpoint", help="checkpoint folder or run folder (its latest checkpoint)")
@@ -47,7 +48,9 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
                    help="mix the listed resolutions in every batch (one packed stream) instead of one per batch")
     p.add_argument("--extrapolation", default="none",
                    help="RoPE extrapolation: none|pi|ntk|yarn|vision_ntk|vision_yarn")
-    p.add_argument("--attn-scale", default="none", help="FiTv2 eq. 15 attention scale: none|paper|code")
+    p.add_argument("--attn-scale", choices=ATTN_SCALES, default=None,
+                   help="FiTv2 eq. 15 attention scale: none | paper | code (the released ntkpro2); default none, "
+                        "or --recipe's for a FiTv2 run")
     p.add_argument("--out", default=None, help="output folder (default: <run>/samples)")
     add_sampler_arguments(p)
 

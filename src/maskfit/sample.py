@@ -2,6 +2,14 @@
 
 Sampling never masks: a model trained on token subsets samples every token of the grid with the same
 sampler as FiT. Images of several resolutions can share one call (one packed stream).
+
+Precision: the network may run under bf16 autocast (``SamplerOptions.precision``; FlashAttention needs it),
+but its output is cast to fp32 before guidance and the sampler see it, so the ODE/SDE state, the sampler's
+arithmetic, the CFG combination and the decode are fp32 whatever the network ran in.
+
+Recipes (``recipe_choices``): the sampling choices that produced the published tables, either as the
+papers write them ("paper") or as the released code whlzy/FiT runs them ("released"), from
+``reference/fit.md`` §2.6 (samplers, guidance) and §3.3/§3.6 (RoPE readings).
 """
 from __future__ import annotations
 
@@ -15,10 +23,20 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from maskfit.diffusion.flow import _SAMPLERS as FLOW_SAMPLERS
+from maskfit.diffusion.gaussian import _SAMPLERS as DDPM_SAMPLERS
 from maskfit.diffusion.guidance import GuidanceConfig, guided
 from maskfit.models.rope import RopeExtrapolation
 from maskfit.models.transformer import FiT
 from maskfit.tokens import pack, split_images, unpatchify
+from maskfit.train import autocast_for
+
+# The samplers of each objective: "ddpm" = FiT v1 (gaussian.py), "flow" = FiTv2 (flow.py).
+SAMPLERS = {"ddpm": DDPM_SAMPLERS, "flow": FLOW_SAMPLERS}
+PRECISIONS = ("bf16", "fp32")  # the network's forward; everything around it is fp32
+RECIPES = ("paper", "released")
+# FiTv2's published ODE solve: torchdiffeq dopri5 with these tolerances (reference/fit.md §2.6).
+DOPRI5_ATOL, DOPRI5_RTOL = 1e-6, 1e-3
 
 
 def check_resolution(height: int, width: int, multiple: int) -> None:
@@ -53,11 +71,59 @@ def parse_resolution(text: str) -> tuple[int, int]:
 @dataclass
 class SamplerOptions:
     method: str = "euler"  # ddpm: "ddpm" | "ddim"; flow: "euler" | "heun" | "dopri5" | "sde"
-    steps: int = 50
+    steps: Optional[int] = 50  # unused by the adaptive dopri5 (None there)
     cfg_scale: float = 1.0
     guidance_channels: Optional[int] = None  # None: all latent channels (papers); 3: the released code
     guidance_schedule: str = "constant"
     rope: Optional[RopeExtrapolation] = None
+    atol: Optional[float] = None  # dopri5 only; None: flow.py's defaults (FiTv2's 1e-6 and 1e-3)
+    rtol: Optional[float] = None
+    precision: str = "fp32"  # the network's forward: "bf16" autocast or "fp32" (see the module docstring)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"SamplerOptions.precision={self.precision!r}; choose one of {PRECISIONS}")
+        if self.method != "dopri5" and (self.atol is not None or self.rtol is not None):
+            raise ValueError(f"atol/rtol apply to the adaptive dopri5 only, not to {self.method!r}; leave them None")
+
+
+def recipe_choices(recipe: Optional[str], objective: str) -> dict:
+    """The sampling choices of ``recipe`` for a run trained with ``objective`` ("ddpm" = FiT v1, "flow" = FiTv2).
+
+    Keys: sampler, steps, atol, rtol (dopri5 only), guidance_channels (None = all), yarn_ramp, ntk_exponent,
+    attn_scale (the readings in ``maskfit.models.rope``).
+
+    - ``None``, the project's defaults: the papers' YaRN ramp, the derived NTK exponent m/(m-2), no attention
+      scale, guidance on every channel; 250 DDPM steps (v1) or 50 Euler steps (v2, a quick default).
+    - ``"paper"``: what FiT (arXiv 2402.12376) and FiTv2 (arXiv 2410.13925) write: YaRN ramp linear in rotations
+      (FiT eqs. 6-8), NTK exponent |D|/(|D|-2) with |D| the head dim (FiT eq. 5), FiTv2 eq. 15's attention scale
+      for v2 (FiT v1 has none), every channel guided.
+    - ``"released"``: what whlzy/FiT's sampling scripts do: YaRN ramp in dimension index, exponent m/(m-2),
+      the ``ntkpro2`` attention scale ln(2hw)/ln(L^2) for v2 (the v1 script has none), guidance on the first 3
+      latent channels (reference/fit.md §2.6, §3.2-3.3).
+
+    Both recipes use the sampler of the published tables: 250 DDPM steps with the learned variance for v1
+    (FiT §4.1), dopri5 with atol 1e-6 and rtol 1e-3 for v2 (FiTv2 §V-A). Which tables used an extrapolation
+    method, and which the attention scale, is per table (fit.md §3.6): ``--extrapolation`` and ``--attn-scale``.
+    """
+    if objective not in SAMPLERS:
+        raise ValueError(f"objective {objective!r} has no samplers; use 'ddpm' (FiT v1) or 'flow' (FiTv2)")
+    if recipe is not None and recipe not in RECIPES:
+        raise ValueError(f"recipe {recipe!r} is not known; choose one of {RECIPES} (or None for the defaults)")
+    v1, released = objective == "ddpm", recipe == "released"
+    if v1:
+        sampler = {"sampler": "ddpm", "steps": 250, "atol": None, "rtol": None}
+    elif recipe is None:
+        sampler = {"sampler": "euler", "steps": 50, "atol": None, "rtol": None}
+    else:
+        sampler = {"sampler": "dopri5", "steps": None, "atol": DOPRI5_ATOL, "rtol": DOPRI5_RTOL}
+    return {
+        **sampler,
+        "guidance_channels": 3 if released else None,
+        "yarn_ramp": "code" if released else "paper",
+        "ntk_exponent": "head" if recipe == "paper" else "axis",
+        "attn_scale": "none" if recipe is None or v1 else ("code" if released else "paper"),
+    }
 
 
 def t_to_fraction_for(diffusion):
@@ -75,7 +141,11 @@ def guided_denoiser(model: FiT, diffusion, options: SamplerOptions):
     rope = options.rope
 
     def model_fn(x, t, y, lay):
-        return model(x, t, y, lay, rope=rope)
+        # The network in options.precision (bf16 autocast: FlashAttention's dtype, the GPU's fast path); its output
+        # back in fp32 before guidance and the sampler use it, so their state and arithmetic never drop to bf16.
+        with autocast_for(options.precision, x.device):
+            out = model(x, t, y, lay, rope=rope)  # (T, D_out), bf16 under autocast
+        return out.float()  # (T, D_out)
 
     guidance = GuidanceConfig(
         scale=options.cfg_scale, null_class=model.null_class, channels=options.guidance_channels,
@@ -97,14 +167,22 @@ def sample_tokens(
 ) -> list[Tensor]:
     """Draw one image per (grid, label) in one packed stream: list of (h*w, p*p*C) token tensors."""
     cfg = model.cfg
+    if cfg.attention == "varlen" and options.precision != "bf16":
+        # Fail here, naming the fix, not inside the first FlashAttention call.
+        raise ValueError(
+            f"the model's attention is 'varlen' (FlashAttention, bf16 only) but precision={options.precision!r}; "
+            "sample with SamplerOptions(precision='bf16'), or load the model with attention 'dense' for fp32"
+        )
     dummy = [torch.empty(h * w, 0) for h, w in grids]
     layout = pack(dummy, list(grids), labels.cpu()).layout.to(device)
     noise = torch.randn(layout.num_tokens, cfg.token_dim, generator=generator, device=device)
     fn = guided_denoiser(model, diffusion, options)
+    # Tolerances exist for dopri5 only (flow.py); the other samplers take no such arguments.
+    tolerances = {k: v for k, v in (("atol", options.atol), ("rtol", options.rtol)) if v is not None}
     tokens = diffusion.sample(
         fn, noise, labels.to(device), layout, steps=options.steps, method=options.method,
-        generator=generator, progress=progress,
-    )
+        generator=generator, progress=progress, **tolerances,
+    )  # (T, D) fp32
     return split_images(tokens, layout)
 
 

@@ -7,9 +7,12 @@ one batch. At the end the shards become ``samples_HxW.npz`` (ADM format: ``arr_0
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -17,54 +20,141 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from maskfit.models.rope import RopeExtrapolation, training_grid
+from maskfit.bench import sync_device
+from maskfit.models.attention import ATTENTION_BACKENDS
+from maskfit.models.rope import NTK_EXPONENTS, YARN_RAMPS, RopeExtrapolation, training_grid
 from maskfit.sample import (
+    DOPRI5_ATOL,
+    DOPRI5_RTOL,
+    PRECISIONS,
+    RECIPES,
+    SAMPLERS,
     SamplerOptions,
     check_resolution,
     image_grid,
     parse_resolution,
+    recipe_choices,
     sample_tokens,
     save_adm_npz,
     tokens_to_images,
 )
 
 
+def guidance_channels_arg(text: str):
+    """--guidance-channels: a positive count of latent channels, or 'all' (argparse type)."""
+    if text == "all":
+        return "all"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive channel count or 'all' (the released code guides 3)")
+    return value
+
+
 def add_sampler_arguments(p) -> None:
-    """The options every sampling command shares (`maskfit sample`, `maskfit sweep`)."""
+    """The options every sampling command shares (`maskfit sample`, `maskfit sweep`).
+
+    The recipe options default to None, meaning "not given": ``resolve_sampling_choices`` then takes the
+    value from ``--recipe`` (or the project's default), and a flag that is given always wins.
+    """
     p.add_argument("--labels", default="uniform", help="'uniform' (random classes), 'per-class' or a comma list")
     p.add_argument("--cfg-scale", type=float, default=1.5)
-    p.add_argument("--guidance-channels", type=int, default=None,
-                   help="guide only the first k latent channels (the released FiT code uses 3); default all")
-    p.add_argument("--sampler", default=None,
-                   help="ddpm|ddim (FiT) or euler|heun|dopri5|sde (FiTv2); default by the run's objective")
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--recipe", choices=RECIPES, default=None,
+                   help="published sampling recipe: 'paper' (as FiT/FiTv2 write it) or 'released' (as whlzy/FiT runs "
+                        "it); sets the sampler of the published tables (v1: 250 DDPM steps, v2: dopri5 atol 1e-6 "
+                        "rtol 1e-3) and the flags below; a flag given explicitly overrides it")
+    p.add_argument("--guidance-channels", type=guidance_channels_arg, default=None,
+                   help="guide only the first k latent channels (released code: 3) or 'all' (papers, the default)")
+    p.add_argument("--yarn-ramp", choices=YARN_RAMPS, default=None,
+                   help="YaRN ramp: 'paper' (linear in rotations, FiT eqs. 6-8; default) or 'code' (dimension index)")
+    p.add_argument("--ntk-exponent", choices=NTK_EXPONENTS, default=None,
+                   help="NTK base exponent: 'axis' m/(m-2), m = head_dim/2 (default; released code) or 'head' "
+                        "(the paper's |D|/(|D|-2) read literally)")
+    p.add_argument("--sampler", choices=[m for ms in SAMPLERS.values() for m in ms], default=None,
+                   help="ddpm|ddim (FiT) or euler|heun|dopri5|sde (FiTv2); default by the run's objective and recipe")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (not with the adaptive dopri5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32, help="images per sampling batch")
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--vae-path", default=None, help="local sd-vae-ft-ema folder (overrides the run's)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--attention", default="auto", choices=("auto", "dense", "varlen", "flex"),
-                   help="attention backend (same math whatever the run trained with): 'auto' = varlen on CUDA, "
-                        "dense on a CPU")
+    p.add_argument("--precision", choices=("auto",) + PRECISIONS, default="auto",
+                   help="the network's forward: 'auto' = bf16 autocast on CUDA, fp32 on a CPU; the sampler state, "
+                        "guidance and decoding are fp32 either way")
+    p.add_argument("--attention", default="auto", choices=("auto",) + ATTENTION_BACKENDS,
+                   help="attention backend (same math whatever the run trained with): 'auto' = varlen on CUDA in bf16, "
+                        "dense otherwise")
 
 
-def sampling_attention(requested: str, device: torch.device) -> str:
-    """The backend to sample with. Every backend computes the same attention, so 'auto' takes the fastest
-    that handles any stream length: varlen on CUDA (flex recompiles for every new length and was 15 %
-    slower in training, BENCHMARKS.md), dense on a CPU (varlen has no CPU kernel)."""
-    from maskfit.train import check_attention_device
+def resolve_sampling_choices(args, objective: str) -> dict:
+    """The sampling choices of a command: ``--recipe``'s (``recipe_choices``), each flag given explicitly on top.
 
+    Checked here, before anything is sampled: the sampler belongs to the run's objective, and ``--steps`` is not
+    given to the adaptive dopri5 (it would have no effect). Returns ``recipe_choices``' keys plus "recipe".
+    """
+    choices = recipe_choices(getattr(args, "recipe", None), objective)
+    for key in ("sampler", "steps", "guidance_channels", "yarn_ramp", "ntk_exponent", "attn_scale"):
+        value = getattr(args, key, None)
+        if value is not None:
+            choices[key] = value
+    if choices["guidance_channels"] == "all":
+        choices["guidance_channels"] = None
+    sampler = choices["sampler"]
+    if sampler not in SAMPLERS[objective]:
+        other = "FiTv2's" if sampler in SAMPLERS["flow"] else "FiT v1's"
+        raise ValueError(
+            f"--sampler {sampler} is {other}, but this run's objective is '{objective}'; use one of "
+            f"{'|'.join(SAMPLERS[objective])}"
+        )
+    if sampler == "dopri5":
+        if getattr(args, "steps", None) is not None:
+            raise ValueError(
+                f"--steps {args.steps} has no effect with dopri5: it is adaptive, its steps follow atol "
+                f"{DOPRI5_ATOL:g} and rtol {DOPRI5_RTOL:g}; drop --steps, or pick a fixed-step sampler (--sampler euler)"
+            )
+        choices.update(steps=None, atol=DOPRI5_ATOL, rtol=DOPRI5_RTOL)
+    else:
+        if choices["steps"] is None:  # the recipe's dopri5 was replaced by a fixed-step sampler
+            choices["steps"] = recipe_choices(None, objective)["steps"]
+        choices.update(atol=None, rtol=None)
+    return {"recipe": getattr(args, "recipe", None), **choices}
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """'auto' -> bf16 on CUDA (the speed, and FlashAttention's dtype), fp32 on a CPU (where bf16 is slow)."""
     if requested == "auto":
-        return "varlen" if device.type == "cuda" else "dense"
-    check_attention_device(requested, device, "use --attention dense (or auto) on a CPU")
+        return "bf16" if device.type == "cuda" else "fp32"
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision {requested!r}; choose auto, {' or '.join(PRECISIONS)}")
     return requested
 
 
-def load_sampling_model(checkpoint: Path, args, device: torch.device):
-    """(model, run config) of a resolved checkpoint folder, EMA weights unless --no-ema, on --attention's backend."""
+def sampling_attention(requested: str, device: torch.device, precision: str) -> str:
+    """The backend to sample with. Every backend computes the same attention, so 'auto' takes the fastest
+    that handles any stream length: varlen on CUDA (flex recompiles for every new length and was 15 %
+    slower in training, BENCHMARKS.md), dense on a CPU (varlen has no CPU kernel) and in fp32 (varlen is
+    FlashAttention, bf16/fp16 only)."""
+    from maskfit.train import check_attention_device
+
+    if requested == "auto":
+        return "varlen" if device.type == "cuda" and precision == "bf16" else "dense"
+    check_attention_device(requested, device, "use --attention dense (or auto) on a CPU")
+    if requested == "varlen" and precision != "bf16":
+        raise ValueError(
+            f"attention 'varlen' is FlashAttention, which runs in bf16 only, but the precision is {precision}; "
+            "use --precision bf16 (or auto on CUDA), or --attention dense (or auto) for fp32"
+        )
+    return requested
+
+
+def load_sampling_model(checkpoint: Path, args, device: torch.device, precision: str):
+    """(model, run config) of a resolved checkpoint folder, EMA weights unless --no-ema, on --attention's backend
+    (resolved for ``precision``: ``model.cfg.attention`` says which)."""
     from maskfit.train import load_model_from_checkpoint
 
-    attention = sampling_attention(getattr(args, "attention", "auto"), device)
+    attention = sampling_attention(getattr(args, "attention", "auto"), device, precision)
     return load_model_from_checkpoint(checkpoint, use_ema=not args.no_ema, device=device, attention=attention)
 
 
@@ -118,8 +208,45 @@ def labels_for(spec: str, n: int, num_classes: int, generator: torch.Generator, 
     return torch.tensor(fixed)[index % len(fixed)]
 
 
-def default_sampler(objective: str) -> tuple[str, int]:
-    return ("ddpm", 250) if objective == "ddpm" else ("euler", 50)
+def sampler_options(choices: dict, rope: RopeExtrapolation, cfg_scale: float, precision: str,
+                    guidance_schedule: str = "constant") -> SamplerOptions:
+    """SamplerOptions from ``resolve_sampling_choices``' choices (the RoPE setting is the caller's)."""
+    return SamplerOptions(
+        method=choices["sampler"], steps=choices["steps"], cfg_scale=cfg_scale,
+        guidance_channels=choices["guidance_channels"], guidance_schedule=guidance_schedule, rope=rope,
+        atol=choices["atol"], rtol=choices["rtol"], precision=precision,
+    )
+
+
+def rope_for(method: str, train_grid, choices: dict) -> RopeExtrapolation:
+    """RoPE extrapolation ``method`` read as the resolved choices say (attention scale, NTK exponent, YaRN ramp)."""
+    return RopeExtrapolation(
+        method, train_grid, attn_scale=choices["attn_scale"], ntk_exponent=choices["ntk_exponent"],
+        yarn_ramp=choices["yarn_ramp"],
+    )
+
+
+@dataclass
+class SamplingClock:
+    """Time spent drawing tokens (network and sampler; not decoding, not writing files): the part of
+    `maskfit sample` that `maskfit bench --sampling` times, so the two images/s figures compare."""
+
+    images: int = 0
+    seconds: float = 0.0
+
+    def draw(self, draw_tokens, count: int, device: torch.device):
+        sync_device(device)  # cheap: the previous batch's decode already waited for the GPU
+        t0 = time.perf_counter()
+        tokens = draw_tokens()
+        sync_device(device)
+        self.seconds += time.perf_counter() - t0
+        self.images += count
+        return tokens
+
+    def summary(self) -> dict:
+        rate = self.images / self.seconds if self.seconds > 0 else None
+        return {"images": self.images, "seconds": round(self.seconds, 3),
+                "images_per_s": None if rate is None else round(rate, 2)}
 
 
 def run_sampling(args) -> dict:
@@ -128,9 +255,11 @@ def run_sampling(args) -> dict:
     from maskfit.train import build_diffusion, resolve_device
 
     device = resolve_device(args.device)
+    precision = resolve_precision(getattr(args, "precision", "auto"), device)
     # Resolved once: the checkpoint loaded is the one recorded, even if the run writes a newer one meanwhile.
     ckpt = resolve_checkpoint(Path(args.checkpoint))
-    model, run_cfg = load_sampling_model(ckpt, args, device)
+    model, run_cfg = load_sampling_model(ckpt, args, device, precision)
+    choices = resolve_sampling_choices(args, run_cfg.diffusion.objective)
     diffusion = build_diffusion(run_cfg)
     autoencoder, factor = load_autoencoder(run_cfg, args.vae_path, device)
     p = model.cfg.patch_size
@@ -139,29 +268,29 @@ def run_sampling(args) -> dict:
     resolutions = [parse_resolution(r) for r in (args.resolution or [str(train_grid[0] * multiple)])]
     for h, w in resolutions:
         check_resolution(h, w, multiple)
-    method, steps = default_sampler(run_cfg.diffusion.objective)
-    options = SamplerOptions(
-        method=args.sampler or method,
-        steps=args.steps or steps,
-        cfg_scale=args.cfg_scale,
-        guidance_channels=args.guidance_channels,
+    options = sampler_options(
+        choices, rope_for(args.extrapolation, rope_train_grid(run_cfg), choices), args.cfg_scale, precision,
         guidance_schedule=getattr(args, "cfg_schedule", "constant"),
-        rope=RopeExtrapolation(args.extrapolation, rope_train_grid(run_cfg), attn_scale=args.attn_scale),
     )
     out = Path(args.out) if args.out else Path(args.checkpoint) / "samples"
     out.mkdir(parents=True, exist_ok=True)
     distribution = getattr(args, "distribution", None)
     # What changes the pixels of a shard; each shard folder keeps its own copy and refuses others on a rerun.
+    # The options hold every resolved recipe choice (sampler, tolerances, guidance channels, RoPE readings) and
+    # the precision; the attention backend changes the bf16 rounding, so it counts too.
     settings = {
         # The checkpoint itself, not the run folder: a run that trained on must not reuse older samples.
         "checkpoint": str(ckpt.resolve()), "use_ema": not args.no_ema, "num_images": args.num_images,
         "batch_size": args.batch_size, "labels": args.labels, "seed": args.seed,
-        "options": {**vars(options), "rope": vars(options.rope)},
+        "attention": model.cfg.attention, "options": {**vars(options), "rope": vars(options.rope)},
     }
     (out / "sampling.json").write_text(json.dumps(
-        {**settings, "resolutions": resolutions, "distribution": distribution, "pack": getattr(args, "pack", False)},
+        # The recipe name is recorded for the reader; the reuse check compares what it resolved to.
+        {"recipe": choices["recipe"], **settings, "resolutions": resolutions, "distribution": distribution,
+         "pack": getattr(args, "pack", False)},
         indent=2, default=str,
     ))
+    clock = SamplingClock()
     if distribution is not None or getattr(args, "pack", False):
         if distribution == "imagenet":
             from maskfit.bench import imagenet_like_grids
@@ -173,24 +302,31 @@ def run_sampling(args) -> dict:
             grids = [per_res[i % len(per_res)] for i in range(args.num_images * len(per_res))]
         else:
             raise ValueError(f"--distribution {distribution!r} is not known; use 'imagenet'")
-        return sample_mixed(model, diffusion, autoencoder, grids, multiple, p, options, args, out, device,
-                            settings={**settings, "grids_sha256": hashlib.sha256(json.dumps(grids).encode()).hexdigest()})
-    summary = {}
-    for h, w in resolutions:
-        summary[f"{h}x{w}"] = sample_resolution(
-            model, diffusion, autoencoder, (h, w), multiple, p, options, args, out, device, settings=settings
+        summary = sample_mixed(
+            model, diffusion, autoencoder, grids, multiple, p, options, args, out, device,
+            settings={**settings, "grids_sha256": hashlib.sha256(json.dumps(grids).encode()).hexdigest()}, clock=clock,
         )
+    else:
+        summary = {}
+        for h, w in resolutions:
+            summary[f"{h}x{w}"] = sample_resolution(
+                model, diffusion, autoencoder, (h, w), multiple, p, options, args, out, device, settings=settings,
+                clock=clock,
+            )
+    # Drawing only (batches made in this call): compare with `maskfit bench --sampling`.
+    summary["throughput"] = {**clock.summary(), "precision": precision, "attention": model.cfg.attention}
     return summary
 
 
 def sample_mixed(model, diffusion, autoencoder, grids, multiple, p, options, args, out, device,
-                 settings: Optional[dict] = None) -> dict:
+                 settings: Optional[dict] = None, clock: Optional[SamplingClock] = None) -> dict:
     """Images of many resolutions packed into each batch (one stream, per-image RoPE), then split.
 
     ``grids[i]`` is image i's token grid. Each finished batch is a shard holding, per resolution, its
     images, labels and image ids, so an interrupted run resumes; at the end every resolution gets its own
     ``samples_HxW.npz`` in image-id order.
     """
+    clock = clock if clock is not None else SamplingClock()
     shard_dir = out / "mixed"
     shard_dir.mkdir(exist_ok=True)
     if settings is not None:
@@ -206,7 +342,8 @@ def sample_mixed(model, diffusion, autoencoder, grids, multiple, p, options, arg
         generator = torch.Generator(device=device).manual_seed(seed)
         labels = labels_for(args.labels, len(batch_grids), model.cfg.num_classes, torch.Generator().manual_seed(seed),
                             start=b * bs)
-        tokens = sample_tokens(model, diffusion, batch_grids, labels, options, generator, device)
+        tokens = clock.draw(lambda: sample_tokens(model, diffusion, batch_grids, labels, options, generator, device),
+                            len(batch_grids), device)
         images = tokens_to_images(tokens, batch_grids, p, autoencoder)
         arrays: dict[str, list] = {}
         for i, (im, label) in enumerate(zip(images, labels.tolist())):
@@ -235,12 +372,13 @@ def sample_mixed(model, diffusion, autoencoder, grids, multiple, p, options, arg
 
 
 def sample_resolution(model, diffusion, autoencoder, hw, multiple, p, options, args, out, device,
-                      settings: Optional[dict] = None) -> dict:
+                      settings: Optional[dict] = None, clock: Optional[SamplingClock] = None) -> dict:
     """Shards, ``samples_HxW.npz`` and ``grid_HxW.png`` for one resolution in ``out`` (also used by the sweep).
 
     ``args`` needs ``num_images``, ``batch_size``, ``seed`` and ``labels``. Noise and labels depend on
     (seed, resolution, batch) only, so two RoPE settings sampled with one seed see the same noise.
     """
+    clock = clock if clock is not None else SamplingClock()
     h, w = hw
     grid = (h // multiple, w // multiple)
     shard_dir = out / f"{h}x{w}"
@@ -259,7 +397,8 @@ def sample_resolution(model, diffusion, autoencoder, hw, multiple, p, options, a
         generator = torch.Generator(device=device).manual_seed(seed)
         labels = labels_for(args.labels, count, model.cfg.num_classes, torch.Generator().manual_seed(seed),
                             start=b * bs)
-        tokens = sample_tokens(model, diffusion, [grid] * count, labels, options, generator, device)
+        tokens = clock.draw(lambda: sample_tokens(model, diffusion, [grid] * count, labels, options, generator, device),
+                            count, device)
         images = tokens_to_images(tokens, [grid] * count, p, autoencoder)
         save_adm_npz(shard, images, labels.numpy())
     arrays = [np.load(shard_dir / f"shard_{b:05d}.npz") for b in range(num_batches)]

@@ -17,11 +17,12 @@ rerun skips finished shards, sample files and evaluations, so an interrupted swe
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import product
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from maskfit.models.rope import (
+    ATTN_SCALES,
     EXTRAPOLATION_METHODS,
     RopeExtrapolation,
     attention_logit_scale,
@@ -50,7 +52,6 @@ FIT_GRIDS: Tuple[Tuple[Tuple[int, int], str], ...] = (
     ((20, 20), OUT_DIST), ((14, 28), OUT_DIST), ((10, 30), OUT_DIST),
 )
 PLOT_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-ATTN_SCALES = ("none", "paper", "code")  # FiTv2 eq. 15, see maskfit.models.rope
 # (label, better direction); the first available of each kind is plotted.
 METRIC_INFO = {
     "fid": ("FID", "lower"),
@@ -144,17 +145,21 @@ def parse_resolutions(texts: Sequence[str], token_budget: int, multiple: int) ->
 
 @dataclass(frozen=True)
 class Variant:
-    """One row of the table: an extrapolation method and the FiTv2 attention scale used with it."""
+    """One row of the table: an extrapolation method and the FiTv2 attention scale used with it, with the
+    sweep's readings of NTK and YaRN (one pair per sweep, so they are not in the label)."""
 
     method: str
     attn_scale: str = "none"
+    yarn_ramp: str = "paper"
+    ntk_exponent: str = "axis"
 
     @property
     def label(self) -> str:
         return self.method if self.attn_scale == "none" else f"{self.method}+attn_{self.attn_scale}"
 
     def rope(self, train_grid: Tuple[int, int]) -> RopeExtrapolation:
-        return RopeExtrapolation(self.method, train_grid, attn_scale=self.attn_scale)
+        return RopeExtrapolation(self.method, train_grid, attn_scale=self.attn_scale, yarn_ramp=self.yarn_ramp,
+                                 ntk_exponent=self.ntk_exponent)
 
 
 # Every (method, attention scale) in a fixed order: a shared sample set is named by the first member
@@ -166,7 +171,8 @@ def _split_list(text: str) -> List[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def parse_variants(methods: str, attn_scales: str = "none") -> List[Variant]:
+def parse_variants(methods: str, attn_scales: str = "none", yarn_ramp: str = "paper",
+                   ntk_exponent: str = "axis") -> List[Variant]:
     """Rows of the sweep from ``--methods`` and ``--attn-scale`` (comma lists; every pair is swept)."""
     names, scales = _split_list(methods), _split_list(attn_scales)
     bad = [m for m in names if m not in EXTRAPOLATION_METHODS]
@@ -183,9 +189,19 @@ def parse_variants(methods: str, attn_scales: str = "none") -> List[Variant]:
         )
     out: List[Variant] = []
     for m, a in product(names, scales):
-        if Variant(m, a) not in out:
-            out.append(Variant(m, a))
+        if Variant(m, a, yarn_ramp, ntk_exponent) not in out:
+            out.append(Variant(m, a, yarn_ramp, ntk_exponent))
     return out
+
+
+def attn_scales_arg(text: str) -> str:
+    """--attn-scale for the sweep: a comma list of ATTN_SCALES (argparse type: a typo fails at parsing)."""
+    bad = [a for a in _split_list(text) if a not in ATTN_SCALES]
+    if bad or not _split_list(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: unknown value(s) {bad or '(none given)'}; a comma list from {','.join(ATTN_SCALES)}"
+        )
+    return text
 
 
 def model_head_dims(model_cfg) -> Tuple[int, ...]:
@@ -215,13 +231,15 @@ def rope_signature(variant: Variant, grid: Tuple[int, int], train_grid: Tuple[in
 
 def sample_set_for(variant: Variant, grid: Tuple[int, int], train_grid: Tuple[int, int],
                    head_dim: Union[int, Sequence[int]], theta: float) -> Variant:
-    """The first variant of ALL_VARIANTS with the same RoPE tables as ``variant`` at ``grid``.
+    """The first variant of ALL_VARIANTS (read with ``variant``'s YaRN ramp and NTK exponent) with the same
+    RoPE tables as ``variant`` at ``grid``.
 
     Equality is up to float64 rounding (rtol 1e-12): at scale 1 YaRN's (1-g) f/1 + g f is f
     mathematically but may differ from f in the last bit; such settings are the same model.
     """
     own = rope_signature(variant, grid, train_grid, head_dim, theta)
     for other in ALL_VARIANTS:
+        other = replace(other, yarn_ramp=variant.yarn_ramp, ntk_exponent=variant.ntk_exponent)
         if np.allclose(rope_signature(other, grid, train_grid, head_dim, theta), own, rtol=1e-12, atol=0.0):
             return other
     return variant  # unreachable: variant itself is in ALL_VARIANTS
@@ -262,13 +280,13 @@ def run_sweep(args) -> dict:
     from maskfit.evaluate.report import evaluate_samples, network_id
     from maskfit.finetune import rope_train_grid
     from maskfit.sampling_run import (
-        default_sampler, load_autoencoder, load_sampling_model, record_settings, sample_resolution,
+        load_autoencoder, load_sampling_model, record_settings, resolve_precision, resolve_sampling_choices,
+        sample_resolution, sampler_options,
     )
-    from maskfit.sample import SamplerOptions
     from maskfit.train import build_diffusion, resolve_device
 
     # Cheap checks first: a typo must not cost a model load or an hour of sampling.
-    variants = parse_variants(args.methods, args.attn_scale)
+    parse_variants(args.methods, args.attn_scales or "none")
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError(f"--num-images {args.num_images} and --batch-size {args.batch_size} must be >= 1")
     reference_path = Path(args.reference)
@@ -280,9 +298,14 @@ def run_sweep(args) -> dict:
     ckpt = resolve_checkpoint(Path(args.checkpoint))
 
     device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
     network = _load_network(args, device)
     is_proxy = bool(args.proxy)
-    model, run_cfg = load_sampling_model(ckpt, args, device)
+    model, run_cfg = load_sampling_model(ckpt, args, device, precision)
+    # --recipe's choices with the explicit flags on top; without --attn-scale the rows use the recipe's one.
+    choices = resolve_sampling_choices(args, run_cfg.diffusion.objective)
+    variants = parse_variants(args.methods, args.attn_scales or choices["attn_scale"], choices["yarn_ramp"],
+                              choices["ntk_exponent"])
     diffusion = build_diffusion(run_cfg)
     factor = autoencoder_factor(run_cfg.data)  # known from the config: the VAE loads only if sampling is needed
     p = model.cfg.patch_size
@@ -292,14 +315,15 @@ def run_sweep(args) -> dict:
     derived = not args.resolutions
     resolutions = derive_resolutions(budget, multiple) if derived else parse_resolutions(args.resolutions, budget, multiple)
 
-    default_method, default_steps = default_sampler(run_cfg.diffusion.objective)
-    sampler, steps = args.sampler or default_method, args.steps or default_steps
     out = Path(args.out) if args.out else ckpt / "sweep"
     out.mkdir(parents=True, exist_ok=True)
+    # Everything that changes the pixels of a sample set (the attention scale is per row, in the set's name).
     settings = {
         "checkpoint": str(ckpt.resolve()), "use_ema": not args.no_ema, "num_images": args.num_images,
-        "batch_size": args.batch_size, "seed": args.seed, "labels": args.labels, "sampler": sampler,
-        "steps": steps, "cfg_scale": args.cfg_scale, "guidance_channels": args.guidance_channels,
+        "batch_size": args.batch_size, "seed": args.seed, "labels": args.labels, "sampler": choices["sampler"],
+        "steps": choices["steps"], "atol": choices["atol"], "rtol": choices["rtol"], "cfg_scale": args.cfg_scale,
+        "guidance_channels": choices["guidance_channels"], "yarn_ramp": choices["yarn_ramp"],
+        "ntk_exponent": choices["ntk_exponent"], "precision": precision, "attention": model.cfg.attention,
     }
     record_settings(out, settings)  # refuses a folder sampled with other settings
 
@@ -329,10 +353,7 @@ def run_sweep(args) -> dict:
             if not npz.exists():  # finished sets are skipped whole; unfinished ones resume from their shards
                 if autoencoder is None:
                     autoencoder, _ = load_autoencoder(run_cfg, args.vae_path, device)
-                options = SamplerOptions(
-                    method=sampler, steps=steps, cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels,
-                    rope=set_variant.rope(train_grid),
-                )
+                options = sampler_options(choices, set_variant.rope(train_grid), args.cfg_scale, precision)
                 set_dir.mkdir(parents=True, exist_ok=True)
                 sample_resolution(model, diffusion, autoencoder, (res.height, res.width), multiple, p, options,
                                   sample_args, set_dir, device)
@@ -346,13 +367,17 @@ def run_sweep(args) -> dict:
             result = results[(s.label, res.label)]
             scales = axis_scales(torch.tensor([res.grid]), v.rope(train_grid))[0].tolist()  # (s_h, s_w)
             row = {
-                "variant": v.label, "method": v.method, "attn_scale": v.attn_scale, "split": res.split,
+                "variant": v.label, "method": v.method, "attn_scale": v.attn_scale, "yarn_ramp": v.yarn_ramp,
+                "ntk_exponent": v.ntk_exponent, "split": res.split,
                 "resolution": res.label, "height": res.height, "width": res.width, "grid_h": res.grid[0],
                 "grid_w": res.grid[1], "tokens": res.tokens, "rope_scale_h": scales[0], "rope_scale_w": scales[1],
                 # Shared: this sample set is also another row's at this resolution (same images, same numbers).
                 "sample_set": s.label, "shared": sum(sets[u] == s for u in variants) > 1,
                 "num_images": result["samples"]["count"], "network": result["feature_network"]["name"],
                 "comparable_to_published": result["comparable_to_published"],
+                # The sweep-wide choices on every row, so a row read alone says how it was sampled.
+                "recipe": choices["recipe"], "sampler": choices["sampler"], "steps": choices["steps"],
+                "guidance_channels": choices["guidance_channels"], "precision": precision,
             }
             row.update(result["metrics"])
             rows.append(row)
@@ -360,6 +385,7 @@ def run_sweep(args) -> dict:
 
     context = {
         "checkpoint": str(ckpt), "checkpoint_name": _checkpoint_name(ckpt), "settings": settings,
+        "recipe": choices["recipe"],
         "is_proxy": is_proxy, "network_name": getattr(network, "name", net_id), "network_id": net_id,
         "reference": str(reference_path), "token_budget": budget, "patch_size": p, "factor": factor,
         "train_grid": train_grid, "derived": derived, "variants": variants, "resolutions": resolutions,
@@ -435,6 +461,18 @@ def _resolution_text(ctx: dict) -> str:
     )
 
 
+def _sampler_text(s: dict) -> str:
+    if s["sampler"] == "dopri5":
+        return f"dopri5 (adaptive, atol {s['atol']:g}, rtol {s['rtol']:g})"
+    return f"{s['sampler']}, {s['steps']} steps"
+
+
+def _recipe_text(recipe) -> str:
+    if recipe is None:
+        return "none (the project's defaults)"
+    return f"`{recipe}` ({'as the papers write it' if recipe == 'paper' else 'as the released whlzy/FiT code runs it'})"
+
+
 def format_markdown(rows: List[dict], ctx: dict) -> str:
     s = ctx["settings"]
     resolutions: List[SweepResolution] = ctx["resolutions"]
@@ -461,8 +499,11 @@ def format_markdown(rows: List[dict], ctx: dict) -> str:
         f"- Reference: `{ctx['reference']}` ({any_result['reference']['statistics']}).",
         f"- Samples: {s['num_images']} per (method, resolution); labels `{s['labels']}`, seed {s['seed']}: every "
         "method sees the same noise and labels at a resolution (a paired comparison).",
-        f"- Sampler: {s['sampler']}, {s['steps']} steps, classifier-free guidance scale {s['cfg_scale']}"
+        f"- Sampler: {_sampler_text(s)}, classifier-free guidance scale {s['cfg_scale']}"
         + (f" on the first {s['guidance_channels']} channels" if s["guidance_channels"] else " on all channels") + ".",
+        f"- Recipe: {_recipe_text(ctx['recipe'])}; YaRN ramp `{s['yarn_ramp']}`, NTK exponent `{s['ntk_exponent']}`, "
+        f"attention scale per row; network in {s['precision']} ({s['attention']} attention), sampler and "
+        "guidance in fp32.",
         f"- Resolutions: {_resolution_text(ctx)} RoPE training grid {tg[0]}x{tg[1]} patches (scale 1 inside it).",
         "- Baseline: `none` (no extrapolation) at the in-distribution sizes.",
         "- Shared samples (marked \\*): where a method's RoPE tables at a grid equal another's, one sample set "
@@ -556,7 +597,7 @@ def write_plot(rows: List[dict], ctx: dict, path: Path) -> None:
         ax.legend(title="RoPE method", fontsize="small")
     s = ctx["settings"]
     fig.suptitle(f"{ctx['checkpoint_name']}: {METRIC_INFO[primary][0]} vs resolution, {net}\n"
-                 f"{s['num_images']} samples per point, {s['sampler']} {s['steps']} steps, CFG {s['cfg_scale']}; "
+                 f"{s['num_images']} samples per point, {_sampler_text(s)}, CFG {s['cfg_scale']}; "
                  "methods are drawn side by side at each resolution")
     fig.savefig(path, dpi=120)
 
@@ -577,8 +618,9 @@ def add_sweep_arguments(p) -> None:
     p.add_argument("--num-images", "-n", type=int, default=1000, help="images per (method, resolution)")
     p.add_argument("--methods", default=",".join(EXTRAPOLATION_METHODS),
                    help=f"comma list of RoPE extrapolation methods (default: all: {','.join(EXTRAPOLATION_METHODS)})")
-    p.add_argument("--attn-scale", default="none",
-                   help="comma list of FiTv2 eq. 15 attention scales (none|paper|code); every method x scale is a row")
+    p.add_argument("--attn-scale", dest="attn_scales", type=attn_scales_arg, default=None,
+                   help="comma list of FiTv2 eq. 15 attention scales (none|paper|code); every method x scale is a row "
+                        "(default: none, or --recipe's for a FiTv2 run)")
     p.add_argument("--resolutions", action="append", default=None,
                    help="HxW or S pixels, comma list or repeated (default: FiT's six grids scaled to the run's budget)")
     add_sampler_arguments(p)

@@ -233,7 +233,32 @@ def evaluate_samples(
             notes.append("Class accuracy skipped: the sample file has no labels (arr_1).")
     timings["metrics_s"] = time.perf_counter() - t0
 
-    return _result_dict(network, opened, n, reference, ref_source, values, timings, notes, pr_precision)
+    result = _result_dict(network, opened, n, reference, ref_source, values, timings, notes, pr_precision)
+    result["sampling"] = None if isinstance(samples, np.ndarray) else sampling_record(samples)
+    return result
+
+
+def sampling_record(samples: Union[str, Path]) -> Optional[Dict]:
+    """What `maskfit sample` recorded beside a sample file (``sampling.json``: recipe, sampler, guidance, RoPE
+    readings, precision), so a report says how its samples were drawn; None when there is no such file."""
+    path = Path(samples).parent / "sampling.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _sampling_line(record: Dict) -> str:
+    o = record.get("options") or {}
+    rope = o.get("rope") or {}
+    if o.get("method") == "dopri5" and o.get("atol") is not None:
+        sampler = f"dopri5 (adaptive, atol {o['atol']:g}, rtol {o['rtol']:g})"
+    else:
+        sampler = f"{o.get('method')}, {o.get('steps')} steps"
+    channels = f"the first {o['guidance_channels']} channels" if o.get("guidance_channels") else "all channels"
+    return (
+        f"- Sampling (`sampling.json` beside the samples): recipe {record.get('recipe') or 'none (the defaults)'}; "
+        f"{sampler}; CFG {o.get('cfg_scale')} on {channels}; RoPE {rope.get('method')} (attention scale "
+        f"{rope.get('attn_scale')}, YaRN ramp {rope.get('yarn_ramp')}, NTK exponent {rope.get('ntk_exponent')}); "
+        f"network in {o.get('precision')} ({record.get('attention')} attention); checkpoint {record.get('checkpoint')}."
+    )
 
 
 def _result_dict(network, opened: _Samples, n: int, reference: ReferenceBatch, ref_source: str, values, timings, notes, pr_precision) -> Dict:
@@ -324,6 +349,7 @@ def format_markdown(result: Dict) -> str:
         + f"; statistics: {r['statistics']}.",
         f"- Feature network: {net['name']}" + (f", weights SHA-256 {net['weights_sha256']}" if net["weights_sha256"] else "") + ".",
         f"- Comparable to published tables: {'yes' if result['comparable_to_published'] else 'no'}.",
+        *([_sampling_line(result["sampling"])] if result.get("sampling") else []),
         "",
         "## Notes",
         "",

@@ -36,6 +36,10 @@ import torch
 from torch import Tensor
 
 EXTRAPOLATION_METHODS = ("none", "pi", "ntk", "yarn", "vision_ntk", "vision_yarn")
+# Readings of the paper-vs-code departures above ("paper" first where the papers give one).
+ATTN_SCALES = ("none", "paper", "code")  # FiTv2 eq. 15: off, the paper's reading, the released code's
+NTK_EXPONENTS = ("axis", "head")
+YARN_RAMPS = ("paper", "code")
 
 
 @dataclass
@@ -54,9 +58,9 @@ class RopeExtrapolation:
         if self.method not in EXTRAPOLATION_METHODS:
             raise ValueError(f"unknown RoPE extrapolation {self.method!r}; choose one of {EXTRAPOLATION_METHODS}")
         for name, value, allowed in (
-            ("attn_scale", self.attn_scale, ("none", "paper", "code")),
-            ("ntk_exponent", self.ntk_exponent, ("axis", "head")),
-            ("yarn_ramp", self.yarn_ramp, ("paper", "code")),
+            ("attn_scale", self.attn_scale, ATTN_SCALES),
+            ("ntk_exponent", self.ntk_exponent, NTK_EXPONENTS),
+            ("yarn_ramp", self.yarn_ramp, YARN_RAMPS),
         ):
             if value not in allowed:
                 raise ValueError(f"RopeExtrapolation.{name}={value!r}; choose one of {allowed}")
