@@ -10,11 +10,12 @@
 #   pixels    Imagenette 64 px in pixel space (configs/imagenette_pixels.toml as the issue ran it: 256-token
 #             budget, batch 256, 10 workers, varlen, compiled), unmasked and 50 % kept; needs the images in
 #             the ignored folder .carry/imagenette/train-64 (carry .carry)
+#   sampling  `maskfit sample` images/s beside `maskfit bench --sampling` (FiTv2-B/2, 512 images, 50 Euler steps)
 #   latents   FiT-B/2 (158.7 M) from a latent cache of random latents at ImageNet-like sizes (written first,
 #             8192 images), unmasked, 50 % plain, 50 % decoder
 # Each writes JSON lines and a log under OUT_DIR (default: $OUT, else ./device_out).
 set -uo pipefail
-stage=${1:?usage: tools/real_path.sh tests|pixels|latents [OUT_DIR]}
+stage=${1:?usage: tools/real_path.sh tests|pixels|sampling|latents [OUT_DIR]}
 out=${2:-${OUT:-device_out}}
 mkdir -p "$out"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -38,5 +39,16 @@ case "$stage" in
     bench 170 --data configs/fit_b2_imagenet.toml "${common[@]}" --steps 20 --warmup 8
     bench 170 --data configs/fit_b2_imagenet.toml "${common[@]}" --set mask.keep_ratio=0.5 --steps 20 --warmup 8
     bench 170 --data configs/fit_b2_imagenet.toml "${common[@]}" --set mask.keep_ratio=0.5 --set mask.design='"decoder"' --steps 20 --warmup 8 ;;
+  sampling)
+    # `maskfit sample` beside `maskfit bench --sampling` on the same model (FiTv2-B/2, random weights, pixel space
+    # so no autoencoder weights are needed; token grids from FiT's ImageNet-like mix at 256 tokens, as the bench).
+    python3 -m maskfit.cli train configs/imagenette_pixels.toml --set model.preset='"FiTv2-B/2"' \
+      --set model.overrides='{"patch_size": 2, "in_channels": 3}' --set model.attention='"varlen"' \
+      --set data.source='"synthetic"' --set data.num_images=64 --set data.random_aspect_crop=false \
+      --set data.token_budget=256 --set train.steps=1 --set train.batch_size=8 --set train.out_dir='"/tmp/samp"' \
+      --quiet 2>&1 | tee -a "$log"
+    timeout 200 python3 -m maskfit.cli sample /tmp/samp --distribution imagenet -n 512 --batch-size 128 --steps 50 \
+      --cfg-scale 1.5 --sampler euler --out /tmp/samp_out 2>&1 | tee -a "$log" | tail -40
+    bench 200 --sampling --models FiTv2-B/2 --num-images 512 --batch 128 --sample-steps 50 --cfg-scale 1.5 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

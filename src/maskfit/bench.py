@@ -316,12 +316,12 @@ def run_bench(args) -> int:
             with open(args.out, "a") as f:
                 f.write(line + "\n")
 
-    if args.write_random_cache:
+    if getattr(args, "write_random_cache", None):
         from maskfit.bench_data import write_random_latent_cache
 
         print(write_random_latent_cache(Path(args.write_random_cache), args.num_images))
         return 0
-    if args.data:
+    if getattr(args, "data", None):
         from maskfit.bench_data import bench_config
         from maskfit.config import load_config
 
