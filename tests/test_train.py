@@ -209,3 +209,65 @@ def test_loss_logged_after_a_resume_averages_only_the_steps_it_saw(tmp_path):
     resumed = train(tiny_run(tmp_path / "run", steps=6), progress=False).losses  # resumes at step 3
     # Steps 4 and 5-6 are logged: step 4 alone (the resume starts between log lines), then the mean of 5 and 6.
     assert resumed == pytest.approx([per_step[3], (per_step[4] + per_step[5]) / 2], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Comparable runs: images seen, max_images, max_seconds, batch size under token batching
+# ----------------------------------------------------------------------------------------------------
+
+TOKEN_BATCHING = {"batching": "tokens", "tokens_per_step": 64}
+
+
+def test_a_batch_size_under_token_batching_is_an_error_that_names_the_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"train.batch_size=8 has no effect with data.batching='tokens'.*train.max_images"):
+        tiny_run(tmp_path, data=TOKEN_BATCHING)
+    raw_images = tiny_run(tmp_path, train={"batch_size": None})
+    assert raw_images.train.batch_size == 256  # image batching without a batch size: FiT's 256
+
+
+def _logged(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_images_seen_are_counted_logged_checkpointed_and_resumed(tmp_path):
+    def cfg(out):
+        c = tiny_run(out, data=TOKEN_BATCHING, mask={"keep_ratio": 0.5}, train={"batch_size": None})
+        return c
+
+    straight = train(cfg(tmp_path / "a"), progress=False)
+    rows = _logged(tmp_path / "a")
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    # Token batching at 50 % kept packs about 64 / (16 * 0.5) = 8 images per step: more than 64 / 16 = 4.
+    assert straight.images_seen == rows[-1]["images_seen"] > 6 * 4
+    assert all(later["images_seen"] > earlier["images_seen"] for earlier, later in zip(rows, rows[1:]))
+    state = ckpt_io.load_state(ckpt_io.latest_checkpoint(tmp_path / "a"))
+    assert state["images_seen"] == straight.images_seen
+    train(cfg(tmp_path / "b"), progress=False, stop_after=3)
+    resumed = train(cfg(tmp_path / "b"), progress=False)
+    assert resumed.images_seen == straight.images_seen
+    for key in ("speed/images_per_s", "speed/tokens_per_s", "compile/graphs", "compile/seconds"):
+        assert key in rows[-1]
+    assert "speed/mfu" not in rows[-1]  # no known peak on a CPU: no made-up MFU
+
+
+def test_max_images_stops_the_run_at_the_first_step_that_reaches_it(tmp_path):
+    cfg = tiny_run(tmp_path / "run", steps=100, train={"max_images": 20})  # batch 8: steps 1, 2, 3 -> 24 >= 20
+    result = train(cfg, progress=False)
+    assert (result.step, result.images_seen) == (3, 24)
+    assert ckpt_io.latest_checkpoint(tmp_path / "run").name == "step_0000003"  # the stop is checkpointed
+
+
+def test_max_seconds_comes_from_the_config(tmp_path):
+    cfg = tiny_run(tmp_path / "run", steps=10_000, train={"max_seconds": 0.5})
+    result = train(cfg, progress=False)
+    assert 0 < result.step < 10_000
+    assert ckpt_io.latest_checkpoint(tmp_path / "run").name == f"step_{result.step:07d}"
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("max_images", 0, "train.max_images=0 must be a positive number of images"),
+    ("max_seconds", -1.0, "train.max_seconds=-1.0 must be a positive number of seconds"),
+])
+def test_stop_limits_are_checked(tmp_path, key, value, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_run(tmp_path, train={key: value})

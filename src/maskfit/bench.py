@@ -238,8 +238,10 @@ def bench_sampling(
     objective = "ddpm" if cfg.learn_sigma else "flow"
     diffusion = build_diffusion(config_from_dict({"diffusion": {"objective": objective}}))
     if compile:
+        from maskfit.sampling_run import compile_for_sampling
+
         torch._dynamo.reset()  # no shapes remembered from earlier rows (see bench_train_step)
-        model.forward = torch.compile(model.forward)
+        compile_for_sampling(model)  # as `maskfit sample --compile`
     grids = imagenet_like_grids(num_images, seed=seed)
     if not packed:
         grids = sorted(grids)  # group equal resolutions
@@ -280,6 +282,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="benchmark sampling instead of training: packed mixed resolutions vs one per batch")
     p.add_argument("--num-images", type=int, default=512, help="--sampling: images per layout")
     p.add_argument("--sample-steps", type=int, default=50, help="--sampling: Euler steps")
+    p.add_argument("--sample-compile", action="store_true",
+                   help="--sampling: compile the network as `maskfit sample --compile` does")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="--sampling: guidance scale")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="--sampling: the network's precision, as `maskfit sample --precision` (auto = bf16 on CUDA)")
@@ -333,7 +337,7 @@ def run_bench(args) -> int:
         for preset in args.models.split(","):
             for packed in (True, False):
                 record(bench_sampling(preset, args.num_images, args.batch, args.sample_steps, args.cfg_scale, packed,
-                                      args.attention or "auto", compile=False, device=args.device,
+                                      args.attention or "auto", compile=args.sample_compile, device=args.device,
                                       precision=args.precision))
         return 0
     for preset in args.models.split(","):
