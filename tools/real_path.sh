@@ -13,11 +13,12 @@
 #   sampling  `maskfit sample` images/s beside `maskfit bench --sampling` (FiTv2-B/2, 512 images, 50 Euler steps)
 #   rest      FiT-B/2-dit from the random latent cache and FiT-B/2 (patch 4 px) from the Imagenette folder,
 #             unmasked, 50 % plain, 50 % decoder
+#   workers   FiT-B/2 from the image folder at 50 % kept with 10 and 15 workers, longer windows
 #   latents   FiT-B/2 (158.7 M) from a latent cache of random latents at ImageNet-like sizes (written first,
 #             8192 images), unmasked, 50 % plain, 50 % decoder
 # Each writes JSON lines and a log under OUT_DIR (default: $OUT, else ./device_out).
 set -uo pipefail
-stage=${1:?usage: tools/real_path.sh tests|pixels|sampling|latents|rest [OUT_DIR]}
+stage=${1:?usage: tools/real_path.sh tests|pixels|sampling|latents|rest|workers [OUT_DIR]}
 out=${2:-${OUT:-device_out}}
 mkdir -p "$out"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -35,7 +36,7 @@ case "$stage" in
     bench 280 --data configs/imagenette_pixels.toml "${common[@]}" --steps 60 --warmup 15
     bench 280 --data configs/imagenette_pixels.toml "${common[@]}" --set mask.keep_ratio=0.5 --steps 60 --warmup 15 ;;
   latents)
-    python3 -m maskfit.cli bench --write-random-cache /tmp/rand_cache --num-images 8192 2>&1 | tee -a "$log"
+    rm -rf /tmp/rand_cache; python3 -m maskfit.cli bench --write-random-cache /tmp/rand_cache --num-images 8192 2>&1 | tee -a "$log"
     common=(--set data.source='"latents"' --set data.root='"/tmp/rand_cache"' --set model.attention='"varlen"'
             --set data.layout='"packed"' --set data.num_workers=10)
     bench 170 --data configs/fit_b2_imagenet.toml "${common[@]}" --steps 20 --warmup 8
@@ -54,7 +55,7 @@ case "$stage" in
     bench 200 --sampling --models FiTv2-B/2 --num-images 512 --batch 128 --sample-steps 50 --cfg-scale 1.5 ;;
   rest)
     # FiT-B/2-dit from the random latent cache, and FiT-B/2 (patch 4 px, 3 channels) from the Imagenette folder.
-    python3 -m maskfit.cli bench --write-random-cache /tmp/rand_cache --num-images 8192 2>&1 | tee -a "$log"
+    rm -rf /tmp/rand_cache; python3 -m maskfit.cli bench --write-random-cache /tmp/rand_cache --num-images 8192 2>&1 | tee -a "$log"
     lat=(--set data.source='"latents"' --set data.root='"/tmp/rand_cache"' --set model.attention='"varlen"'
          --set data.layout='"packed"' --set data.num_workers=10 --set model.preset='"FiT-B/2-dit"')
     bench 100 --data configs/fit_b2_imagenet.toml "${lat[@]}" --steps 15 --warmup 8
@@ -67,5 +68,14 @@ case "$stage" in
     bench 100 --data configs/imagenette_pixels.toml "${img[@]}" --steps 15 --warmup 8
     bench 100 --data configs/imagenette_pixels.toml "${img[@]}" --set mask.keep_ratio=0.5 --steps 15 --warmup 8
     bench 120 --data configs/imagenette_pixels.toml "${img[@]}" --set mask.keep_ratio=0.5 --set mask.design='"decoder"' --steps 15 --warmup 8 ;;
+  workers)
+    # FiT-B/2 from the Imagenette folder at 50 % kept (real/synthetic 0.75 in the rest stage): longer windows,
+    # 10 and 15 workers: is the real path loader-bound?
+    img=(--set data.root='".carry/imagenette/train-64"' --set data.token_budget=256 --set train.batch_size=256
+         --set model.attention='"varlen"' --set train.compile=true --set mask.keep_ratio=0.5
+         --set model.preset='"FiT-B/2"' --set model.overrides='{"patch_size": 4, "in_channels": 3, "num_classes": 10}'
+         --set diffusion.objective='"ddpm"')
+    bench 150 --data configs/imagenette_pixels.toml "${img[@]}" --set data.num_workers=10 --steps 40 --warmup 24
+    bench 150 --data configs/imagenette_pixels.toml "${img[@]}" --set data.num_workers=15 --steps 40 --warmup 24 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -111,11 +111,14 @@ def bench_config(cfg, name: str, steps: int = 30, warmup: int = 10, distinct_bat
         # --- loader: the same loader alone (batches built, copied to the device, nothing trained): its top rate
         data = build_training_data(cfg, run_patch_size(cfg))
         dev = resolve_device(cfg.train.device)
-        for s in range(warmup):
+        # Drain what the workers prefetched while starting (2 batches each) before the clock starts: the
+        # window then times batches made while it runs, not a full queue.
+        drain = max(warmup, 2 * cfg.data.num_workers + 2)
+        for s in range(drain):
             data.next_device_batch(s, dev)
         sync_device(dev)
         t0, images = time.perf_counter(), 0
-        for s in range(warmup, warmup + steps):
+        for s in range(drain, drain + steps):
             data.next_device_batch(s, dev)
             images += data.last_info.num_images
         sync_device(dev)
