@@ -14,11 +14,12 @@
 #   rest      FiT-B/2-dit from the random latent cache and FiT-B/2 (patch 4 px) from the Imagenette folder,
 #             unmasked, 50 % plain, 50 % decoder
 #   workers   FiT-B/2 from the image folder at 50 % kept with 10 and 15 workers, longer windows
+#   folder    FiT-B/2 from the image folder (pixel tokens as 8-bit codes): 50 % plain, 50 % decoder, unmasked
 #   latents   FiT-B/2 (158.7 M) from a latent cache of random latents at ImageNet-like sizes (written first,
 #             8192 images), unmasked, 50 % plain, 50 % decoder
 # Each writes JSON lines and a log under OUT_DIR (default: $OUT, else ./device_out).
 set -uo pipefail
-stage=${1:?usage: tools/real_path.sh tests|pixels|sampling|latents|rest|workers [OUT_DIR]}
+stage=${1:?usage: tools/real_path.sh tests|pixels|sampling|latents|rest|workers|folder [OUT_DIR]}
 out=${2:-${OUT:-device_out}}
 mkdir -p "$out"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -77,5 +78,14 @@ case "$stage" in
          --set diffusion.objective='"ddpm"')
     bench 150 --data configs/imagenette_pixels.toml "${img[@]}" --set data.num_workers=10 --steps 40 --warmup 24
     bench 150 --data configs/imagenette_pixels.toml "${img[@]}" --set data.num_workers=15 --steps 40 --warmup 24 ;;
+  folder)
+    # FiT-B/2 (patch 4 px) from the Imagenette folder, pixel tokens as 8-bit codes, 40 timed steps.
+    img=(--set data.root='".carry/imagenette/train-64"' --set data.token_budget=256 --set train.batch_size=256
+         --set model.attention='"varlen"' --set train.compile=true --set data.num_workers=10
+         --set model.preset='"FiT-B/2"' --set model.overrides='{"patch_size": 4, "in_channels": 3, "num_classes": 10}'
+         --set diffusion.objective='"ddpm"')
+    bench 110 --data configs/imagenette_pixels.toml "${img[@]}" --set mask.keep_ratio=0.5 --steps 40 --warmup 24
+    bench 110 --data configs/imagenette_pixels.toml "${img[@]}" --set mask.keep_ratio=0.5 --set mask.design='"decoder"' --steps 40 --warmup 24
+    bench 110 --data configs/imagenette_pixels.toml "${img[@]}" --steps 40 --warmup 24 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
