@@ -14,7 +14,7 @@
 #   rest      FiT-B/2-dit from the random latent cache and FiT-B/2 (patch 4 px) from the Imagenette folder,
 #             unmasked, 50 % plain, 50 % decoder
 #   workers   FiT-B/2 from the image folder at 50 % kept with 10 and 15 workers, longer windows
-#   folder    FiT-B/2 from the image folder (pixel tokens as 8-bit codes): 50 % plain, 50 % decoder, unmasked
+#   folder    FiT-B/2 from the image folder: 50 % plain, 50 % decoder, unmasked (40 timed steps)
 #   latents   FiT-B/2 (158.7 M) from a latent cache of random latents at ImageNet-like sizes (written first,
 #             8192 images), unmasked, 50 % plain, 50 % decoder
 # Each writes JSON lines and a log under OUT_DIR (default: $OUT, else ./device_out).
@@ -79,7 +79,7 @@ case "$stage" in
     bench 150 --data configs/imagenette_pixels.toml "${img[@]}" --set data.num_workers=10 --steps 40 --warmup 24
     bench 150 --data configs/imagenette_pixels.toml "${img[@]}" --set data.num_workers=15 --steps 40 --warmup 24 ;;
   folder)
-    # FiT-B/2 (patch 4 px) from the Imagenette folder, pixel tokens as 8-bit codes, 40 timed steps.
+    # FiT-B/2 (patch 4 px) from the Imagenette folder, 40 timed steps.
     img=(--set data.root='".carry/imagenette/train-64"' --set data.token_budget=256 --set train.batch_size=256
          --set model.attention='"varlen"' --set train.compile=true --set data.num_workers=10
          --set model.preset='"FiT-B/2"' --set model.overrides='{"patch_size": 4, "in_channels": 3, "num_classes": 10}'

@@ -582,7 +582,6 @@ class StepBatchBuilder:
     tokens_per_step: Optional[int] = None  # token batching: backbone tokens per step
     max_images: Optional[int] = None  # token batching: images per step at most
     max_seqlen: int = 0  # token batching: the static segment-length bound (the per-image token budget)
-    pixel_codes: bool = False  # pixel-space tokens travel as 8-bit codes (maskfit.data.transfer)
 
     def __call__(self, pairs: Sequence[tuple[tuple, object]]) -> tuple[FlatBatch, StepInfo]:
         from maskfit.data.loader import collate_items
@@ -603,7 +602,7 @@ class StepBatchBuilder:
         kept = full if batch.mask is None else batch.mask.layout.seqlens()[:n]  # (n,)
         sums = TokenSums(n, int(kept.sum()), int((kept * kept).sum()), int(full.sum()), int((full * full).sum()))
         # Two tensors instead of 14 cross to the main process (maskfit.data.transfer says why).
-        return flatten(batch, self.pixel_codes), StepInfo(step, n, slots, real, batch.mask is not None, sums)
+        return flatten(batch), StepInfo(step, n, slots, real, batch.mask is not None, sums)
 
     def _fill_budget(self, batch: TokenBatch, keys: Sequence[tuple], step: int) -> TokenBatch:
         grids = [tuple(g) for g in batch.layout.grid.tolist()]
@@ -707,11 +706,6 @@ class TrainingData:
         self._iterator = None
 
 
-def pixel_space(data: DataConfig) -> bool:
-    """Items are 8-bit pixels made by to_tensor_image (image folders, synthetic classes), not latents."""
-    return data.source in ("folder", "synthetic") and data.autoencoder == "identity"
-
-
 def build_training_data(cfg: RunConfig, patch_size: int) -> TrainingData:
     from maskfit.data.loader import make_loader
 
@@ -726,8 +720,7 @@ def build_training_data(cfg: RunConfig, patch_size: int) -> TrainingData:
             f"the dataset has {len(dataset)} images, fewer than train.batch_size={cfg.train.batch_size}; "
             "lower the batch size or add images"
         )
-    builder = StepBatchBuilder(patch, cfg.data.layout, cfg.data.token_budget, mask, cfg.train.seed,
-                               pixel_codes=pixel_space(cfg.data))
+    builder = StepBatchBuilder(patch, cfg.data.layout, cfg.data.token_budget, mask, cfg.train.seed)
     loader = make_loader(
         dataset, cfg.train.batch_size, layout=cfg.data.layout, seed=cfg.train.seed,
         num_workers=cfg.data.num_workers, patch=patch, seq_len=cfg.data.token_budget, pin_memory=pin,
@@ -745,7 +738,6 @@ def _token_batching(cfg: RunConfig, dataset, patch: int, mask: Optional[MaskConf
     builder = StepBatchBuilder(
         patch, "packed", None, mask, cfg.train.seed, tokens_per_step=data.tokens_per_step,
         max_images=data.max_images_per_step, max_seqlen=int(getattr(dataset, "token_budget", data.token_budget)),
-        pixel_codes=pixel_space(data),
     )
     loader = TokenBudgetLoader(dataset, sampler, builder, data.num_workers, pin_memory=pin)
     return TrainingData(loader, dataset_channels(dataset), mask, cfg.train.seed, tokens_per_step=data.tokens_per_step)

@@ -9,12 +9,6 @@ more than the whole GPU step of a small model, and paid in the Python thread tha
 So the worker flattens the batch (:func:`flatten`) into its float tokens and ONE int64 buffer holding
 every index, position, offset, label and flag, and the main process cuts device views back out of them
 after one copy each (:meth:`FlatBatch.to`). The two forms hold the same values (tested).
-
-Pixel-space tokens travel as their 8-bit codes (``pixel_codes=True``): every pixel value the datasets
-make is ``u / 127.5 - 1`` for an 8-bit ``u`` (``maskfit.data.datasets.to_tensor_image``) and padding is 0,
-so the worker sends ``u`` (a quarter of the bytes to share, pin and copy) and the device computes the
-same float32 values with the same expression, bit for bit (tested; the worker checks a sample of every
-batch and refuses values off the 8-bit grid).
 """
 from __future__ import annotations
 
@@ -31,11 +25,10 @@ Spec = tuple[tuple[str, int, tuple[int, ...], str], ...]
 
 @dataclass
 class FlatBatch:
-    tokens: Tensor  # (T, D) float, or uint8 pixel codes: the patch tokens of the full stream
+    tokens: Tensor  # (T, D) float: the patch tokens of the full stream
     ints: Tensor  # (N,) int64: every other tensor of the batch, back to back (bools as 0/1)
     spec: Spec
     scalars: dict  # Python ints of the layouts (max_seqlen, uniform_len), and whether a mask is present
-    pixel_codes: bool = False  # tokens hold u with value u / 127.5 - 1 (0 on padding)
 
     def pin_memory(self) -> "FlatBatch":
         return dataclasses.replace(self, tokens=self.tokens.pin_memory(), ints=self.ints.pin_memory())
@@ -67,45 +60,11 @@ class FlatBatch:
         mask = None
         if self.scalars["has_mask"]:
             mask = MaskedView(parts["mask.index"], layout("mask.layout."))
-        full = layout("layout.")
-        if self.pixel_codes:
-            tokens = decode_pixels(tokens, full.valid)
-        return TokenBatch(tokens, parts["y"], full, mask=mask)
+        return TokenBatch(tokens, parts["y"], layout("layout."), mask=mask)
 
 
-def decode_pixels(codes: Tensor, valid: Optional[Tensor]) -> Tensor:
-    """(T, D) uint8 codes -> float32 pixel values in [-1, 1], 0 where ``valid`` is False (padding).
-
-    The expression of ``to_tensor_image``, so the values are the ones the dataset made, bit for bit.
-    """
-    x = codes.float() / 127.5 - 1.0
-    return x if valid is None else torch.where(valid[:, None], x, 0.0)
-
-
-def encode_pixels(tokens: Tensor, valid: Optional[Tensor], check_every: int = 61) -> Tensor:
-    """(T, D) float pixel values -> uint8 codes; refuses values that are not ``u / 127.5 - 1`` (or 0 on
-    padding), checked on every ``check_every``-th value (a dataset off the 8-bit grid fails at once)."""
-    codes = ((tokens + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    sample = slice(None, None, check_every)
-    flat_tokens, flat_codes = tokens.reshape(-1)[sample], codes.reshape(-1)[sample]
-    decoded = flat_codes.float() / 127.5 - 1.0
-    if valid is not None:
-        real = valid[:, None].expand_as(tokens).reshape(-1)[sample]
-        decoded = torch.where(real, decoded, 0.0)
-    if not torch.equal(decoded, flat_tokens):
-        raise ValueError(
-            "pixel tokens are not 8-bit values u / 127.5 - 1 (and 0 on padding), so they cannot travel as 8-bit "
-            "codes; the dataset changed pixel values after to_tensor_image (set pixel_codes=False in "
-            "StepBatchBuilder for such data)"
-        )
-    return codes
-
-
-def flatten(batch: TokenBatch, pixel_codes: bool = False) -> FlatBatch:
-    """Pack a (CPU) token batch into a :class:`FlatBatch`; ``flatten(b).unflatten()`` equals ``b``.
-
-    pixel_codes: the tokens are 8-bit pixel values (pixel-space data): send their codes (see module doc).
-    """
+def flatten(batch: TokenBatch) -> FlatBatch:
+    """Pack a (CPU) token batch into a :class:`FlatBatch`; ``flatten(b).unflatten()`` equals ``b``."""
     tensors: list[tuple[str, Tensor]] = [("y", batch.y)]
     scalars: dict = {"has_mask": batch.mask is not None}
 
@@ -129,5 +88,4 @@ def flatten(batch: TokenBatch, pixel_codes: bool = False) -> FlatBatch:
         pieces.append(t.reshape(-1).to(torch.int64))
         offset += t.numel()
     ints = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
-    tokens = encode_pixels(batch.tokens, batch.layout.valid) if pixel_codes else batch.tokens
-    return FlatBatch(tokens, ints, tuple(spec), scalars, pixel_codes)
+    return FlatBatch(batch.tokens, ints, tuple(spec), scalars)
