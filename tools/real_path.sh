@@ -28,6 +28,10 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$log"
 python3 -c 'import torch, sys; print("torch", torch.__version__, "python", sys.version.split()[0])' | tee -a "$log"
 bench() { local limit=$1; shift
   timeout "$limit" python3 -m maskfit.cli bench --out "$out/$stage.jsonl" "$@" 2>&1 | tee -a "$log"; }
+# FiT-B/2 (patch 4 px, 3 channels) on the Imagenette folder in pixel space, as the configuration runs it
+fitb2_folder=(--set data.root='".carry/imagenette/train-64"' --set data.token_budget=256 --set train.batch_size=256
+  --set model.attention='"varlen"' --set train.compile=true --set model.preset='"FiT-B/2"'
+  --set model.overrides='{"patch_size": 4, "in_channels": 3, "num_classes": 10}' --set diffusion.objective='"ddpm"')
 case "$stage" in
   tests)
     timeout 500 python3 -m pytest -q tests/test_gpu.py 2>&1 | tee -a "$log" ;;
@@ -62,28 +66,19 @@ case "$stage" in
     bench 100 --data configs/fit_b2_imagenet.toml "${lat[@]}" --steps 15 --warmup 8
     bench 100 --data configs/fit_b2_imagenet.toml "${lat[@]}" --set mask.keep_ratio=0.5 --steps 15 --warmup 8
     bench 120 --data configs/fit_b2_imagenet.toml "${lat[@]}" --set mask.keep_ratio=0.5 --set mask.design='"decoder"' --steps 15 --warmup 8
-    img=(--set data.root='".carry/imagenette/train-64"' --set data.token_budget=256 --set train.batch_size=256
-         --set data.num_workers=10 --set model.attention='"varlen"' --set train.compile=true
-         --set model.preset='"FiT-B/2"' --set model.overrides='{"patch_size": 4, "in_channels": 3, "num_classes": 10}'
-         --set diffusion.objective='"ddpm"')
+    img=("${fitb2_folder[@]}" --set data.num_workers=10)
     bench 100 --data configs/imagenette_pixels.toml "${img[@]}" --steps 15 --warmup 8
     bench 100 --data configs/imagenette_pixels.toml "${img[@]}" --set mask.keep_ratio=0.5 --steps 15 --warmup 8
     bench 120 --data configs/imagenette_pixels.toml "${img[@]}" --set mask.keep_ratio=0.5 --set mask.design='"decoder"' --steps 15 --warmup 8 ;;
   workers)
     # FiT-B/2 from the Imagenette folder at 50 % kept (real/synthetic 0.75 in the rest stage): longer windows,
     # 10 and 15 workers: is the real path loader-bound?
-    img=(--set data.root='".carry/imagenette/train-64"' --set data.token_budget=256 --set train.batch_size=256
-         --set model.attention='"varlen"' --set train.compile=true --set mask.keep_ratio=0.5
-         --set model.preset='"FiT-B/2"' --set model.overrides='{"patch_size": 4, "in_channels": 3, "num_classes": 10}'
-         --set diffusion.objective='"ddpm"')
+    img=("${fitb2_folder[@]}" --set mask.keep_ratio=0.5)
     bench 150 --data configs/imagenette_pixels.toml "${img[@]}" --set data.num_workers=10 --steps 40 --warmup 24
     bench 150 --data configs/imagenette_pixels.toml "${img[@]}" --set data.num_workers=15 --steps 40 --warmup 24 ;;
   folder)
     # FiT-B/2 (patch 4 px) from the Imagenette folder, 40 timed steps.
-    img=(--set data.root='".carry/imagenette/train-64"' --set data.token_budget=256 --set train.batch_size=256
-         --set model.attention='"varlen"' --set train.compile=true --set data.num_workers=10
-         --set model.preset='"FiT-B/2"' --set model.overrides='{"patch_size": 4, "in_channels": 3, "num_classes": 10}'
-         --set diffusion.objective='"ddpm"')
+    img=("${fitb2_folder[@]}" --set data.num_workers=10)
     bench 110 --data configs/imagenette_pixels.toml "${img[@]}" --set mask.keep_ratio=0.5 --steps 40 --warmup 24
     bench 110 --data configs/imagenette_pixels.toml "${img[@]}" --set mask.keep_ratio=0.5 --set mask.design='"decoder"' --steps 40 --warmup 24
     bench 110 --data configs/imagenette_pixels.toml "${img[@]}" --steps 40 --warmup 24 ;;
