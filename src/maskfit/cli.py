@@ -35,12 +35,12 @@ def cmd_train(args) -> int:
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     from maskfit.models.rope import ATTN_SCALES
-    from maskfit.sampling_run import add_sampler_arguments
+    from maskfit.sampling_run import add_sampler_arguments, positive_int
 
     p.add_argument("checkpoint", help="checkpoint folder or run folder (its latest checkpoint)")
     p.add_argument("--resolution", "-r", action="append", default=None,
                    help="HxW or S (square), pixels; repeat for several (default: the training budget's square)")
-    p.add_argument("--num-images", "-n", type=int, default=16, help="images per resolution")
+    p.add_argument("--num-images", "-n", type=positive_int, default=16, help="images per resolution")
     p.add_argument("--cfg-schedule", default="constant", help="constant | power_cos (MDT's schedule)")
     p.add_argument("--distribution", default=None,
                    help="'imagenet': draw each image's size from FiT's ImageNet-like aspect mix at the run's budget")

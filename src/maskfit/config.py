@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,23 @@ class ModelSection:
     preset: str = "FiT-B/2"  # a name from `maskfit models`
     overrides: dict = field(default_factory=dict)  # ModelConfig fields to change, e.g. {"in_channels": 3}
     attention: str = "dense"  # "dense" | "varlen" | "flex"
+
+    def __post_init__(self):
+        from maskfit.models.transformer import ModelConfig
+
+        hints = get_type_hints(ModelConfig)
+        # Set from other sections by the trainer, which would overwrite an override here without a word.
+        owned = {"attention": "model.attention", "mask_design": "mask.design", **{
+            k: f"mask.{k}" for k in ("decoder_depth", "decoder_hidden", "decoder_heads", "mixer_depth",
+                                     "side_decode_depth")}}
+        for key, value in self.overrides.items():
+            if key in owned:
+                raise ValueError(f"model.overrides.{key}={value!r} is set from {owned[key]}; set {owned[key]} instead")
+            if key not in hints:
+                raise ValueError(
+                    f"unknown model override {key!r} (model.overrides.{key}); ModelConfig fields: {', '.join(sorted(hints))}"
+                )
+            self.overrides[key] = _typed(f"model.overrides.{key}", value, hints[key])
 
 
 @dataclass
@@ -117,6 +135,28 @@ class OptimConfig:
     warmup_steps: int = 0  # linear warm-up (FiTv2 paper: 5000 steps)
     ema_decay: float = 0.9999
 
+    def __post_init__(self):
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise ValueError(f"optim.lr={self.lr}; a learning rate is a finite number >= 0 (FiT: 1e-4)")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas={list(self.betas)}; AdamW takes two numbers in [0, 1), e.g. [0.9, 0.999]")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"optim.eps={self.eps}; use a small positive number, e.g. 1e-8")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"optim.weight_decay={self.weight_decay}; use a number >= 0 (FiT: 0)")
+        if not self.grad_clip > 0:  # inf is fine: no clipping
+            raise ValueError(
+                f"optim.grad_clip={self.grad_clip}; it is the largest gradient norm kept, so it must be > 0 (FiT: 1.0): "
+                "0 zeroes every gradient and a negative one reverses it (gradient ascent); for no clipping use e.g. 1e9"
+            )
+        if not 0.0 <= self.ema_decay <= 1.0:  # NaN fails too
+            raise ValueError(
+                f"optim.ema_decay={self.ema_decay}; the EMA keeps this fraction of its weights per step: use a number in "
+                "[0, 1] (FiT: 0.9999; 0 copies the model)"
+            )
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps}; use 0 (no warm-up) or a positive step count")
+
 
 @dataclass
 class MaskSection:
@@ -191,6 +231,11 @@ class TrainConfig:
             raise ValueError(f"train.max_images={self.max_images} must be a positive number of images (or null)")
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise ValueError(f"train.max_seconds={self.max_seconds} must be a positive number of seconds (or null)")
+        for key in ("log_every", "ckpt_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key}={getattr(self, key)}; it is a period in steps: use a whole number >= 1")
+        if self.sample_every < 0:
+            raise ValueError(f"train.sample_every={self.sample_every}; use 0 (never) or a period in steps >= 1")
 
 
 @dataclass
@@ -269,8 +314,54 @@ def _check_choice(name: str, value: str, allowed: tuple) -> None:
         raise ValueError(f"{name}={value!r} is not one of {allowed}")
 
 
+_TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+               tuple: "a list", dict: "a table/object"}
+
+
+def _typed(path: str, value, hint):
+    """``value`` as the annotation ``hint`` wants it (an int for a float becomes a float, a list for a tuple a
+    tuple), or one ValueError naming the key, the value and the expected type."""
+    origin = get_origin(hint)
+    if origin is Union:
+        options = get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is not type(None):
+                try:
+                    return _typed(path, value, option)
+                except ValueError:
+                    pass
+        expected = " or ".join(_TYPE_NAMES.get(o, getattr(o, "__name__", str(o))) if o is not type(None) else "null"
+                               for o in options)
+    else:
+        base = origin or hint
+        if base is bool and isinstance(value, bool):
+            return value
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base is str and isinstance(value, str):
+            return value
+        if base is tuple and isinstance(value, (list, tuple)):
+            return tuple(value)
+        if base is dict and isinstance(value, dict):
+            return value
+        if base not in _TYPE_NAMES:
+            return value  # an annotation this checker does not know: the dataclass checks it
+        expected = _TYPE_NAMES[base]
+    hint_text = ""
+    if isinstance(value, float) and value.is_integer() and "whole number" in expected:
+        hint_text = f"; write {int(value)}"
+    elif isinstance(value, str) and expected != "a string":
+        hint_text = " (on the command line, --set parses JSON: a bare word is a string)"
+    raise ValueError(f"config key {path}={value!r} ({type(value).__name__}): expected {expected}{hint_text}")
+
+
 def from_dict(cls, data: dict, where: str = ""):
-    """Build dataclass ``cls`` from a nested dict; unknown keys raise with the list of known ones."""
+    """Build dataclass ``cls`` from a nested dict; unknown keys raise with the list of known ones, and each
+    value is checked against its field's annotation (:func:`_typed`)."""
     if not isinstance(data, dict):
         raise ValueError(f"config section [{where or 'root'}] must be a table/object, got {type(data).__name__}")
     hints = get_type_hints(cls)
@@ -283,10 +374,8 @@ def from_dict(cls, data: dict, where: str = ""):
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = from_dict(hint, value, path)
-        elif hint is tuple or get_origin(hint) is tuple:
-            kwargs[key] = tuple(value)
         else:
-            kwargs[key] = value
+            kwargs[key] = _typed(path, value, hint)
     return cls(**kwargs)
 
 
@@ -326,8 +415,14 @@ def config_from_dict(raw: dict, overrides: Optional[list[str]] = None) -> RunCon
             parsed = value  # a bare string
         node = raw
         *parents, leaf = dotted.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                key = ".".join(parents[: i + 1])
+                raise ValueError(
+                    f"override {item!r}: {key} is a value ({node!r}), not a section with keys; "
+                    f"set it with --set {key}=VALUE"
+                )
         node[leaf] = parsed
     return from_dict(RunConfig, raw)
 

@@ -224,7 +224,6 @@ def save_adm_npz(path: Path, images: Sequence[np.ndarray], labels: Optional[np.n
     arrays = {"arr_0": np.stack(images)}
     if labels is not None:
         arrays["arr_1"] = np.asarray(labels)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    from maskfit.evaluate.adm_npz import _atomic_savez
+
+    _atomic_savez(path, arrays)  # a unique temporary name beside it, then rename

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import time
 import zlib
 from dataclasses import dataclass
@@ -53,6 +54,28 @@ def guidance_channels_arg(text: str):
     return value
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (a count of images, steps or a batch size; 0 would draw nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (a NaN guidance scale turns every image black)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def add_sampler_arguments(p) -> None:
     """The options every sampling command shares (`maskfit sample`, `maskfit sweep`).
 
@@ -60,7 +83,7 @@ def add_sampler_arguments(p) -> None:
     value from ``--recipe`` (or the project's default), and a flag that is given always wins.
     """
     p.add_argument("--labels", default="uniform", help="'uniform' (random classes), 'per-class' or a comma list")
-    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--cfg-scale", type=finite_float, default=1.5)
     p.add_argument("--recipe", choices=RECIPES, default=None,
                    help="published sampling recipe: 'paper' (as FiT/FiTv2 write it) or 'released' (as whlzy/FiT runs "
                         "it); sets the sampler of the published tables (v1: 250 DDPM steps, v2: dopri5 atol 1e-6 "
@@ -74,9 +97,9 @@ def add_sampler_arguments(p) -> None:
                         "(the paper's |D|/(|D|-2) read literally)")
     p.add_argument("--sampler", choices=[m for ms in SAMPLERS.values() for m in ms], default=None,
                    help="ddpm|ddim (FiT) or euler|heun|dopri5|sde (FiTv2); default by the run's objective and recipe")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (not with the adaptive dopri5)")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (not with the adaptive dopri5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32, help="images per sampling batch")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per sampling batch")
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--vae-path", default=None, help="local sd-vae-ft-ema folder (overrides the run's)")
     p.add_argument("--device", default="auto")
@@ -173,27 +196,35 @@ def compile_for_sampling(model) -> None:
     model.forward = torch.compile(model.forward, dynamic=True)
 
 
-def record_settings(folder: Path, settings: dict) -> None:
-    """Save `settings` in ``folder/settings.json``, refusing a folder whose samples were drawn with others.
+def check_settings(folder: Path, settings: dict, old: Optional[dict]) -> None:
+    """Refuse ``folder`` when ``old`` (the settings its samples were drawn with; None: no record) differs from
+    ``settings``: finished shards are skipped on a rerun, so settings that change the pixels (or where images
+    fall in shards) must equal the saved ones, or the old images would be returned as if they were these."""
+    settings = json.loads(json.dumps(settings, default=str))  # tuples -> lists, as they are saved
+    if old is not None and old != settings:
+        keys = sorted(set(old) | set(settings))
+        shown = ", ".join(f"{k}: {old.get(k)!r} before, {settings.get(k)!r} now" for k in keys
+                          if old.get(k) != settings.get(k))
+        raise ValueError(
+            f"{folder} holds samples drawn with other settings ({shown}); they would be reused as if they "
+            f"were yours. Use another --out, or delete {folder} to start over"
+        )
 
-    Finished shards are skipped on a rerun, so settings that change the pixels (or where images fall
-    in shards) must equal the saved ones, or the old images would be returned as if they were these.
-    """
+
+def saved_settings(folder: Path) -> Optional[dict]:
+    """The settings recorded in ``folder/settings.json`` by :func:`record_settings`, or None."""
+    path = folder / "settings.json"
+    return json.loads(path.read_text()).get("settings") if path.exists() else None
+
+
+def record_settings(folder: Path, settings: dict) -> None:
+    """Save `settings` in ``folder/settings.json``, refusing a folder whose samples were drawn with others
+    (:func:`check_settings`; the check comes first, so a refused run leaves the file as it was)."""
     from maskfit.checkpoint import atomic_write_text
 
-    path = folder / "settings.json"
-    settings = json.loads(json.dumps(settings, default=str))  # tuples -> lists, as they are saved
-    if path.exists():
-        old = json.loads(path.read_text()).get("settings")
-        if old is not None and old != settings:
-            keys = sorted(set(old) | set(settings))
-            shown = ", ".join(f"{k}: {old.get(k)!r} before, {settings.get(k)!r} now" for k in keys
-                              if old.get(k) != settings.get(k))
-            raise ValueError(
-                f"{folder} holds samples drawn with other settings ({shown}); they would be reused as if they "
-                f"were yours. Use another --out, or delete {folder} to start over"
-            )
-    atomic_write_text(path, json.dumps({"settings": settings}, indent=2))
+    check_settings(folder, settings, saved_settings(folder))
+    settings = json.loads(json.dumps(settings, default=str))
+    atomic_write_text(folder / "settings.json", json.dumps({"settings": settings}, indent=2))
 
 
 def load_autoencoder(run_cfg, vae_path, device):
@@ -277,8 +308,9 @@ class SamplingClock:
 
 
 def run_sampling(args) -> dict:
-    from maskfit.checkpoint import resolve_checkpoint
+    from maskfit.checkpoint import atomic_write_text, resolve_checkpoint
     from maskfit.finetune import rope_train_grid
+    from maskfit.locks import folder_lock
     from maskfit.train import build_diffusion, resolve_device
 
     device = resolve_device(args.device)
@@ -300,8 +332,8 @@ def run_sampling(args) -> dict:
         guidance_schedule=getattr(args, "cfg_schedule", "constant"),
     )
     out = Path(args.out) if args.out else Path(args.checkpoint) / "samples"
-    out.mkdir(parents=True, exist_ok=True)
     distribution = getattr(args, "distribution", None)
+    pack = getattr(args, "pack", False)
     # What changes the pixels of a shard; each shard folder keeps its own copy and refuses others on a rerun.
     # The options hold every resolved recipe choice (sampler, tolerances, guidance channels, RoPE readings) and
     # the precision; the attention backend changes the bf16 rounding, so it counts too.
@@ -311,14 +343,8 @@ def run_sampling(args) -> dict:
         "batch_size": args.batch_size, "labels": args.labels, "seed": args.seed,
         "attention": model.cfg.attention, "options": {**vars(options), "rope": vars(options.rope)},
     }
-    (out / "sampling.json").write_text(json.dumps(
-        # The recipe name is recorded for the reader; the reuse check compares what it resolved to.
-        {"recipe": choices["recipe"], **settings, "resolutions": resolutions, "distribution": distribution,
-         "pack": getattr(args, "pack", False)},
-        indent=2, default=str,
-    ))
-    clock = SamplingClock()
-    if distribution is not None or getattr(args, "pack", False):
+    grids = None
+    if distribution is not None or pack:
         if distribution == "imagenet":
             from maskfit.bench import imagenet_like_grids
 
@@ -329,17 +355,36 @@ def run_sampling(args) -> dict:
             grids = [per_res[i % len(per_res)] for i in range(args.num_images * len(per_res))]
         else:
             raise ValueError(f"--distribution {distribution!r} is not known; use 'imagenet'")
-        summary = sample_mixed(
-            model, diffusion, autoencoder, grids, multiple, p, options, args, out, device,
-            settings={**settings, "grids_sha256": hashlib.sha256(json.dumps(grids).encode()).hexdigest()}, clock=clock,
-        )
+        shard_settings = {"mixed": {**settings, "grids_sha256": hashlib.sha256(json.dumps(grids).encode()).hexdigest()}}
     else:
-        summary = {}
-        for h, w in resolutions:
-            summary[f"{h}x{w}"] = sample_resolution(
-                model, diffusion, autoencoder, (h, w), multiple, p, options, args, out, device, settings=settings,
-                clock=clock,
-            )
+        shard_settings = {f"{h}x{w}": settings for h, w in resolutions}
+    # One process per sample folder (maskfit.locks): two runs into one folder would write each other's shards.
+    with folder_lock(out, "sample folder"):
+        # Check every record before writing any: a refused run leaves sampling.json describing the images
+        # beside it. Its settings are the folder's (packed and per-resolution runs write the same samples_HxW.npz).
+        folder_settings = {**settings, "distribution": distribution, "pack": pack}
+        record_path = out / "sampling.json"
+        record = json.loads(record_path.read_text()) if record_path.exists() else None
+        check_settings(out, folder_settings, None if record is None else {k: record.get(k) for k in folder_settings})
+        for name, values in shard_settings.items():
+            check_settings(out / name, values, saved_settings(out / name))
+        sampled = [list(r) for r in (record or {}).get("resolutions", [])]
+        sampled += [list(r) for r in resolutions if list(r) not in sampled]
+        atomic_write_text(record_path, json.dumps(
+            # The recipe name is recorded for the reader; the reuse check compares what it resolved to.
+            {"recipe": choices["recipe"], **folder_settings, "resolutions": sampled}, indent=2, default=str,
+        ))
+        clock = SamplingClock()
+        if grids is not None:
+            summary = sample_mixed(model, diffusion, autoencoder, grids, multiple, p, options, args, out, device,
+                                   settings=shard_settings["mixed"], clock=clock)
+        else:
+            summary = {}
+            for h, w in resolutions:
+                summary[f"{h}x{w}"] = sample_resolution(
+                    model, diffusion, autoencoder, (h, w), multiple, p, options, args, out, device, settings=settings,
+                    clock=clock,
+                )
     # Drawing only (batches made in this call): compare with `maskfit bench --sampling`.
     summary["throughput"] = {**clock.summary(), "precision": precision, "attention": model.cfg.attention,
                              "compiled": bool(getattr(args, "compile", False))}
@@ -354,6 +399,8 @@ def sample_mixed(model, diffusion, autoencoder, grids, multiple, p, options, arg
     images, labels and image ids, so an interrupted run resumes; at the end every resolution gets its own
     ``samples_HxW.npz`` in image-id order.
     """
+    from maskfit.evaluate.adm_npz import _atomic_savez
+
     clock = clock if clock is not None else SamplingClock()
     shard_dir = out / "mixed"
     shard_dir.mkdir(exist_ok=True)
@@ -379,9 +426,7 @@ def sample_mixed(model, diffusion, autoencoder, grids, multiple, p, options, arg
             arrays.setdefault(key, []).append(im)
             arrays.setdefault(f"{key}_labels", []).append(label)
             arrays.setdefault(f"{key}_ids", []).append(b * bs + i)
-        tmp = shard.with_name(shard.name + ".tmp.npz")
-        np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
-        tmp.replace(shard)
+        _atomic_savez(shard, {k: np.asarray(v) for k, v in arrays.items()})  # a unique temporary name, then rename
     collected: dict[str, list] = {}
     for b in range(num_batches):
         with np.load(shard_dir / f"shard_{b:05d}.npz") as data:

@@ -31,6 +31,7 @@ from typing import Dict, List, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from maskfit.locks import locks_folder
 from maskfit.models.rope import (
     ATTN_SCALES,
     EXTRAPOLATION_METHODS,
@@ -41,7 +42,7 @@ from maskfit.models.rope import (
     yarn_mscale,
 )
 from maskfit.sample import check_resolution, parse_resolution
-from maskfit.sampling_run import add_sampler_arguments
+from maskfit.sampling_run import add_sampler_arguments, positive_int
 
 IN_DIST = "in-distribution"
 OUT_DIST = "out-of-distribution"
@@ -273,6 +274,26 @@ def _checkpoint_name(ckpt: Path) -> str:
     return f"{ckpt.parent.parent.name}/{ckpt.name}" if ckpt.parent.name == "checkpoints" else ckpt.name
 
 
+def _sweep_folder(args) -> Path:
+    """The sweep's output folder, after the checks that need no model: a typo must not cost a model load or
+    an hour of sampling, nor leave a folder behind."""
+    from maskfit.checkpoint import resolve_checkpoint
+
+    parse_variants(args.methods, args.attn_scales or "none")
+    if args.num_images < 1 or args.batch_size < 1:
+        raise ValueError(f"--num-images {args.num_images} and --batch-size {args.batch_size} must be >= 1")
+    reference_path = Path(args.reference)
+    if not reference_path.exists():
+        raise FileNotFoundError(
+            f"--reference {reference_path} does not exist; pass an ADM reference batch .npz (arr_0 images and/or "
+            "mu/sigma statistics) or an ImageFolder-style image folder (one sub-folder per class)"
+        )
+    ckpt = resolve_checkpoint(Path(args.checkpoint))
+    return Path(args.out) if args.out else ckpt / "sweep"
+
+
+# One process per sweep folder: two sweeps into one would write each other's samples (maskfit.locks).
+@locks_folder(_sweep_folder, "sweep folder")
 def run_sweep(args) -> dict:
     from maskfit.checkpoint import resolve_checkpoint
     from maskfit.data.pipeline import autoencoder_factor
@@ -285,16 +306,8 @@ def run_sweep(args) -> dict:
     )
     from maskfit.train import build_diffusion, resolve_device
 
-    # Cheap checks first: a typo must not cost a model load or an hour of sampling.
-    parse_variants(args.methods, args.attn_scales or "none")
-    if args.num_images < 1 or args.batch_size < 1:
-        raise ValueError(f"--num-images {args.num_images} and --batch-size {args.batch_size} must be >= 1")
+    # The cheap checks ran in _sweep_folder, before the lock.
     reference_path = Path(args.reference)
-    if not reference_path.exists():
-        raise FileNotFoundError(
-            f"--reference {reference_path} does not exist; pass an ADM reference batch .npz (arr_0 images and/or "
-            "mu/sigma statistics) or an ImageFolder-style image folder (one sub-folder per class)"
-        )
     ckpt = resolve_checkpoint(Path(args.checkpoint))
 
     device = resolve_device(args.device)
@@ -407,11 +420,11 @@ def _evaluate_cached(npz: Path, path: Path, key: dict, evaluate) -> dict:
         stored = json.loads(path.read_text())
         if stored.get("cache_key") == key:
             return stored["result"]
+    from maskfit.checkpoint import atomic_write_text
+
     result = evaluate()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"cache_key": key, "result": result}, indent=2) + "\n")
-    tmp.replace(path)  # atomic: an interrupted write never leaves a half file that looks cached
+    # A unique temporary name, then rename: an interrupted write never leaves a half file that looks cached.
+    atomic_write_text(path, json.dumps({"cache_key": key, "result": result}, indent=2) + "\n")
     return result
 
 
@@ -615,7 +628,7 @@ def add_sweep_arguments(p) -> None:
     net.add_argument("--inception-weights", "--inception", dest="inception", default=None, metavar="PATH",
                      help="FID Inception weights (default: $MASKFIT_INCEPTION_WEIGHTS or the user cache)")
     net.add_argument("--proxy", default=None, metavar="PATH", help="proxy classifier checkpoint (maskfit train-classifier)")
-    p.add_argument("--num-images", "-n", type=int, default=1000, help="images per (method, resolution)")
+    p.add_argument("--num-images", "-n", type=positive_int, default=1000, help="images per (method, resolution)")
     p.add_argument("--methods", default=",".join(EXTRAPOLATION_METHODS),
                    help=f"comma list of RoPE extrapolation methods (default: all: {','.join(EXTRAPOLATION_METHODS)})")
     p.add_argument("--attn-scale", dest="attn_scales", type=attn_scales_arg, default=None,
@@ -624,7 +637,7 @@ def add_sweep_arguments(p) -> None:
     p.add_argument("--resolutions", action="append", default=None,
                    help="HxW or S pixels, comma list or repeated (default: FiT's six grids scaled to the run's budget)")
     add_sampler_arguments(p)
-    p.add_argument("--eval-batch-size", type=int, default=250)
+    p.add_argument("--eval-batch-size", type=positive_int, default=250)
     p.add_argument("--reference-size", type=int, default=None, help="resize an image-folder reference to SxS")
     p.add_argument("--reference-limit", type=int, default=10_000, help="images taken from an image-folder reference")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint>/sweep)")

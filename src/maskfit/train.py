@@ -13,6 +13,7 @@ import contextlib
 import copy
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,11 @@ import torch
 from torch import Tensor
 
 from maskfit import checkpoint as ckpt_io
-from maskfit.config import RunConfig, save_config, to_dict
+from maskfit.config import RunConfig, to_dict
+from maskfit.config_history import HISTORY_NAME, describe_changes, save_run_config
 from maskfit.diffusion.guidance import drop_labels
 from maskfit.finetune import prepare_model
+from maskfit.locks import locks_folder
 from maskfit.models.transformer import FiT, ModelConfig, count_parameters, model_config
 from maskfit.throughput import FlopModel, compile_stats, peak_tflops
 from maskfit.tokens import TokenBatch, TokenLayout
@@ -281,6 +284,8 @@ class RateWindow:
         return out
 
 
+# One process per run folder: a second `maskfit train` on it is refused, naming the first (maskfit.locks).
+@locks_folder(lambda cfg, *args, **kwargs: cfg.train.out_dir, "run folder")
 def train(
     cfg: RunConfig,
     resume: bool = True,
@@ -326,7 +331,10 @@ def train(
         data.load_state_dict(state["data"])
     full_config = to_dict(cfg)
     full_config["resolved_model"] = to_dict(run.mcfg)
-    save_config(cfg, run_dir / "config.json")
+    changes = save_run_config(run_dir, cfg, step)  # a changed config is appended to config_history.jsonl
+    if changes:
+        print(f"maskfit train: {run_dir} {'resumes at step ' + str(step) if latest else 'starts over'} with a changed "
+              f"config: {describe_changes(changes)} (recorded in {run_dir / HISTORY_NAME})", file=sys.stderr)
 
     log = TensorBoardLog(run_dir)
     peak = peak_tflops(device)

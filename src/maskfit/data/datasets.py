@@ -252,7 +252,11 @@ class ImageFolderDataset(_EpochDataset):
     file fails when it is loaded, naming the file.
     """
 
-    def __init__(self, root: Union[str, Path], transform: ImageTransform = ImageTransform(), seed: int = 0):
+    def __init__(
+        self, root: Union[str, Path], transform: ImageTransform = ImageTransform(), seed: int = 0,
+        num_classes: Optional[int] = None,
+    ):
+        """num_classes: the model's class count; more class folders than that are refused (check_class_count)."""
         self.root = Path(root)
         self.transform = transform
         self.seed = seed
@@ -266,6 +270,7 @@ class ImageFolderDataset(_EpochDataset):
                 f"image folder {self.root} has no class folders; expected ImageNet layout root/<class>/<image>.jpg "
                 f"(put the images of each class in their own sub-folder)"
             )
+        check_class_count(len(self.classes), num_classes, f"image folder {self.root}")
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         self.samples: list[tuple[Path, int]] = []
         for name in self.classes:
@@ -283,6 +288,17 @@ class ImageFolderDataset(_EpochDataset):
     def _load(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
         return load_rgb(path), label
+
+
+def check_class_count(count: int, num_classes: Optional[int], where: str) -> None:
+    """Refuse data with more classes than the model embeds: label ``num_classes`` is the model's guidance null
+    label (the extra embedding row) and later ones are out of range, so a class would silently train as
+    "unconditional"."""
+    if num_classes is not None and count > num_classes:
+        raise ValueError(
+            f"{where} has {count} classes but the model has num_classes={num_classes}: class index {num_classes} "
+            f"would be the guidance null label. Set model.overrides.num_classes={count}, or use fewer classes"
+        )
 
 
 def _image_files(folder: Path) -> list[Path]:

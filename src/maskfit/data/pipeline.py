@@ -49,9 +49,13 @@ def autoencoder_factor(data: DataConfig) -> int:
     return 1 if data.autoencoder == "identity" else 8
 
 
-def build_dataset(data: DataConfig, patch_size: int, seed: int, train: bool = True):
-    """The dataset of a run: items hold images in [-1, 1] (pixel space) or scaled latents (cache)."""
-    from maskfit.data.datasets import ImageFolderDataset, ImageTransform, SyntheticDataset
+def build_dataset(data: DataConfig, patch_size: int, seed: int, train: bool = True,
+                  num_classes: Optional[int] = None):
+    """The dataset of a run: items hold images in [-1, 1] (pixel space) or scaled latents (cache).
+
+    num_classes: the model's class count; data with more classes is refused (datasets.check_class_count).
+    """
+    from maskfit.data.datasets import ImageFolderDataset, ImageTransform, SyntheticDataset, check_class_count
     from maskfit.data.synthetic import SyntheticSizes
 
     patch_px = patch_size * autoencoder_factor(data)
@@ -60,7 +64,17 @@ def build_dataset(data: DataConfig, patch_size: int, seed: int, train: bool = Tr
 
         if not data.root:
             raise ValueError("data.source='latents' needs data.root, a cache folder made by `maskfit prepare`")
-        return LatentCacheDataset(data.root, train=train, seed=seed, preprocess=data.preprocess)
+        cache = LatentCacheDataset(data.root, train=train, seed=seed, preprocess=data.preprocess)
+        if cache.token_budget is not None and cache.token_budget != data.token_budget:
+            # Sampling reads the RoPE base grid from data.token_budget: a mismatch extrapolates from the wrong grid.
+            raise ValueError(
+                f"latent cache {data.root} was built at token_budget={cache.token_budget} but data.token_budget="
+                f"{data.token_budget}; set data.token_budget={cache.token_budget}, or rebuild the cache with "
+                f"`maskfit prepare CONFIG --set data.token_budget={data.token_budget} --out NEW_CACHE`"
+            )
+        if len(cache.labels):
+            check_class_count(int(cache.labels.max()) + 1, num_classes, f"latent cache {data.root}")
+        return cache
     if data.autoencoder != "identity":
         raise ValueError(
             f"data.source={data.source!r} with autoencoder {data.autoencoder!r}: encode the images once with "
@@ -69,6 +83,7 @@ def build_dataset(data: DataConfig, patch_size: int, seed: int, train: bool = Tr
         )
     preprocess = data.preprocess if train else "flexible"  # like flips, the random crop version is for training
     if data.source == "synthetic":
+        check_class_count(data.num_classes, num_classes, f"the synthetic set (data.num_classes={data.num_classes})")
         sizes = SyntheticSizes(token_budget=data.token_budget, patch_px=patch_px)
         return SyntheticDataset(
             data.num_images, data.num_classes, seed=seed, sizes=sizes, hflip=data.hflip and train, preprocess=preprocess
@@ -79,7 +94,7 @@ def build_dataset(data: DataConfig, patch_size: int, seed: int, train: bool = Tr
         token_budget=data.token_budget, patch_px=patch_px, random_crop=data.random_aspect_crop,
         hflip=data.hflip and train, preprocess=preprocess,
     )
-    return ImageFolderDataset(data.root, transform=transform, seed=seed)
+    return ImageFolderDataset(data.root, transform=transform, seed=seed, num_classes=num_classes)
 
 
 def dataset_channels(dataset) -> int:
@@ -709,7 +724,10 @@ class TrainingData:
 def build_training_data(cfg: RunConfig, patch_size: int) -> TrainingData:
     from maskfit.data.loader import make_loader
 
-    dataset = build_dataset(cfg.data, patch_size, cfg.train.seed, train=True)
+    from maskfit.models.transformer import model_config
+
+    num_classes = cfg.model.overrides.get("num_classes", model_config(cfg.model.preset).num_classes)
+    dataset = build_dataset(cfg.data, patch_size, cfg.train.seed, train=True, num_classes=num_classes)
     patch = getattr(dataset, "patch", patch_size)
     mask = mask_config(cfg)
     pin = torch.cuda.is_available()

@@ -22,7 +22,7 @@ from typing import Dict, Iterator, Optional, Tuple, Union
 
 import numpy as np
 
-from maskfit.evaluate.metrics import GaussianStats
+from maskfit.evaluate.metrics import GaussianStats, check_finite_statistics
 
 PathLike = Union[str, Path]
 IMAGES_KEY = "arr_0"
@@ -159,13 +159,18 @@ class ReferenceBatch:
             yield from NpzImageReader(self.path).batches(batch_size)
 
 
-def _stats(data, mu_key: str, sigma_key: str) -> Optional[GaussianStats]:
+def _stats(data, mu_key: str, sigma_key: str, path: Optional[Path] = None) -> Optional[GaussianStats]:
     if mu_key not in data.files:
         return None
     if sigma_key not in data.files:
         raise KeyError(f"reference file has '{mu_key}' but no '{sigma_key}'")
+    where = f"reference {path} ('{mu_key}', '{sigma_key}')"
     # float64 whatever the file stores (some copies are float32): FD wants matching float64 inputs.
-    return GaussianStats(mu=data[mu_key].astype(np.float64), sigma=data[sigma_key].astype(np.float64))
+    try:
+        stats = GaussianStats(mu=data[mu_key].astype(np.float64), sigma=data[sigma_key].astype(np.float64))
+    except ValueError as err:  # shapes: mu (D,), sigma (D, D)
+        raise ValueError(f"{where}: {err}") from None
+    return check_finite_statistics(stats, where)
 
 
 def read_reference(path: PathLike) -> ReferenceBatch:
@@ -178,8 +183,8 @@ def read_reference(path: PathLike) -> ReferenceBatch:
             "download one on a machine with network access and pass its local path"
         )
     with np.load(path) as data:
-        pool3 = _stats(data, "mu", "sigma")
-        spatial = _stats(data, "mu_s", "sigma_s")
+        pool3 = _stats(data, "mu", "sigma", path)
+        spatial = _stats(data, "mu_s", "sigma_s", path)
         network = str(data[FEATURE_NETWORK_KEY]) if FEATURE_NETWORK_KEY in data.files else ADM_FEATURE_NETWORK
     num_images, image_hw = 0, None
     if IMAGES_KEY in _npz_keys(path):

@@ -66,6 +66,19 @@ class GaussianStats:
         return int(self.mu.shape[0])
 
 
+def check_finite_statistics(stats: GaussianStats, where: str) -> GaussianStats:
+    """``stats`` unchanged, or one error naming ``where`` (a file and its keys) when mu or sigma holds NaN/inf:
+    a NaN Fréchet distance would be reported as a number, and ``scipy.linalg.sqrtm`` does not return on inf."""
+    bad = [f"{name} ({int((~np.isfinite(a)).sum())} of {a.size} entries)"
+           for name, a in (("mu", stats.mu), ("sigma", stats.sigma)) if not np.isfinite(a).all()]
+    if bad:
+        raise ValueError(
+            f"{where}: {' and '.join(bad)} hold NaN or infinite values; the statistics are broken. Recompute them "
+            "(e.g. `maskfit train-classifier --reference-out` for a proxy reference) or use another reference"
+        )
+    return stats
+
+
 def feature_statistics(features: ArrayLike, chunk_rows: int = 8192) -> GaussianStats:
     """Mean and unbiased covariance in float64, on the features' own device (GPU if they are there).
 
@@ -102,6 +115,8 @@ def frechet_distance(sample: GaussianStats, reference: GaussianStats, eps: float
             f"Statistics of different feature spaces: sample mu {sample.mu.shape} vs reference "
             f"{reference.mu.shape}; compare pool3 with pool3 (2048) and spatial with spatial (2023)"
         )
+    check_finite_statistics(sample, "sample statistics")
+    check_finite_statistics(reference, "reference statistics")
     mu1, mu2 = sample.mu.astype(np.float64), reference.mu.astype(np.float64)
     sigma1, sigma2 = sample.sigma.astype(np.float64), reference.sigma.astype(np.float64)
     diff = mu1 - mu2

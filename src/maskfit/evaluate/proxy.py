@@ -340,8 +340,13 @@ def load_proxy(path: PathLike, device: Union[str, torch.device] = "cpu") -> Prox
     if metadata.get("format") != "maskfit-proxy-classifier-v1":
         raise ValueError(f"{path} is not a maskfit proxy classifier (format {metadata.get('format')!r})")
     model = ProxyClassifier(ProxyConfig(**json.loads(metadata["config"])), json.loads(metadata["class_names"]))
-    model.load_state_dict(load_file(str(path)))
+    state = load_file(str(path))
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:  # every feature would be NaN: refused here, naming the file, not as a NaN distance later
+        raise ValueError(f"{path} holds NaN or infinite weights ({', '.join(broken[:3])}...); retrain the classifier")
+    model.load_state_dict(state)
     model.weights_sha256 = sha256_file(path)
+    model.weights_path = str(path)  # named by error messages and reports
     return model.eval().requires_grad_(False).to(device)
 
 

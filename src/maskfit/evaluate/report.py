@@ -89,6 +89,19 @@ def extract_features(network: FeatureNetwork, batches: Iterable[np.ndarray], dev
     )
 
 
+def check_features(feats: Features, what: str, network: FeatureNetwork) -> Features:
+    """``feats`` unchanged, or one error when any is NaN/inf: the inputs are uint8 images, so the network itself is
+    broken (NaN weights), and every metric computed from them would be NaN or hang in ``sqrtm``."""
+    for name, t in (("features", feats.pool), ("spatial features", feats.spatial), ("logits", feats.logits)):
+        if t is not None and not bool(torch.isfinite(t).all()):  # one device sync per feature set
+            weights = getattr(network, "weights_path", None) or "in-memory weights"
+            raise ValueError(
+                f"{getattr(network, 'name', type(network).__name__)} ({weights}) gave NaN or infinite {name} for "
+                f"{what}; its weights are broken: retrain or re-download the network"
+            )
+    return feats
+
+
 @dataclass
 class _Samples:
     batches: Iterator[np.ndarray]
@@ -191,6 +204,8 @@ def evaluate_samples(
         ref_features = (
             extract_features(network, reference.image_batches(batch_size), device) if reference.num_images else None
         )
+        if ref_features is not None:
+            check_features(ref_features, f"the reference images ({reference.path or 'in-memory array'})", network)
         if reference_cache is not None:
             reference_cache[cache_key] = ref_features
     timings["reference_features_s"] = time.perf_counter() - t0
@@ -199,7 +214,7 @@ def evaluate_samples(
     # 2. Sample activations and statistics.
     opened = _open_samples(samples, batch_size, num_samples, labels)
     t0 = time.perf_counter()
-    feats = extract_features(network, opened.batches, device)
+    feats = check_features(extract_features(network, opened.batches, device), f"the samples ({opened.source})", network)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     timings["sample_features_s"] = time.perf_counter() - t0
@@ -210,6 +225,11 @@ def evaluate_samples(
     sample_pool = M.feature_statistics(feats.pool)
     is_inception = isinstance(network, InceptionV3)
     fd_name = "fid" if is_inception else "proxy_fd"
+    if sample_pool.dim != ref_pool.dim:
+        raise ValueError(
+            f"the reference's statistics ({ref_source}) have {ref_pool.dim} dimensions but the network's features "
+            f"have {sample_pool.dim}: they were made by another network; use a reference made with this one"
+        )
     values[fd_name] = M.frechet_distance(sample_pool, ref_pool)
     if is_inception:
         values["inception_score"] = M.inception_score(M.class_probabilities(feats.logits))
