@@ -31,7 +31,7 @@ from typing import Dict, List, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from maskfit.locks import locks_folder
+from maskfit.locks import folder_lock
 from maskfit.models.rope import (
     ATTN_SCALES,
     EXTRAPOLATION_METHODS,
@@ -274,9 +274,9 @@ def _checkpoint_name(ckpt: Path) -> str:
     return f"{ckpt.parent.parent.name}/{ckpt.name}" if ckpt.parent.name == "checkpoints" else ckpt.name
 
 
-def _sweep_folder(args) -> Path:
-    """The sweep's output folder, after the checks that need no model: a typo must not cost a model load or
-    an hour of sampling, nor leave a folder behind."""
+def _checked_checkpoint(args) -> Path:
+    """The checks that need no model (a typo must not cost a model load or an hour of sampling, nor leave
+    a folder behind), then the checkpoint, resolved once: the folder locked is the one written."""
     from maskfit.checkpoint import resolve_checkpoint
 
     parse_variants(args.methods, args.attn_scales or "none")
@@ -288,14 +288,18 @@ def _sweep_folder(args) -> Path:
             f"--reference {reference_path} does not exist; pass an ADM reference batch .npz (arr_0 images and/or "
             "mu/sigma statistics) or an ImageFolder-style image folder (one sub-folder per class)"
         )
-    ckpt = resolve_checkpoint(Path(args.checkpoint))
-    return Path(args.out) if args.out else ckpt / "sweep"
+    return resolve_checkpoint(Path(args.checkpoint))
 
 
-# One process per sweep folder: two sweeps into one would write each other's samples (maskfit.locks).
-@locks_folder(_sweep_folder, "sweep folder")
 def run_sweep(args) -> dict:
-    from maskfit.checkpoint import resolve_checkpoint
+    ckpt = _checked_checkpoint(args)
+    out = Path(args.out) if args.out else ckpt / "sweep"
+    # One process per sweep folder: two sweeps into one would write each other's samples (maskfit.locks).
+    with folder_lock(out, "sweep folder"):
+        return _run_sweep(args, ckpt, out)
+
+
+def _run_sweep(args, ckpt: Path, out: Path) -> dict:
     from maskfit.data.pipeline import autoencoder_factor
     from maskfit.evaluate.cli import load_image_folder
     from maskfit.evaluate.report import evaluate_samples, network_id
@@ -306,9 +310,7 @@ def run_sweep(args) -> dict:
     )
     from maskfit.train import build_diffusion, resolve_device
 
-    # The cheap checks ran in _sweep_folder, before the lock.
     reference_path = Path(args.reference)
-    ckpt = resolve_checkpoint(Path(args.checkpoint))
 
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
@@ -328,7 +330,6 @@ def run_sweep(args) -> dict:
     derived = not args.resolutions
     resolutions = derive_resolutions(budget, multiple) if derived else parse_resolutions(args.resolutions, budget, multiple)
 
-    out = Path(args.out) if args.out else ckpt / "sweep"
     out.mkdir(parents=True, exist_ok=True)
     # Everything that changes the pixels of a sample set (the attention scale is per row, in the set's name).
     settings = {
