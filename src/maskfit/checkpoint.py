@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,12 +22,36 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+# Every file of a checkpoint that ``maskfit train`` needs to resume.
+RESUME_FILES = ("model.safetensors", "ema.safetensors", "optimizer.pt", "state.pt", "config.json")
+
+
+def process_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask can only set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def shared_mode(directory: bool = False) -> int:
+    """The mode ``open``/``mkdir`` would give under the process umask: tempfile makes files 0600 and
+    folders 0700, which a team sharing run folders cannot read."""
+    return (0o777 if directory else 0o666) & ~process_umask()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.fchmod(fd, shared_mode())
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
@@ -39,7 +65,12 @@ def _state_dict_for_safetensors(module: torch.nn.Module) -> dict[str, torch.Tens
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every global RNG as tensors, ints, floats, strings and tuples only: what ``torch.load(weights_only=True)``
+    reads back (numpy's own state holds an ndarray, which it refuses)."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"bit_generator": str(name), "key": torch.from_numpy(key.astype(np.int64)),  # (624,) uint32 values
+                   "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -47,7 +78,11 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    if isinstance(saved, dict):
+        saved = (saved["bit_generator"], saved["key"].numpy().astype(np.uint32), saved["pos"], saved["has_gauss"],
+                 saved["gauss"])
+    np.random.set_state(saved)  # else numpy's own tuple: checkpoints written before the plain format
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -68,6 +103,7 @@ def save_checkpoint(
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".tmp_step_{step:07d}_"))
+    os.chmod(tmp, shared_mode(directory=True))  # mkdtemp's 0700 would survive the rename
     save_file(_state_dict_for_safetensors(model), str(tmp / "model.safetensors"))
     if ema is not None:
         save_file(_state_dict_for_safetensors(ema), str(tmp / "ema.safetensors"))
@@ -75,6 +111,8 @@ def save_checkpoint(
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save({"step": step, "rng": rng_state(), **extra_state}, tmp / "state.pt")
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    for f in tmp.iterdir():
+        os.chmod(f, shared_mode())  # safetensors writes 0600 whatever the umask
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -105,9 +143,90 @@ def resolve_checkpoint(path: Path) -> Path:
     return latest
 
 
+def older_complete_checkpoints(ckpt: Path) -> list[Path]:
+    """The checkpoints of ``ckpt``'s run older than it with every file a resume needs, newest first."""
+    ckpt = Path(ckpt)
+    return sorted(
+        (p for p in ckpt.parent.glob("step_*") if p.is_dir() and p.name < ckpt.name
+         and all((p / f).is_file() for f in RESUME_FILES)),
+        reverse=True,
+    )
+
+
+def _short_reason(err: BaseException) -> str:
+    """The informative line of a loader's error: torch wraps the unpickler's in paragraphs of advice."""
+    text = str(err).strip()
+    found = re.search(r"^\s*((?:Unsupported|Trying to load)[^\n]*)", text, re.MULTILINE)
+    line = found.group(1) if found else (text.splitlines()[0] if text else type(err).__name__)
+    line = line.split(". ")[0]
+    return line if len(line) <= 200 else line[:200] + "..."
+
+
+def unreadable_file_error(file: Path, err: BaseException) -> ValueError:
+    """One error for a checkpoint file that cannot be read: the file, why, and the older checkpoints to use."""
+    file = Path(file)
+    ckpt = file.parent
+    older = older_complete_checkpoints(ckpt)
+    try:
+        reason = "0 bytes" if file.stat().st_size == 0 else f"{type(err).__name__}: {_short_reason(err)}"
+    except OSError:
+        reason = f"{type(err).__name__}: {_short_reason(err)}"
+    if older:
+        latest = ckpt.parent / "latest"
+        fix = (f"older complete checkpoints of this run: {', '.join(p.name for p in older[:5])}; to resume from "
+               f"{older[0].name}, delete {ckpt} and write {older[0].name} into {latest}")
+    else:
+        fix = f"no older complete checkpoint is beside it in {ckpt.parent}; restore {file.name} from a copy"
+    return ValueError(f"checkpoint file {file} cannot be read ({reason}): it is corrupt, truncated or not written by "
+                      f"maskfit; {fix}")
+
+
+def _numpy_globals() -> list:
+    """numpy's array rebuild, under both module names: what checkpoints written before :func:`rng_state`
+    went plain hold (numpy's RNG key). It builds arrays of plain values only, nothing callable."""
+    reconstruct = np.core.multiarray._reconstruct if not hasattr(np, "_core") else np._core.multiarray._reconstruct
+    return [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"),
+            (reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def torch_load_safe(file: Path, map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain values only, so a crafted file cannot run code
+    (a pickle may name any function to call on load). Refusals and corrupt files name the file."""
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint file {file} is missing; the checkpoint is incomplete")
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        names = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(err))))
+        if names:
+            raise ValueError(
+                f"refusing to load {file}: it names Python objects other than tensors and plain values "
+                f"({', '.join(names)}), and unpickling them could run any code; maskfit never writes such objects, "
+                "so the file was made or changed by something else: check who can write to this run folder, and "
+                "resume from a checkpoint you trust"
+            ) from None
+        # Anything else the restricted unpickler refuses (an unknown opcode: garbage, or a pickle that is not
+        # ours) was not executed either; it is simply not a readable checkpoint file.
+        raise unreadable_file_error(file, err) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise unreadable_file_error(file, err) from err
+
+
+def load_optimizer_state(ckpt: Path, map_location: Any = "cpu") -> dict:
+    return torch_load_safe(Path(ckpt) / "optimizer.pt", map_location)
+
+
 def load_weights(module: torch.nn.Module, file: Path) -> None:
     """Load safetensors weights; an architecture mismatch names the differing keys and shapes."""
-    state = load_file(str(file))
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint file {file} is missing; the checkpoint is incomplete")
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise unreadable_file_error(file, err) from err
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -128,8 +247,17 @@ def load_weights(module: torch.nn.Module, file: Path) -> None:
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:
-    return torch.load(Path(ckpt) / "state.pt", map_location="cpu", weights_only=False)
+    return torch_load_safe(Path(ckpt) / "state.pt")
 
 
 def load_config_of(ckpt: Path) -> dict:
-    return json.loads((Path(ckpt) / "config.json").read_text())
+    file = Path(ckpt) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint file {file} is missing; the checkpoint is incomplete")
+    try:
+        config = json.loads(file.read_text())
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise unreadable_file_error(file, err) from err
+    if not isinstance(config, dict):
+        raise unreadable_file_error(file, ValueError(f"holds a {type(config).__name__}, not a JSON object"))
+    return config

@@ -13,6 +13,7 @@ import json
 import math
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -307,6 +308,23 @@ class SamplingClock:
         return out
 
 
+OUT_OF_MEMORY = ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory")
+
+
+@contextmanager
+def explain_out_of_memory(what: str, batch_size: int, device: torch.device):
+    """One line naming the batch and the fix when a sampling batch runs out of memory: CUDA raises
+    torch.OutOfMemoryError, CPU allocators a plain RuntimeError with one of :data:`OUT_OF_MEMORY`."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not (isinstance(err, torch.OutOfMemoryError) or any(m in str(err).lower() for m in OUT_OF_MEMORY)):
+            raise
+        fix = (f"lower --batch-size (e.g. --batch-size {batch_size // 2})" if batch_size > 1 else
+               "one image of this size does not fit: sample a smaller resolution or use a device with more memory")
+        raise RuntimeError(f"sampling {what} with --batch-size {batch_size} ran out of memory on {device}; {fix}") from err
+
+
 def run_sampling(args) -> dict:
     from maskfit.checkpoint import atomic_write_text, resolve_checkpoint
     from maskfit.finetune import rope_train_grid
@@ -417,9 +435,13 @@ def sample_mixed(model, diffusion, autoencoder, grids, multiple, p, options, arg
         generator = torch.Generator(device=device).manual_seed(seed)
         labels = labels_for(args.labels, len(batch_grids), model.cfg.num_classes, torch.Generator().manual_seed(seed),
                             start=b * bs)
-        tokens = clock.draw(lambda: sample_tokens(model, diffusion, batch_grids, labels, options, generator, device),
-                            len(batch_grids), device)
-        images = tokens_to_images(tokens, batch_grids, p, autoencoder)
+        biggest = max(batch_grids, key=lambda g: g[0] * g[1])
+        what = (f"packed batch {b} ({len(batch_grids)} images, the largest {biggest[0] * multiple}x"
+                f"{biggest[1] * multiple} = {biggest[0] * biggest[1]} tokens)")
+        with explain_out_of_memory(what, bs, device):
+            tokens = clock.draw(lambda: sample_tokens(model, diffusion, batch_grids, labels, options, generator, device),
+                                len(batch_grids), device)
+            images = tokens_to_images(tokens, batch_grids, p, autoencoder)
         arrays: dict[str, list] = {}
         for i, (im, label) in enumerate(zip(images, labels.tolist())):
             key = f"{im.shape[0]}x{im.shape[1]}"
@@ -470,9 +492,10 @@ def sample_resolution(model, diffusion, autoencoder, hw, multiple, p, options, a
         generator = torch.Generator(device=device).manual_seed(seed)
         labels = labels_for(args.labels, count, model.cfg.num_classes, torch.Generator().manual_seed(seed),
                             start=b * bs)
-        tokens = clock.draw(lambda: sample_tokens(model, diffusion, [grid] * count, labels, options, generator, device),
-                            count, device)
-        images = tokens_to_images(tokens, [grid] * count, p, autoencoder)
+        with explain_out_of_memory(f"{h}x{w} ({grid[0] * grid[1]} tokens per image)", bs, device):
+            tokens = clock.draw(lambda: sample_tokens(model, diffusion, [grid] * count, labels, options, generator,
+                                                      device), count, device)
+            images = tokens_to_images(tokens, [grid] * count, p, autoencoder)
         save_adm_npz(shard, images, labels.numpy())
     arrays = [np.load(shard_dir / f"shard_{b:05d}.npz") for b in range(num_batches)]
     images = np.concatenate([a["arr_0"] for a in arrays])[:n]

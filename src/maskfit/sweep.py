@@ -31,6 +31,7 @@ from typing import Dict, List, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from maskfit.extras import require
 from maskfit.locks import folder_lock
 from maskfit.models.rope import (
     ATTN_SCALES,
@@ -278,7 +279,10 @@ def _checked_checkpoint(args) -> Path:
     """The checks that need no model (a typo must not cost a model load or an hour of sampling, nor leave
     a folder behind), then the checkpoint, resolved once: the folder locked is the one written."""
     from maskfit.checkpoint import resolve_checkpoint
+    from maskfit.evaluate.metrics import require_scipy
 
+    require_scipy()  # a missing package must not cost a model load or an hour of sampling either
+    plot_classes()
     parse_variants(args.methods, args.attn_scales or "none")
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError(f"--num-images {args.num_images} and --batch-size {args.batch_size} must be >= 1")
@@ -559,13 +563,15 @@ def format_markdown(rows: List[dict], ctx: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_classes():
+    """(FigureCanvasAgg, Figure), or the error naming the extra: run_sweep asks before any sampling."""
+    agg = require("matplotlib.backends.backend_agg", "the sweep plot")
+    return agg.FigureCanvasAgg, require("matplotlib.figure", "the sweep plot").Figure
+
+
 def write_plot(rows: List[dict], ctx: dict, path: Path) -> None:
     """Metric against resolution, one line per method, in-distribution and OOD regions shaded (Agg)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise RuntimeError("the sweep plot needs matplotlib: pip install matplotlib (or the project's [dev] extra)") from None
+    FigureCanvasAgg, Figure = plot_classes()
 
     resolutions: List[SweepResolution] = ctx["resolutions"]
     keys = _metric_keys(ctx["results"])

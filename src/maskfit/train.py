@@ -322,7 +322,7 @@ def train(
     if latest is not None:
         ckpt_io.load_weights(model, latest / "model.safetensors")
         ckpt_io.load_weights(run.ema, latest / "ema.safetensors")
-        run.optimizer.load_state_dict(torch.load(latest / "optimizer.pt", map_location=device, weights_only=False))
+        run.optimizer.load_state_dict(ckpt_io.load_optimizer_state(latest, map_location=device))
         state = ckpt_io.load_state(latest)
         step = state["step"]
         images_seen = int(state.get("images_seen", 0))  # checkpoints from before the count start at 0

@@ -46,6 +46,15 @@ class ImageFileError(ValueError):
     """An image file that cannot be used (empty, corrupt, not an image, zero-size)."""
 
 
+# Replace, never delete: the folder's sorted file list is the dataset's index, so a deleted file shifts every
+# later image and changes the data order, and a run's checkpoints then refuse to resume (their data state was
+# saved for the old order). A valid file under the same name keeps the order.
+REPLACE_IMAGE = (
+    "copy it again from its source, or replace it with any valid image under the same name (deleting it would "
+    "change the folder's order, and a training run's checkpoints could then not resume)"
+)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Conversions
 # ----------------------------------------------------------------------------------------------------
@@ -87,18 +96,17 @@ def load_rgb(path: Union[str, Path]) -> Image.Image:
     except OSError as err:
         raise ImageFileError(f"cannot read image file {path}: {err}; check the path and its permissions") from err
     if nbytes == 0:
-        raise ImageFileError(f"image file {path} is empty (0 bytes); delete it or copy it again from the source")
+        raise ImageFileError(f"image file {path} is empty (0 bytes); {REPLACE_IMAGE}")
     try:
         with Image.open(path) as im:
             im.load()  # decode now: a truncated file fails here, not later in a worker
             img = im.convert("RGB")  # grayscale, palette, CMYK; RGBA loses its alpha channel
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageFileError(
-            f"image file {path} is corrupt or not an image ({type(err).__name__}: {err}); "
-            f"delete it or download it again"
+            f"image file {path} is corrupt or not an image ({type(err).__name__}: {err}); {REPLACE_IMAGE}"
         ) from err
     if img.width < 1 or img.height < 1:
-        raise ImageFileError(f"image file {path} has zero size {img.width}x{img.height}; delete it")
+        raise ImageFileError(f"image file {path} has zero size {img.width}x{img.height}; {REPLACE_IMAGE}")
     return img
 
 

@@ -26,6 +26,7 @@ from typing import Optional, Protocol, Sequence, Union
 import torch
 from torch import Tensor
 
+from maskfit.checkpoint import shared_mode
 from maskfit.data.datasets import DataItem, item_rng, mixed_choice
 from maskfit.data.resize import check_preprocess
 
@@ -114,12 +115,10 @@ class SDVAE:
         )
         if not (local_dir / "config.json").is_file():
             raise FileNotFoundError(f"no VAE at {local_dir} (config.json missing); {fetch}")
-        try:
-            from diffusers import AutoencoderKL  # lazy: the package works without diffusers in pixel space
-        except ImportError as err:
-            raise ImportError(
-                f"loading the SD-VAE needs diffusers: `pip install diffusers` (or maskfit[vae]); then {fetch}"
-            ) from err
+        from maskfit.extras import require
+
+        # Lazy: the package works without diffusers in pixel space.
+        AutoencoderKL = require("diffusers", "loading the SD-VAE", otherwise=f"then {fetch}").AutoencoderKL
         try:
             vae = AutoencoderKL.from_pretrained(local_dir, local_files_only=True, torch_dtype=dtype)
         except (OSError, ValueError) as err:
@@ -230,7 +229,8 @@ def build_latent_cache(
     manifest_path = cache_dir / MANIFEST
     if cache_dir.exists() and any(cache_dir.iterdir()) and not overwrite:
         raise FileExistsError(
-            f"cache folder {cache_dir} is not empty; delete it, choose another folder, or pass overwrite=True"
+            f"cache folder {cache_dir} is not empty; delete it, choose another folder, or pass overwrite=True "
+            "(`maskfit prepare --overwrite`)"
         )
     cache_dir.mkdir(parents=True, exist_ok=True)
     if manifest_path.exists():
@@ -301,6 +301,7 @@ def _atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, shared_mode())  # safetensors writes 0600 whatever the umask; a cache is shared like any file
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -274,7 +274,7 @@ def token_grids(dataset, patch: int) -> TokenGrids:
 
 def _image_size(dataset, index: int) -> tuple[int, int]:
     """(width, height) of an image file or in-memory image, before any resize."""
-    from maskfit.data.datasets import ImageFileError, ImageFolderDataset
+    from maskfit.data.datasets import REPLACE_IMAGE, ImageFileError, ImageFolderDataset
 
     if not isinstance(dataset, ImageFolderDataset):
         h, w = dataset.images[index].shape[:2]  # (H, W, 3) uint8
@@ -287,8 +287,7 @@ def _image_size(dataset, index: int) -> tuple[int, int]:
             return im.size
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageFileError(
-            f"cannot read the size of image file {path} ({type(err).__name__}: {err}); delete it or download "
-            "it again"
+            f"cannot read the size of image file {path} ({type(err).__name__}: {err}); {REPLACE_IMAGE}"
         ) from err
 
 

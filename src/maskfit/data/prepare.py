@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 
 import torch
 
@@ -23,7 +24,8 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-path", default=None, help="local sd-vae-ft-ema folder (overrides data.vae_path)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="encode into --out even if it is not empty (a cache there is replaced)")
 
 
 def run_prepare(args) -> int:
@@ -33,6 +35,15 @@ def run_prepare(args) -> int:
     from maskfit.train import resolve_device, run_patch_size
 
     cfg = load_config(args.config, args.set)
+    out = Path(args.out)
+    # Before the VAE loads: the library's own check (build_latent_cache) would come after, naming overwrite=True.
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a folder for the cache")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(
+            f"cache folder {out} is not empty; delete it, choose another --out, or pass --overwrite to encode into it "
+            "(a cache there is replaced)"
+        )
     if cfg.data.source == "latents":
         raise ValueError("data.source is already 'latents'; point the config at the images (source 'folder' or 'synthetic')")
     device = resolve_device(args.device)

@@ -194,13 +194,9 @@ class RectifiedFlow:
 
     @staticmethod
     def _dopri5(velocity, noise: Tensor, progress: bool, atol: float, rtol: float) -> Tensor:
-        try:
-            from torchdiffeq import odeint
-        except ImportError as err:  # optional dependency, only this sampler needs it
-            raise ImportError(
-                "method='dopri5' needs torchdiffeq; install it with `pip install torchdiffeq` "
-                "(or use method='heun')"
-            ) from err
+        from maskfit.extras import require
+
+        odeint = require("torchdiffeq", "method='dopri5'", otherwise="or use method='heun'").odeint  # optional
         bar = None
         if progress:
             from tqdm.auto import tqdm

@@ -16,12 +16,15 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple, Union
 
 import numpy as np
 
+from maskfit.checkpoint import shared_mode
 from maskfit.evaluate.metrics import GaussianStats, check_finite_statistics
 
 PathLike = Union[str, Path]
@@ -44,8 +47,24 @@ def check_images(images: np.ndarray, what: str = "images") -> np.ndarray:
     return images
 
 
+@contextmanager
+def _readable(path: PathLike):
+    """Turn what zipfile / numpy raise on a damaged ``.npz`` into one error naming the file and the fix."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(
+            f"{path} is not a readable .npz ({type(err).__name__}: {reason}): the file is corrupt or truncated; "
+            "write it again (a sample batch: delete it and rerun `maskfit sample`, which rebuilds it from its shards; "
+            "a reference: `maskfit train-classifier --reference-out`) or copy it again from its source"
+        ) from None
+
+
 def _npz_keys(path: PathLike) -> Tuple[str, ...]:
-    with zipfile.ZipFile(path) as zf:
+    with _readable(path), zipfile.ZipFile(path) as zf:
         return tuple(name[: -len(".npy")] for name in zf.namelist() if name.endswith(".npy"))
 
 
@@ -63,7 +82,7 @@ class NpzImageReader:
             raise FileNotFoundError(f"No .npz file at {self.path}")
         if key not in _npz_keys(self.path):
             raise KeyError(f"{self.path} has no '{key}' array (keys: {list(_npz_keys(self.path))})")
-        with zipfile.ZipFile(self.path) as zf, zf.open(f"{key}.npy") as f:
+        with _readable(self.path), zipfile.ZipFile(self.path) as zf, zf.open(f"{key}.npy") as f:
             self.shape, self.fortran_order, self.dtype, self._data_offset = self._read_header(f)
         check_images(np.empty((0, *self.shape[1:]), dtype=self.dtype), f"{self.path}:{key}")
 
@@ -89,18 +108,19 @@ class NpzImageReader:
         """Yield uint8 (b, H, W, 3) arrays in file order; at most ``limit`` images."""
         total = len(self) if limit is None else min(limit, len(self))
         if self.fortran_order or self._data_offset is None:
-            images = np.load(self.path)[self.key]
+            with _readable(self.path):
+                images = np.load(self.path)[self.key]
             for start in range(0, total, batch_size):
                 yield np.ascontiguousarray(images[start : min(start + batch_size, total)])
             return
         per_image = int(np.prod(self.shape[1:])) * self.dtype.itemsize
-        with zipfile.ZipFile(self.path) as zf, zf.open(f"{self.key}.npy") as f:
+        with _readable(self.path), zipfile.ZipFile(self.path) as zf, zf.open(f"{self.key}.npy") as f:
             f.read(self._data_offset)  # skip magic + header (zip members stream forward only)
             for start in range(0, total, batch_size):
                 count = min(batch_size, total - start)
                 data = bytearray(count * per_image)  # writable, so torch.from_numpy needs no copy
                 if f.readinto(data) != len(data):
-                    raise ValueError(f"{self.path}:{self.key} is truncated at image {start} of {total}")
+                    raise EOFError(f"{self.key} ends at image {start} of {total}")
                 yield np.frombuffer(data, dtype=self.dtype).reshape(count, *self.shape[1:])
 
 
@@ -108,7 +128,7 @@ def read_labels(path: PathLike) -> Optional[np.ndarray]:
     """``arr_1`` class labels of a sample batch, or None if the file has none."""
     if LABELS_KEY not in _npz_keys(path):
         return None
-    with np.load(path) as data:
+    with _readable(path), np.load(path) as data:
         return data[LABELS_KEY].astype(np.int64)
 
 
@@ -120,7 +140,7 @@ def _atomic_savez(path: PathLike, arrays: Dict[str, np.ndarray]) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)  # a file object: numpy adds no ".npz" suffix
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; samples and references are meant to be shared
+        os.chmod(tmp, shared_mode())  # mkstemp makes files private; the process umask decides, as for any tool
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -159,10 +179,10 @@ class ReferenceBatch:
             yield from NpzImageReader(self.path).batches(batch_size)
 
 
-def _stats(data, mu_key: str, sigma_key: str, path: Optional[Path] = None) -> Optional[GaussianStats]:
-    if mu_key not in data.files:
+def _stats(data: Dict[str, np.ndarray], mu_key: str, sigma_key: str, path: Optional[Path] = None) -> Optional[GaussianStats]:
+    if mu_key not in data:
         return None
-    if sigma_key not in data.files:
+    if sigma_key not in data:
         raise KeyError(f"reference file has '{mu_key}' but no '{sigma_key}'")
     where = f"reference {path} ('{mu_key}', '{sigma_key}')"
     # float64 whatever the file stores (some copies are float32): FD wants matching float64 inputs.
@@ -182,10 +202,11 @@ def read_reference(path: PathLike) -> ReferenceBatch:
             "diffusion/jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz (and 64/128/512); "
             "download one on a machine with network access and pass its local path"
         )
-    with np.load(path) as data:
-        pool3 = _stats(data, "mu", "sigma", path)
-        spatial = _stats(data, "mu_s", "sigma_s", path)
-        network = str(data[FEATURE_NETWORK_KEY]) if FEATURE_NETWORK_KEY in data.files else ADM_FEATURE_NETWORK
+    with _readable(path), np.load(path) as npz:
+        data = {key: npz[key] for key in npz.files if key != IMAGES_KEY}  # read here: a damaged member fails now
+    pool3 = _stats(data, "mu", "sigma", path)
+    spatial = _stats(data, "mu_s", "sigma_s", path)
+    network = str(data[FEATURE_NETWORK_KEY]) if FEATURE_NETWORK_KEY in data else ADM_FEATURE_NETWORK
     num_images, image_hw = 0, None
     if IMAGES_KEY in _npz_keys(path):
         reader = NpzImageReader(path)

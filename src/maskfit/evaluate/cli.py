@@ -27,6 +27,7 @@ def load_image_folder(root: Path, size: Optional[int] = None, limit: Optional[in
     """
     from PIL import Image
 
+    from maskfit.data.datasets import load_rgb
     from maskfit.evaluate.proxy import LabeledImages
 
     root = Path(root)
@@ -41,11 +42,10 @@ def load_image_folder(root: Path, size: Optional[int] = None, limit: Optional[in
         files = [files[i] for i in sorted(keep)]
     images, labels = [], []
     for path, label in files:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            if size is not None and img.size != (size, size):
-                img = img.resize((size, size), Image.BICUBIC)
-            images.append(np.asarray(img, dtype=np.uint8))
+        img = load_rgb(path)  # an empty or corrupt file: one error naming it
+        if size is not None and img.size != (size, size):
+            img = img.resize((size, size), Image.BICUBIC)
+        images.append(np.asarray(img, dtype=np.uint8))
         labels.append(label)
     sizes = {im.shape[:2] for im in images}
     if len(sizes) != 1:
@@ -90,10 +90,19 @@ def _reference_arg(path: Path, args):
 
 
 def run_eval(args) -> int:
+    from maskfit.evaluate.adm_npz import NpzImageReader, read_reference
     from maskfit.evaluate.inception import load_inception
+    from maskfit.evaluate.metrics import require_scipy
     from maskfit.evaluate.proxy import load_proxy
     from maskfit.evaluate.report import evaluate_samples, format_markdown, write_report
 
+    # Cheap checks first: a damaged input or a missing package must not wait for the network and the features.
+    require_scipy()
+    NpzImageReader(args.samples)
+    reference = Path(args.reference)
+    if not reference.is_dir():
+        read_reference(reference)
+    reference_input = _reference_arg(reference, args)  # an image folder is decoded (and checked) here
     device = resolve_device(args.device)
     if args.proxy:
         network = load_proxy(args.proxy, device)
@@ -102,7 +111,7 @@ def run_eval(args) -> int:
     samples = Path(args.samples)
     result = evaluate_samples(
         samples,
-        _reference_arg(Path(args.reference), args),
+        reference_input,
         network,
         batch_size=args.batch_size,
         device=device,

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
 import numpy as np
-import scipy.linalg
-import scipy.special
 import torch
 from torch import Tensor
+
+from maskfit.extras import require
 
 ArrayLike = Union[np.ndarray, Tensor]
 DistancePrecision = Literal["adm", "float32"]
@@ -101,10 +101,17 @@ def feature_statistics(features: ArrayLike, chunk_rows: int = 8192) -> GaussianS
     return GaussianStats(mu=mu.cpu().numpy(), sigma=sigma.cpu().numpy(), num_samples=n)
 
 
+def require_scipy() -> None:
+    """Fail now, with the extra to install, when SciPy (FID's matrix square root, IS) is missing: commands
+    call it before their sampling or feature extraction, not after."""
+    require("scipy.linalg", "the Fréchet distance (FID, sFID)")
+    require("scipy.special", "the Inception Score")
+
+
 def _sqrtm(matrix: np.ndarray) -> np.ndarray:
     # SciPy >= 1.16 deprecates sqrtm's `disp` argument (gone in 1.18) that ADM passes; call it without
-    # and accept the old tuple return too.
-    root = scipy.linalg.sqrtm(matrix)
+    # and accept the old tuple return too. Imported here: SciPy is optional (maskfit[eval]).
+    root = require("scipy.linalg", "the Fréchet distance (FID, sFID)").sqrtm(matrix)
     return root[0] if isinstance(root, tuple) else root
 
 
@@ -159,12 +166,13 @@ def inception_score(probs: ArrayLike, split_size: int = IS_SPLIT_SIZE) -> float:
         raise ValueError(f"inception_score needs (N, K) class probabilities, got shape {p.shape}")
     if split_size < 1:
         raise ValueError(f"split_size must be >= 1, got {split_size}")
+    xlogy = require("scipy.special", "the Inception Score").xlogy
     scores = []
     for start in range(0, len(p), split_size):
         part = p[start : start + split_size]  # (n_split, K)
         marginal = part.mean(0, keepdims=True)  # (1, K): p(y) over the split
         # xlogy gives 0 * log 0 = 0; ADM's plain log would turn exact zeros (one-hot rows) into NaN.
-        kl = scipy.special.xlogy(part, part) - scipy.special.xlogy(part, marginal)  # (n_split, K)
+        kl = xlogy(part, part) - xlogy(part, marginal)  # (n_split, K)
         scores.append(np.exp(kl.sum(1).mean()))
     return float(np.mean(scores))
 

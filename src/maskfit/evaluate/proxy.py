@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maskfit.checkpoint import shared_mode
 from maskfit.evaluate.inception import sha256_file
 
 PathLike = Union[str, Path]
@@ -319,7 +320,7 @@ def save_proxy(model: ProxyClassifier, path: PathLike, summary: Optional[TrainSu
     os.close(fd)
     try:
         save_file(state, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private
+        os.chmod(tmp, shared_mode())  # mkstemp makes files private; the process umask decides, as for any tool
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -335,12 +336,20 @@ def load_proxy(path: PathLike, device: Union[str, torch.device] = "cpu") -> Prox
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No proxy classifier at {path}; train one with `maskfit train-classifier --data DIR --out {path}`")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    from safetensors import SafetensorError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(
+            f"proxy classifier {path} cannot be read ({type(err).__name__}: {err}): the file is corrupt or truncated; "
+            f"train it again (`maskfit train-classifier --out {path}`) or copy it again"
+        ) from None
     if metadata.get("format") != "maskfit-proxy-classifier-v1":
         raise ValueError(f"{path} is not a maskfit proxy classifier (format {metadata.get('format')!r})")
     model = ProxyClassifier(ProxyConfig(**json.loads(metadata["config"])), json.loads(metadata["class_names"]))
-    state = load_file(str(path))
     broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if broken:  # every feature would be NaN: refused here, naming the file, not as a NaN distance later
         raise ValueError(f"{path} holds NaN or infinite weights ({', '.join(broken[:3])}...); retrain the classifier")
