@@ -279,6 +279,7 @@ def run_sweep(args) -> dict:
     from maskfit.evaluate.cli import load_image_folder
     from maskfit.evaluate.report import evaluate_samples, network_id
     from maskfit.finetune import rope_train_grid
+    from maskfit.paths import check_output_dir
     from maskfit.sampling_run import (
         load_autoencoder, load_sampling_model, record_settings, resolve_precision, resolve_sampling_choices,
         sample_resolution, sampler_options,
@@ -296,6 +297,8 @@ def run_sweep(args) -> dict:
             "mu/sigma statistics) or an ImageFolder-style image folder (one sub-folder per class)"
         )
     ckpt = resolve_checkpoint(Path(args.checkpoint))
+    out = Path(args.out) if args.out else ckpt / "sweep"
+    check_output_dir(out, "--out", "sweep folder")  # before the model loads and sampling starts
 
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
@@ -315,7 +318,6 @@ def run_sweep(args) -> dict:
     derived = not args.resolutions
     resolutions = derive_resolutions(budget, multiple) if derived else parse_resolutions(args.resolutions, budget, multiple)
 
-    out = Path(args.out) if args.out else ckpt / "sweep"
     out.mkdir(parents=True, exist_ok=True)
     # Everything that changes the pixels of a sample set (the attention scale is per row, in the set's name).
     settings = {

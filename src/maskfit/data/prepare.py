@@ -32,7 +32,10 @@ def run_prepare(args) -> int:
     from maskfit.data.pipeline import build_dataset
     from maskfit.train import resolve_device, run_patch_size
 
+    from maskfit.paths import check_output_dir
+
     cfg = load_config(args.config, args.set)
+    check_output_dir(args.out, "--out", "latent-cache folder")  # before the VAE loads and the images encode
     if cfg.data.source == "latents":
         raise ValueError("data.source is already 'latents'; point the config at the images (source 'folder' or 'synthetic')")
     device = resolve_device(args.device)
