@@ -141,6 +141,41 @@ def test_the_real_masked_training_step_has_no_host_sync(tmp_path, design, object
     assert torch.isfinite(loss)
 
 
+def test_a_non_finite_step_is_skipped_on_cuda_without_a_host_sync(tmp_path):
+    """A NaN batch through the real CUDA step: fused AdamW skips via found_inf, the EMA via a zero weight,
+    the counters stay on the device; the weights, Adam state and EMA are unchanged bit for bit."""
+    from maskfit.data.pipeline import build_training_data
+    from maskfit.divergence import BadStepCount
+    from maskfit.train import build_training_run, run_patch_size, train_step
+
+    cfg = _real_path_config(tmp_path, "flow", "decoder", "images")
+    data = build_training_data(cfg, run_patch_size(cfg))
+    run = build_training_run(cfg, data.channels)
+    assert run.optimizer.defaults["fused"]
+    for step in range(2):  # warm-up: lazy initialisation may sync
+        train_step(run, data.next_device_batch(step, run.device), step)
+    good = data.next_device_batch(2, run.device)
+    bad = TokenBatch(torch.full_like(good.tokens, float("nan")), good.y, good.layout, mask=good.mask)
+
+    def snapshot():
+        out = [t.clone() for t in (*run.model.state_dict().values(), *run.ema.state_dict().values())]
+        return out + [t.clone() for s in run.optimizer.state.values() for t in s.values()]
+
+    before = snapshot()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, _, _ = train_step(run, bad, 2)
+        after = snapshot()
+        train_step(run, good, 3)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not torch.isfinite(loss)
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+    assert run.bad_steps.read() == BadStepCount(0, 1, 1)  # one bad step, then a finite one
+    assert not all(torch.equal(a, b) for a, b in zip(snapshot(), before))
+
+
 def test_compiled_image_batching_compiles_once_for_every_stream_length(tmp_path):
     """Masked image batches change the stream length every step; marked dynamic, no step recompiles."""
     from maskfit.data.pipeline import build_training_data

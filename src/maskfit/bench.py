@@ -310,6 +310,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args) -> int:
+    from maskfit.paths import check_output_dir, check_output_file
+
+    if args.out:
+        check_output_file(args.out, "--out", "JSON-lines file")  # before any row is timed
+    if getattr(args, "write_random_cache", None):
+        check_output_dir(args.write_random_cache, "--write-random-cache", "latent-cache folder")
     results = []
 
     def record(r) -> None:  # print one JSON line, append it to --out

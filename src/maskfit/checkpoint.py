@@ -7,9 +7,12 @@ A checkpoint is a folder ``step_XXXXXXX`` holding
   config.json                          the resolved run config
 It is written to a temporary folder and renamed into place, and ``latest`` (a text file naming the
 folder) is replaced atomically afterwards: a crash at any moment leaves the previous checkpoint intact.
+A missing, empty or dangling ``latest`` falls back to the newest complete folder; weights with NaN/inf are
+never written; a failed write (e.g. a full disk) removes its temporary folder and says why.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -17,6 +20,7 @@ import random
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,12 +55,16 @@ def shared_mode(directory: bool = False) -> int:
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.fchmod(fd, shared_mode())
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        os.fchmod(fd, shared_mode())  # mkstemp's 0600: follow the umask like every other tool
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _state_dict_for_safetensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -98,38 +106,191 @@ def save_checkpoint(
     config: dict,
     keep_last: int = 3,
 ) -> Path:
+    """Write ``checkpoints/step_XXXXXXX`` atomically, point ``latest`` at it, prune older ones.
+
+    Refused (ValueError, nothing written) when the weights hold NaN/inf: a diverged model must never
+    become ``latest`` nor push the last good checkpoints out. A failed write (a full disk, a torch
+    "unexpected pos" short write, any OSError) removes the partial folder and raises
+    :class:`CheckpointWriteError` naming the folder and its free space; the earlier checkpoints are intact.
+    Pruning keeps the new checkpoint and the ``keep_last - 1`` newest below it, and never touches a folder
+    of a higher step (not this run's history to judge).
+    """
     run_dir = Path(run_dir)
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:07d}"
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".tmp_step_{step:07d}_"))
-    os.chmod(tmp, shared_mode(directory=True))  # mkdtemp's 0700 would survive the rename
-    save_file(_state_dict_for_safetensors(model), str(tmp / "model.safetensors"))
+    weights = {"model.safetensors": _state_dict_for_safetensors(model)}
     if ema is not None:
-        save_file(_state_dict_for_safetensors(ema), str(tmp / "ema.safetensors"))
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({"step": step, "rng": rng_state(), **extra_state}, tmp / "state.pt")
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    for f in tmp.iterdir():
-        os.chmod(f, shared_mode())  # safetensors writes 0600 whatever the umask
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write_text(ckpt_root / "latest", final.name)
-    # Keep the newest few checkpoints.
-    old = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())[:-keep_last] if keep_last > 0 else []
-    for p in old:
-        shutil.rmtree(p, ignore_errors=True)
+        weights["ema.safetensors"] = _state_dict_for_safetensors(ema)
+    _check_finite_weights(weights, final)
+    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f"{TMP_PREFIX}{step:07d}_"))
+    os.chmod(tmp, shared_mode(directory=True))  # mkdtemp's 0700 would survive the rename
+    try:
+        for name, state in weights.items():
+            save_file(state, str(tmp / name))
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save({"step": step, "rng": rng_state(), **extra_state}, tmp / "state.pt")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        for f in tmp.iterdir():
+            os.chmod(f, shared_mode())  # safetensors writes 0600 whatever the umask
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException as exc:  # Ctrl-C mid-write included: no partial folder stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, (OSError, RuntimeError, SafetensorError)):
+            raise CheckpointWriteError(_write_error_message(exc, ckpt_root, final)) from exc
+        raise
+    try:
+        atomic_write_text(ckpt_root / "latest", final.name)
+    except OSError as exc:
+        raise CheckpointWriteError(
+            f"checkpoint {final} was written but `latest` could not be updated ({exc}); the next start resumes "
+            "from the newest complete checkpoint folder anyway"
+        ) from exc
+    if keep_last > 0:
+        older = [p for p in complete_checkpoints(run_dir) if _step_of(p) < step]
+        for p in older[: max(len(older) - (keep_last - 1), 0)]:
+            shutil.rmtree(p, ignore_errors=True)
     return final
 
 
+TMP_PREFIX = ".tmp_step_"  # save_checkpoint's temporary folders: .tmp_step_XXXXXXX_<random>
+_STEP_DIR = re.compile(r"step_(\d+)")
+_TMP_DIR = re.compile(re.escape(TMP_PREFIX) + r"\d{7}_")
+# The files every checkpoint holds (optimizer.pt and ema.safetensors are optional: imported weights).
+REQUIRED_FILES = ("model.safetensors", "state.pt", "config.json")
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the partial folder was removed, earlier checkpoints are intact."""
+
+
+def _check_finite_weights(weights: dict[str, dict[str, torch.Tensor]], final: Path) -> None:
+    floats = [(f, k, v) for f, state in weights.items() for k, v in state.items() if v.is_floating_point()]
+    if not floats:
+        return
+    finite = torch.stack([torch.isfinite(v).all() for _, _, v in floats]).tolist()  # one sync per checkpoint
+    bad = [f"{f}:{k}" for (f, k, _), ok in zip(floats, finite) if not ok]
+    if bad:
+        raise ValueError(
+            f"refusing to write checkpoint {final}: {len(bad)} weight tensors hold NaN or inf (first: "
+            f"{', '.join(bad[:3])}); the training diverged. The earlier checkpoints are kept and `latest` still "
+            f"names the newest of them; lower optim.lr or check optim.eps / optim.grad_clip, then resume"
+        )
+
+
+def _write_error_message(exc: BaseException, ckpt_root: Path, final: Path) -> str:
+    try:
+        free = f"{shutil.disk_usage(ckpt_root).free / 2**30:.2f} GiB free there"
+    except OSError:
+        free = "free space unknown"
+    text = str(exc)
+    full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+        s in text for s in ("unexpected pos", "No space left", "StorageFull", "os error 28", "Disk quota")
+    )
+    previous = latest_checkpoint(ckpt_root.parent)
+    kept = (f"the earlier checkpoints are intact (latest: {previous.name})" if previous is not None
+            else "no earlier checkpoint exists")
+    if full:
+        return (
+            f"could not write checkpoint {final.name} into {ckpt_root}: the disk is full ({free}; the writer "
+            f"said: {text.strip()[:200]}). The partial folder was removed and {kept}. Free some space or set "
+            f"train.out_dir to another disk, then run the same command to resume"
+        )
+    return (
+        f"could not write checkpoint {final.name} into {ckpt_root} ({free}): {text.strip()[:300]}. The partial "
+        f"folder was removed and {kept}"
+    )
+
+
+def _step_of(folder: Path) -> int:
+    return int(_STEP_DIR.fullmatch(folder.name).group(1))
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    """A ``step_*`` folder holding every file a checkpoint always has, none of them empty."""
+    if not (folder.is_dir() and _STEP_DIR.fullmatch(folder.name)):
+        return False
+    return all((folder / f).is_file() and (folder / f).stat().st_size > 0 for f in REQUIRED_FILES)
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoint folders, oldest (lowest step) first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if is_complete_checkpoint(p)), key=_step_of)
+
+
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The checkpoint ``checkpoints/latest`` names; if it is missing, empty or names no complete
+    checkpoint (a deleted pointer, a crash between the rename and the pointer), the newest complete one."""
+    named = latest_pointer_target(run_dir)
+    if named is not None:
+        return named
+    folders = complete_checkpoints(run_dir)
+    return folders[-1] if folders else None
+
+
+def latest_pointer_target(run_dir: Path) -> Optional[Path]:
+    """The complete checkpoint folder ``checkpoints/latest`` names, or None."""
     pointer = Path(run_dir) / "checkpoints" / "latest"
-    if not pointer.exists():
+    if not pointer.is_file():
         return None
-    path = pointer.parent / pointer.read_text().strip()
-    return path if path.exists() else None
+    name = pointer.read_text().strip()
+    if not _STEP_DIR.fullmatch(name):
+        return None
+    path = pointer.parent / name
+    return path if is_complete_checkpoint(path) else None
+
+
+def holds_checkpoints(run_dir: Path) -> bool:
+    """Whether the run folder holds any checkpoint folder or ``latest`` pointer (complete or not)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return False
+    return any(p.name == "latest" or (_STEP_DIR.fullmatch(p.name) and p.is_dir()) for p in root.iterdir())
+
+
+def remove_partial_checkpoints(run_dir: Path) -> list[Path]:
+    """Delete the temporary folders of interrupted checkpoint writes (ours only: ``.tmp_step_XXXXXXX_*``).
+
+    Each is a whole checkpoint's worth of bytes that no one will read; on a full disk they keep it full.
+    """
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    removed = [p for p in root.iterdir() if p.is_dir() and _TMP_DIR.match(p.name)]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+RUN_FILES = ("checkpoints", "log.jsonl", "tb", "config.json")  # what `maskfit train` writes into a run folder
+
+
+def set_aside_run(run_dir: Path) -> Optional[Path]:
+    """Move a run folder's training files into ``run_dir/previous_run_<UTC time>/`` (nothing is deleted).
+
+    For a fresh start into a folder that holds a run: the new run then has its own ``checkpoints``
+    (pruning and ``latest`` see only its own steps) and the old one stays usable at the new place.
+    """
+    run_dir = Path(run_dir)
+    present = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = run_dir / f"previous_run_{stamp}"
+    n = 1
+    while target.exists():
+        n += 1
+        target = run_dir / f"previous_run_{stamp}_{n}"
+    target.mkdir()
+    for path in present:
+        os.replace(path, target / path.name)
+    return target
 
 
 def resolve_checkpoint(path: Path) -> Path:

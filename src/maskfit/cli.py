@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -28,8 +29,18 @@ def cmd_train(args) -> int:
     from maskfit.train import train
 
     cfg = load_config(args.config, args.set)
-    result = train(cfg, resume=not args.no_resume, progress=not args.quiet)
-    print(json.dumps({"run_dir": str(result.run_dir), "step": result.step, "images_per_s": result.images_per_s}))
+    result = train(cfg, resume=not args.no_resume, progress=not args.quiet,
+                   fresh_into_existing=args.fresh_into_existing)
+    summary = {"run_dir": str(result.run_dir), "step": result.step, "images_per_s": result.images_per_s,
+               "skipped_steps": result.skipped_steps}
+    if result.stop_signal is not None:
+        # Stopped by SIGTERM / SIGINT (checkpoint written): not finished, so 128 + the signal number, as a
+        # shell reports a process the signal killed, after saying where the checkpoint is.
+        summary["stopped_by"] = signal.Signals(result.stop_signal).name
+        print(json.dumps(summary))
+        print(f"maskfit train: {result.stop_message}", file=sys.stderr)
+        return 128 + result.stop_signal
+    print(json.dumps(summary))
     return 0
 
 
@@ -81,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (or resume) a run from a JSON/TOML config")
     p.add_argument("config")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
-    p.add_argument("--no-resume", action="store_true", help="start fresh even if the run folder has checkpoints")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start at step 0; refused in a run folder that holds checkpoints (see --fresh-into-existing)")
+    p.add_argument("--fresh-into-existing", action="store_true",
+                   help="start at step 0 in a run folder that holds a run: its files (checkpoints/, log.jsonl, tb/, "
+                        "config.json) move into OUT_DIR/previous_run_<time>/ first; nothing is deleted")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 

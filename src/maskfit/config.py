@@ -222,6 +222,9 @@ class TrainConfig:
     ckpt_every: int = 10_000
     sample_every: int = 0  # 0: never write sample grids during training
     device: str = "auto"
+    # Stop after this many steps in a row with a non-finite loss or gradient norm (each is skipped: no
+    # update). On CUDA the count is read at log lines, so the stop comes at most log_every - 1 steps later.
+    max_bad_steps: int = 20
 
     def __post_init__(self):
         _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
@@ -236,6 +239,8 @@ class TrainConfig:
                 raise ValueError(f"train.{key}={getattr(self, key)}; it is a period in steps: use a whole number >= 1")
         if self.sample_every < 0:
             raise ValueError(f"train.sample_every={self.sample_every}; use 0 (never) or a period in steps >= 1")
+        if self.max_bad_steps < 1:
+            raise ValueError(f"train.max_bad_steps={self.max_bad_steps} must be >= 1 (non-finite steps in a row before the run stops)")
 
 
 @dataclass

@@ -43,13 +43,17 @@ def run_demo(out: Path, minutes: float = 2.5, quick: bool = False) -> dict:
     from maskfit.data.latents import IdentityAutoencoder
     from maskfit.train import build_diffusion, load_model_from_checkpoint, train
 
+    from maskfit.paths import check_output_dir
+
+    check_output_dir(out, "--out", "demo folder")
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     steps = 20 if quick else 100_000  # the time budget ends the run first
     raw = demo_config(out, steps)
     cfg = config_from_dict(raw, [f"train.out_dir={json.dumps(str(out / 'run'))}"])
     t0 = time.perf_counter()
-    result = train(cfg, resume=False, progress=True, max_seconds=None if quick else minutes * 60)
+    # A rerun moves the previous demo run aside (out/run/previous_run_*) rather than mixing checkpoints.
+    result = train(cfg, resume=False, fresh_into_existing=True, progress=True, max_seconds=None if quick else minutes * 60)
     train_s = time.perf_counter() - t0
 
     model, _ = load_model_from_checkpoint(result.run_dir, use_ema=True)

@@ -224,7 +224,9 @@ def import_published(
     from maskfit.checkpoint import latest_checkpoint, save_checkpoint
     from maskfit.config import DataConfig, DiffusionConfig, ModelSection, RunConfig, TrainConfig, save_config, to_dict
 
-    out = Path(out)
+    from maskfit.paths import check_output_dir
+
+    out = check_output_dir(out, "--out", "run folder")
     if latest_checkpoint(out) is not None:
         raise ValueError(f"{out} already holds checkpoints ({latest_checkpoint(out)}); pass an empty or new --out")
     cfg = model_config(preset)

@@ -329,8 +329,11 @@ def run_sampling(args) -> dict:
     from maskfit.checkpoint import atomic_write_text, resolve_checkpoint
     from maskfit.finetune import rope_train_grid
     from maskfit.locks import folder_lock
+    from maskfit.paths import check_output_dir
     from maskfit.train import build_diffusion, resolve_device
 
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "samples"
+    check_output_dir(out, "--out", "samples folder")  # before the model loads
     device = resolve_device(args.device)
     precision = resolve_precision(getattr(args, "precision", "auto"), device)
     # Resolved once: the checkpoint loaded is the one recorded, even if the run writes a newer one meanwhile.
@@ -349,7 +352,7 @@ def run_sampling(args) -> dict:
         choices, rope_for(args.extrapolation, rope_train_grid(run_cfg), choices), args.cfg_scale, precision,
         guidance_schedule=getattr(args, "cfg_schedule", "constant"),
     )
-    out = Path(args.out) if args.out else Path(args.checkpoint) / "samples"
+    out.mkdir(parents=True, exist_ok=True)
     distribution = getattr(args, "distribution", None)
     pack = getattr(args, "pack", False)
     # What changes the pixels of a shard; each shard folder keeps its own copy and refuses others on a rerun.

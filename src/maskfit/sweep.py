@@ -296,8 +296,11 @@ def _checked_checkpoint(args) -> Path:
 
 
 def run_sweep(args) -> dict:
+    from maskfit.paths import check_output_dir
+
     ckpt = _checked_checkpoint(args)
     out = Path(args.out) if args.out else ckpt / "sweep"
+    check_output_dir(out, "--out", "sweep folder")  # before the model loads and sampling starts
     # One process per sweep folder: two sweeps into one would write each other's samples (maskfit.locks).
     with folder_lock(out, "sweep folder"):
         return _run_sweep(args, ckpt, out)
@@ -308,6 +311,7 @@ def _run_sweep(args, ckpt: Path, out: Path) -> dict:
     from maskfit.evaluate.cli import load_image_folder
     from maskfit.evaluate.report import evaluate_samples, network_id
     from maskfit.finetune import rope_train_grid
+    from maskfit.paths import check_output_dir
     from maskfit.sampling_run import (
         load_autoencoder, load_sampling_model, record_settings, resolve_precision, resolve_sampling_choices,
         sample_resolution, sampler_options,

@@ -4,6 +4,10 @@ bf16 autocast on GPU and fp32 on CPU, AdamW, EMA, gradient clipping, tqdm, Tenso
 images/s, tokens/s, MFU, images seen, torch.compile graphs and seconds), atomic checkpoints and exact
 resume (model, EMA, optimizer, data order, RNG, images seen).
 
+Nothing lost: a step with a non-finite loss or gradient is skipped and counted, and a run that keeps
+making them stops (maskfit.divergence); SIGTERM / Ctrl-C write a checkpoint at the next step boundary
+(maskfit.interrupt); a fresh start never mixes with or deletes another run's checkpoints.
+
 The step itself (:func:`train_step`) is shared with ``maskfit bench``, and the loader's workers build each
 step's whole batch (masks included), so the loop here only moves pinned tensors to the device and runs it.
 """
@@ -26,7 +30,9 @@ from maskfit import checkpoint as ckpt_io
 from maskfit.config import RunConfig, to_dict
 from maskfit.config_history import HISTORY_NAME, describe_changes, save_run_config
 from maskfit.diffusion.guidance import drop_labels
+from maskfit.divergence import BadSteps, DivergenceError, clip_and_check, divergence_message
 from maskfit.finetune import prepare_model
+from maskfit.interrupt import StopSignals
 from maskfit.locks import locks_folder
 from maskfit.models.transformer import FiT, ModelConfig, count_parameters, model_config
 from maskfit.throughput import FlopModel, compile_stats, peak_tflops
@@ -103,10 +109,20 @@ def build_diffusion(cfg: RunConfig):
 
 
 @torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, finite: Optional[Tensor] = None) -> None:
+    """ema = decay*ema + (1-decay)*p; with ``finite`` (a bool device tensor) the weight is 0 where it is False."""
     ema_params = list(ema.parameters())
     params = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # ema = decay*ema + (1-decay)*p
+    if finite is None:
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        return
+    # lerp takes its weight as a host scalar (a tensor would be read back: a sync), so lerp's own formula
+    # e + w (p - e) in three fused launches, w a device scalar; w = 0 leaves e bit for bit. The difference
+    # is a temporary the size of the weights.
+    weight = finite.float() * (1.0 - decay)
+    delta = torch._foreach_sub(params, ema_params)
+    torch._foreach_mul_(delta, weight)
+    torch._foreach_add_(ema_params, delta)
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
@@ -158,6 +174,7 @@ class TrainingRun:
     diffusion: object
     optimizer: torch.optim.Optimizer
     generator: torch.Generator  # t, noise and label dropout
+    bad_steps: BadSteps  # non-finite steps (skipped), counted on the device
 
 
 def build_training_run(
@@ -189,7 +206,8 @@ def build_training_run(
         compiled = torch.compile(model)
         forward = _with_dynamic_stream(compiled) if dynamic_stream else compiled
     generator = torch.Generator(device=device).manual_seed(tcfg.seed + 1)
-    return TrainingRun(cfg, mcfg, device, model, ema, forward, build_diffusion(cfg), optimizer, generator)
+    return TrainingRun(cfg, mcfg, device, model, ema, forward, build_diffusion(cfg), optimizer, generator,
+                       BadSteps(device))
 
 
 def _with_dynamic_stream(compiled: Callable) -> Callable:
@@ -216,7 +234,10 @@ def _with_dynamic_stream(compiled: Callable) -> Callable:
 def train_step(run: TrainingRun, batch: TokenBatch, step: int) -> tuple[Tensor, dict, Tensor]:
     """One optimisation step on a batch already on the device: (loss, loss terms, grad norm), all tensors.
 
-    No host sync: nothing here reads a value back (log lines read the loss every log_every steps).
+    A step whose loss or clipped gradient norm is not finite changes nothing (no weight, optimizer-state
+    or EMA update) and is counted in ``run.bad_steps`` (maskfit.divergence). No host sync with a fused
+    optimizer (CUDA): the skip rides on device flags and nothing is read back (log lines read the loss
+    every log_every steps). Other optimizers (the CPU's) have no device-side skip and check on the host.
     """
     cfg = run.cfg
     for group in run.optimizer.param_groups:
@@ -227,9 +248,20 @@ def train_step(run: TrainingRun, batch: TokenBatch, step: int) -> tuple[Tensor, 
                                     aux_target=cfg.mask.aux_target)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
-    run.optimizer.step()
-    update_ema(run.ema, run.model, cfg.optim.ema_decay)
+    grad_norm, finite = clip_and_check(run.model.parameters(), cfg.optim.grad_clip, loss)
+    if run.optimizer.defaults.get("fused"):
+        # Fused AdamW skips its whole update (moments and step count included) where found_inf is 1, the
+        # attribute GradScaler sets on it (torch/optim/adam.py _fused_adam).
+        run.optimizer.found_inf = (~finite).float()
+        try:
+            run.optimizer.step()
+        finally:
+            del run.optimizer.found_inf
+        update_ema(run.ema, run.model, cfg.optim.ema_decay, finite)
+    elif bool(finite):
+        run.optimizer.step()
+        update_ema(run.ema, run.model, cfg.optim.ema_decay)
+    run.bad_steps.record(finite)
     return loss, terms, grad_norm
 
 
@@ -249,6 +281,10 @@ class TrainResult:
     compile_graphs: int = 0  # graphs torch.compile built in this call (1 forward graph = no recompile)
     compile_seconds: float = 0.0
     measured: Optional[dict] = None  # the timed window asked for with measure_after (maskfit bench --data)
+    skipped_steps: int = 0  # non-finite steps skipped over the whole run, resumes included
+    checkpoint: Optional[Path] = None  # the newest checkpoint of the run when the call ended
+    stop_signal: Optional[int] = None  # SIGTERM / SIGINT when a signal ended the call
+    stop_message: str = ""  # what a signal stop saved and where
 
 
 class RateWindow:
@@ -284,8 +320,15 @@ class RateWindow:
         return out
 
 
+def _checked_run_dir(cfg: RunConfig) -> Path:
+    """The run folder, checked before the lock creates it (a file there is named, not a raw mkdir error)."""
+    from maskfit.paths import check_output_dir
+
+    return check_output_dir(cfg.train.out_dir, "train.out_dir", "run folder")
+
+
 # One process per run folder: a second `maskfit train` on it is refused, naming the first (maskfit.locks).
-@locks_folder(lambda cfg, *args, **kwargs: cfg.train.out_dir, "run folder")
+@locks_folder(lambda cfg, *args, **kwargs: _checked_run_dir(cfg), "run folder")
 def train(
     cfg: RunConfig,
     resume: bool = True,
@@ -293,32 +336,76 @@ def train(
     stop_after: Optional[int] = None,
     max_seconds: Optional[float] = None,
     measure_after: Optional[int] = None,
+    fresh_into_existing: bool = False,
 ) -> TrainResult:
     """Train (or resume) the run described by ``cfg`` in ``cfg.train.out_dir``.
 
     Stops at ``train.steps``, at ``train.max_images`` images seen, or after ``train.max_seconds`` (a
-    checkpoint is written at every stop).
+    checkpoint is written at every stop), and at SIGTERM / SIGINT (a checkpoint at the next step
+    boundary; ``stop_signal`` and ``stop_message`` say so). ``train.max_bad_steps`` non-finite steps in a
+    row raise :class:`DivergenceError` with every earlier checkpoint kept.
+    resume=False in a folder that holds checkpoints is refused, unless ``fresh_into_existing``: then the
+    old run's files move into ``out_dir/previous_run_<time>/`` (nothing is deleted) and training starts at 0.
     stop_after: stop after this many optimiser steps in this call (tests use it to simulate a crash).
     max_seconds: overrides ``train.max_seconds`` (the CPU demo).
     measure_after: time this call's steps after the first ``measure_after`` (device synced at both ends,
     peak memory over the window): ``maskfit bench --data`` reads ``TrainResult.measured``.
     """
+    with StopSignals() as stop:  # first thing: a Ctrl-C during the set-up already stops cleanly
+        return _train(cfg, resume, progress, stop_after, max_seconds, measure_after, fresh_into_existing, stop)
+
+
+def _note(message: str) -> None:
+    print(f"maskfit train: {message}", file=sys.stderr, flush=True)
+
+
+def _start_checkpoint(run_dir: Path, resume: bool, fresh_into_existing: bool) -> Optional[Path]:
+    """The checkpoint to resume from (None: step 0); refuses a start that would mix with or lose another run."""
+    if not ckpt_io.holds_checkpoints(run_dir):
+        return None
+    latest = ckpt_io.latest_checkpoint(run_dir)
+    if resume and not fresh_into_existing:
+        if latest is None:
+            raise ValueError(
+                f"{run_dir / 'checkpoints'} holds checkpoint folders but none is complete (each needs "
+                f"{', '.join(ckpt_io.REQUIRED_FILES)}); a start at step 0 there would overwrite them. Move them "
+                "away, or pass --fresh-into-existing to move the old run's files aside and start over"
+            )
+        if ckpt_io.latest_pointer_target(run_dir) != latest:
+            _note(f"{run_dir / 'checkpoints' / 'latest'} is missing, empty or names no complete checkpoint; "
+                  f"resuming from {latest.name}, the newest complete one")
+        return latest
+    if not fresh_into_existing:
+        raise ValueError(
+            f"{run_dir} already holds a run (latest checkpoint: {latest.name if latest else 'none complete'}); a "
+            "fresh start (--no-resume) there would mix its checkpoints with the old ones. Resume it (drop "
+            "--no-resume), set train.out_dir to a new folder, or pass --fresh-into-existing to move the old "
+            f"run's files into {run_dir}/previous_run_<time>/ and start at step 0 (nothing is deleted)"
+        )
+    moved = ckpt_io.set_aside_run(run_dir)
+    _note(f"moved the previous run's files into {moved}; starting at step 0")
+    return None
+
+
+def _train(cfg, resume, progress, stop_after, max_seconds, measure_after, fresh_into_existing, stop) -> TrainResult:
     from maskfit.data.pipeline import build_training_data
+    from maskfit.paths import check_output_dir
 
     tcfg = cfg.train
     max_seconds = tcfg.max_seconds if max_seconds is None else max_seconds
-    run_dir = Path(tcfg.out_dir)
+    run_dir = check_output_dir(tcfg.out_dir, "train.out_dir", "run folder")
     run_dir.mkdir(parents=True, exist_ok=True)
+    for partial in ckpt_io.remove_partial_checkpoints(run_dir):
+        _note(f"removed {partial}, the partial folder of an interrupted checkpoint write")
+    latest = _start_checkpoint(run_dir, resume, fresh_into_existing)
     torch.manual_seed(tcfg.seed)
 
     data = build_training_data(cfg, run_patch_size(cfg))
     dynamic = cfg.data.batching == "images" and (cfg.data.layout == "packed" or data.mask is not None)
-    resuming = resume and ckpt_io.latest_checkpoint(run_dir) is not None
-    run = build_training_run(cfg, data.channels, dynamic_stream=dynamic, resuming=resuming)
+    run = build_training_run(cfg, data.channels, dynamic_stream=dynamic, resuming=latest is not None)
     model, device = run.model, run.device
 
     step, images_seen = 0, 0
-    latest = ckpt_io.latest_checkpoint(run_dir) if resume else None
     if latest is not None:
         ckpt_io.load_weights(model, latest / "model.safetensors")
         ckpt_io.load_weights(run.ema, latest / "ema.safetensors")
@@ -326,6 +413,7 @@ def train(
         state = ckpt_io.load_state(latest)
         step = state["step"]
         images_seen = int(state.get("images_seen", 0))  # checkpoints from before the count start at 0
+        run.bad_steps = BadSteps(device, total=int(state.get("skipped_steps", 0)))
         ckpt_io.set_rng_state(state["rng"])
         run.generator.set_state(state["generator"].to(run.generator.get_state().device))
         data.load_state_dict(state["data"])
@@ -345,10 +433,15 @@ def train(
     bar = _progress(step, None if max_seconds is not None else tcfg.steps, progress)
     first_step, images_at_start, t0 = step, images_seen, time.perf_counter()
     measured, mark = None, None
-    running = torch.zeros((), device=device)  # sum of the losses since the last log line ...
+    running = torch.zeros((), device=device)  # sum of the finite losses since the last log line ...
     since_log = 0  # ... over this many steps (0 at every start: a resume need not begin on a log boundary)
+    skipped_at_log = run.bad_steps.total.item()  # ... less the skipped ones (the total's growth since)
+    saved, saved_step = latest, step  # the newest checkpoint of this run
+    pending = False  # a checkpoint is due; it waits for a finite step (a diverging model must not replace a good one)
+    count = None
+    read_every_step = _reads_counters_every_step(device)
     model.train()
-    while step < last_step:
+    while step < last_step and not stop.requested:
         if measure_after is not None and step - first_step == measure_after:
             mark = _start_measure(device, step, images_seen, window)
         batch = data.next_device_batch(step, device)  # built, flattened and pinned by the loader workers
@@ -357,35 +450,58 @@ def train(
         step += 1
         images_seen += info.num_images
         window.add(info)
-        running += loss.detach()
+        running += torch.where(run.bad_steps.last_finite, loss.detach().float(), 0.0)
         since_log += 1
         bar.update(1)
         out_of_time = max_seconds is not None and time.perf_counter() - t0 > max_seconds
         enough_images = tcfg.max_images is not None and images_seen >= tcfg.max_images
-        stopping = step == last_step or out_of_time or enough_images
-        if step % tcfg.log_every == 0 or stopping:
+        stopping = step == last_step or out_of_time or enough_images or stop.requested
+        pending = pending or step % tcfg.ckpt_every == 0 or step == tcfg.steps or out_of_time or enough_images
+        at_log = step % tcfg.log_every == 0 or stopping
+        if at_log or pending or read_every_step:
+            # The bad-step counters come back here only: a host sync, at log lines and checkpoints on CUDA.
+            count = run.bad_steps.read()
+            if count.longest >= tcfg.max_bad_steps:
+                log.scalars(step, {"skipped_steps": count.total, "bad_steps_in_a_row": count.in_a_row})
+                bar.close()
+                log.close()
+                raise DivergenceError(divergence_message(count, step, tcfg.max_bad_steps, cfg.optim, saved))
+        if at_log:
             # One host sync every log_every steps, never inside the step.
-            mean_loss = float(running) / since_log
+            finite_steps = since_log - (count.total - skipped_at_log)
+            mean_loss = float(running) / finite_steps if finite_steps else float("nan")
             running.zero_()
-            since_log = 0
+            since_log, skipped_at_log = 0, count.total
             losses.append(mean_loss)
             now = time.perf_counter()
             graphs, compile_s = compile_stats()
             values = {
                 "loss": mean_loss, "grad_norm": float(grad_norm), "lr": run.optimizer.param_groups[0]["lr"],
                 "padding_fraction": data.padding_fraction(), "images_seen": images_seen,
+                "skipped_steps": count.total, "bad_steps_in_a_row": count.in_a_row,
                 **{f"speed/{k}": v for k, v in window.rates(now, peak).items()},
                 "compile/graphs": graphs - graphs0, "compile/seconds": compile_s - compile0,
             }
             values.update({f"loss/{k}": float(v) for k, v in terms.items()})
             log.scalars(step, values)
             window.reset(now)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{values['speed/images_per_s']:.0f}")
-        if step % tcfg.ckpt_every == 0 or step == tcfg.steps or out_of_time or enough_images:
-            extra = {"generator": run.generator.get_state(), "data": data.state_dict(), "images_seen": images_seen}
-            ckpt_io.save_checkpoint(run_dir, step, model, run.ema, run.optimizer, extra, full_config)
-        if out_of_time or enough_images:
+            postfix = {"loss": f"{mean_loss:.4f}", "img_s": f"{values['speed/images_per_s']:.0f}"}
+            bar.set_postfix(**postfix, **({"skipped": count.total} if count.total else {}))
+        if pending and count.in_a_row == 0:
+            saved = _save(run_dir, step, run, data, images_seen, count.total, full_config)
+            saved_step, pending = step, False
+        if stopping:
             break
+    stop_message = ""
+    if stop.requested:  # SIGTERM / SIGINT: save the steps since the last checkpoint (if they were finite)
+        count = run.bad_steps.read()
+        if step > saved_step and count.in_a_row == 0:
+            saved = _save(run_dir, step, run, data, images_seen, count.total, full_config)
+            saved_step = step
+        stop_message = _stop_message(stop.name, step, step > first_step, saved_step, saved, count.in_a_row)
+    elif pending:
+        _note(f"no checkpoint for step {step}: its last {count.in_a_row} steps were not finite; the newest "
+              f"checkpoint is {saved}")
     if mark is not None:
         measured = _end_measure(device, mark, step, images_seen, window)
     bar.close()
@@ -395,8 +511,32 @@ def train(
     return TrainResult(
         run_dir, step, losses, (images_seen - images_at_start) / max(elapsed, 1e-9), count_parameters(model),
         images_seen=images_seen, compile_graphs=graphs - graphs0, compile_seconds=round(compile_s - compile0, 2),
-        measured=measured,
+        measured=measured, skipped_steps=run.bad_steps.read().total, checkpoint=saved, stop_signal=stop.signum,
+        stop_message=stop_message,
     )
+
+
+def _reads_counters_every_step(device: torch.device) -> bool:
+    """Off CUDA reading the bad-step counters costs nothing, so the run stops at the exact step; on CUDA
+    they are read at log lines and checkpoints only (a read waits for the GPU)."""
+    return device.type != "cuda"
+
+
+def _save(run_dir: Path, step: int, run: TrainingRun, data, images_seen: int, skipped: int, full_config: dict) -> Path:
+    extra = {"generator": run.generator.get_state(), "data": data.state_dict(), "images_seen": images_seen,
+             "skipped_steps": skipped}
+    return ckpt_io.save_checkpoint(run_dir, step, run.model, run.ema, run.optimizer, extra, full_config)
+
+
+def _stop_message(signal_name: str, step: int, trained: bool, saved_step: int, saved: Optional[Path],
+                  bad_in_a_row: int) -> str:
+    if not trained:
+        return (f"stopped by {signal_name} before training a step; nothing new to save (newest checkpoint: "
+                f"{saved or 'none'})")
+    if saved_step == step:
+        return f"stopped by {signal_name} at step {step}; checkpoint: {saved}; run the same command to resume"
+    return (f"stopped by {signal_name} at step {step}; its last {bad_in_a_row} steps were not finite, so no "
+            f"checkpoint was written for it; the newest is {saved or 'none'}")
 
 
 def _start_measure(device: torch.device, step: int, images_seen: int, window: RateWindow) -> dict:

@@ -239,9 +239,12 @@ class ResumableLoader:
     def _dataloader(self, batch_sampler, collate) -> DataLoader:
         # Not persistent_workers: forever() is one endless iteration (workers start once), and a per-epoch
         # ``for`` builds its DataLoader afresh so it starts at the position set here.
+        from maskfit.interrupt import ignore_stop_signals_in_worker
+
         return DataLoader(
             self.dataset, batch_sampler=batch_sampler, num_workers=self.num_workers, collate_fn=collate,
             pin_memory=self.pin_memory, persistent_workers=False,
+            worker_init_fn=ignore_stop_signals_in_worker,  # Ctrl-C / SIGTERM are the main process's to handle
         )
 
     def __iter__(self) -> Iterator[TokenBatch]:

@@ -484,6 +484,7 @@ class TokenBudgetLoader:
         from torch.utils.data import DataLoader
 
         from maskfit.data.loader import _KeyedDataset
+        from maskfit.interrupt import ignore_stop_signals_in_worker
 
         self.sampler = sampler
         self._state = sampler.state_dict()  # after the last bin handed out
@@ -495,6 +496,7 @@ class TokenBudgetLoader:
             collate_fn=builder,
             pin_memory=pin_memory,
             persistent_workers=False,  # one endless iteration: the workers start once per forever()
+            worker_init_fn=ignore_stop_signals_in_worker,  # Ctrl-C / SIGTERM are the main process's to handle
         )
 
     def _plan_bins(self) -> Iterator[list[tuple]]:

@@ -34,11 +34,12 @@ def run_prepare(args) -> int:
     from maskfit.data.pipeline import build_dataset
     from maskfit.train import resolve_device, run_patch_size
 
+    from maskfit.paths import check_output_dir
+
     cfg = load_config(args.config, args.set)
+    check_output_dir(args.out, "--out", "latent-cache folder")  # before the VAE loads and the images encode
     out = Path(args.out)
     # Before the VAE loads: the library's own check (build_latent_cache) would come after, naming overwrite=True.
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; pass a folder for the cache")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise ValueError(
             f"cache folder {out} is not empty; delete it, choose another --out, or pass --overwrite to encode into it "

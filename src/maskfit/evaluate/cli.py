@@ -10,6 +10,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from maskfit.paths import check_output_dir, check_output_file
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
@@ -96,6 +98,12 @@ def run_eval(args) -> int:
     from maskfit.evaluate.proxy import load_proxy
     from maskfit.evaluate.report import evaluate_samples, format_markdown, write_report
 
+    samples = Path(args.samples)
+    out_dir = Path(args.out) if args.out else samples.parent
+    stem = args.stem or f"{samples.stem}_{'proxy_' if args.proxy else ''}eval"
+    check_output_dir(out_dir, "--out", "report folder")
+    for suffix in (".json", ".md"):
+        check_output_file(out_dir / f"{stem}{suffix}", "--out/--stem", "report file")
     # Cheap checks first: a damaged input or a missing package must not wait for the network and the features.
     require_scipy()
     NpzImageReader(args.samples)
@@ -108,7 +116,6 @@ def run_eval(args) -> int:
         network = load_proxy(args.proxy, device)
     else:
         network = load_inception(args.inception_weights, device, expected_sha256=args.inception_sha256)
-    samples = Path(args.samples)
     result = evaluate_samples(
         samples,
         reference_input,
@@ -118,8 +125,6 @@ def run_eval(args) -> int:
         num_samples=args.num_samples,
         pr_precision=args.pr_precision,
     )
-    out_dir = Path(args.out) if args.out else samples.parent
-    stem = args.stem or f"{samples.stem}_{'proxy_' if args.proxy else ''}eval"
     json_path, md_path = write_report(result, out_dir, stem)
     print(format_markdown(result))
     print(f"report: {md_path} and {json_path}")
@@ -163,6 +168,10 @@ def _write_proxy_reference(model, data, path: Path, device: torch.device, seed: 
 def run_train_classifier(args) -> int:
     from maskfit.evaluate.proxy import ProxyTrainConfig, save_proxy, train_classifier
 
+    # Both outputs are checked before the images load: a bad path must not cost the training.
+    check_output_file(args.out, "--out", "checkpoint file")
+    if args.reference_out:
+        check_output_file(args.reference_out, "--reference-out", "reference file")
     device = resolve_device(args.device)
     data = load_image_folder(Path(args.data), size=args.size, limit=args.limit, seed=args.seed)
     config = ProxyTrainConfig(
