@@ -106,6 +106,27 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # ema = decay*ema + (1-decay)*p
 
 
+def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
+    """EMA decay of the update after optimisation step ``step`` (0-based); a Python float, so no host sync.
+
+    With ``warmup`` (optim.ema_warmup) the decay is min(decay, (1 + step) / (10 + step)), and 0 at the first
+    update (the EMA starts as a copy of the trained weights): diffusers' ``EMAModel.get_decay`` with
+    ``use_ema_warmup=False`` (training_utils.py), after TensorFlow's ``tf.train.ExponentialMovingAverage``
+    with ``num_updates``. A short run's EMA then averages over ~step/9 recent steps instead of keeping
+    decay^step of its initial weights (0.9999^2000 = 82 %).
+    """
+    if not warmup:
+        return decay
+    if step <= 0:
+        return 0.0
+    return min(decay, (1 + step) / (10 + step))
+
+
+def crossed_image_mark(marks, before: int, after: int) -> bool:
+    """Whether a step that took images seen from ``before`` to ``after`` crossed one of ``marks``."""
+    return any(before < m <= after for m in marks)
+
+
 def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
     if warmup_steps <= 0:
         return base_lr
@@ -226,7 +247,7 @@ def train_step(run: TrainingRun, batch: TokenBatch, step: int) -> tuple[Tensor, 
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
     run.optimizer.step()
-    update_ema(run.ema, run.model, cfg.optim.ema_decay)
+    update_ema(run.ema, run.model, ema_decay_at(step, cfg.optim.ema_decay, cfg.optim.ema_warmup))
     return loss, terms, grad_norm
 
 
@@ -373,9 +394,12 @@ def train(
             log.scalars(step, values)
             window.reset(now)
             bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{values['speed/images_per_s']:.0f}")
-        if step % tcfg.ckpt_every == 0 or step == tcfg.steps or out_of_time or enough_images:
-            extra = {"generator": run.generator.get_state(), "data": data.state_dict(), "images_seen": images_seen}
-            ckpt_io.save_checkpoint(run_dir, step, model, run.ema, run.optimizer, extra, full_config)
+        if (step % tcfg.ckpt_every == 0 or step == tcfg.steps or out_of_time or enough_images
+                or crossed_image_mark(tcfg.ckpt_at_images, images_seen - info.num_images, images_seen)):
+            extra = {"generator": run.generator.get_state(), "data": data.state_dict(), "images_seen": images_seen,
+                     "train_seconds": _seconds_since(t0, device)}  # this call's loop time (maskfit experiment)
+            ckpt_io.save_checkpoint(run_dir, step, model, run.ema, run.optimizer, extra, full_config,
+                                    keep_last=tcfg.keep_checkpoints)
         if out_of_time or enough_images:
             break
     if mark is not None:
@@ -389,6 +413,14 @@ def train(
         images_seen=images_seen, compile_graphs=graphs - graphs0, compile_seconds=round(compile_s - compile0, 2),
         measured=measured,
     )
+
+
+def _seconds_since(t0: float, device: torch.device) -> float:
+    """Wall seconds since ``t0`` once the device has finished its queued work (a checkpoint syncs anyway)."""
+    from maskfit.bench import sync_device
+
+    sync_device(device)
+    return round(time.perf_counter() - t0, 3)
 
 
 def _start_measure(device: torch.device, step: int, images_seen: int, window: RateWindow) -> dict:
