@@ -1,5 +1,5 @@
 """`maskfit` command line: models | train | sample | sweep | prepare | eval | train-classifier | bench | demo |
-import-published."""
+import-published | experiment."""
 from __future__ import annotations
 
 import argparse
@@ -119,6 +119,7 @@ def _add_module_commands(sub) -> None:
     from maskfit.bench import add_bench_arguments, run_bench
     from maskfit.data.prepare import add_prepare_arguments, run_prepare
     from maskfit.evaluate.cli import add_eval_arguments, add_train_classifier_arguments, run_eval, run_train_classifier
+    from maskfit.experiment import add_experiment_arguments, cmd_experiment
     from maskfit.published import add_import_arguments, run_import
     from maskfit.sweep import add_sweep_arguments, cmd_sweep
 
@@ -132,6 +133,8 @@ def _add_module_commands(sub) -> None:
         ("bench", "training/sampling throughput, MFU and memory", add_bench_arguments, run_bench),
         ("import-published", "turn a released FiT/FiTv2 checkpoint (whlzy/FiT) into a maskfit checkpoint folder",
          add_import_arguments, run_import),
+        ("experiment", "one run of the study: train for a GPU-time budget, evaluate its checkpoints at every "
+         "resolution and RoPE method, one JSON line each", add_experiment_arguments, cmd_experiment),
     ]
     for name, help_text, add_arguments, func in commands:
         p = sub.add_parser(name, help=help_text)

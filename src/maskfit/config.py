@@ -60,9 +60,14 @@ class DataConfig:
     batching: str = "images"
     tokens_per_step: int = 0  # batching="tokens": backbone tokens per step (e.g. 16 x token_budget)
     max_images_per_step: Optional[int] = None  # batching="tokens": cap on images per step (static segment count)
+    # Our own held-out split of an image folder (maskfit.data.split: a fixed fraction of each class, chosen
+    # by a hash of the file name): "all" | "train" (never the held-out files) | "holdout"
+    split: str = "all"
+    holdout_fraction: float = 0.1
 
     def __post_init__(self):
         _check_choice("data.source", self.source, ("synthetic", "folder", "latents"))
+        self._check_split()
         _check_choice("data.autoencoder", self.autoencoder, ("sd-vae", "identity"))
         _check_choice("data.layout", self.layout, ("padded", "packed"))
         _check_choice("data.batching", self.batching, ("images", "tokens"))
@@ -77,6 +82,19 @@ class DataConfig:
             raise ValueError(
                 f"data.max_images_per_step={self.max_images_per_step} only applies to data.batching='tokens'; "
                 f"with batching='images' every step has train.batch_size images: remove max_images_per_step"
+            )
+
+    def _check_split(self) -> None:
+        from maskfit.data.split import SPLITS
+
+        _check_choice("data.split", self.split, SPLITS)
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ValueError(f"data.holdout_fraction={self.holdout_fraction} must lie in (0, 1), e.g. 0.1")
+        if self.split != "all" and self.source != "folder":
+            raise ValueError(
+                f"data.split={self.split!r} splits an image folder (data.source='folder'), not data.source="
+                f"{self.source!r}; a latent cache made by `maskfit prepare` from a config with data.split='train' "
+                "already holds only the training split: set data.split='all' here"
             )
 
     def _check_token_batching(self) -> None:
@@ -134,6 +152,8 @@ class OptimConfig:
     grad_clip: float = 1.0
     warmup_steps: int = 0  # linear warm-up (FiTv2 paper: 5000 steps)
     ema_decay: float = 0.9999
+    # EMA warm-up for short runs: decay min(ema_decay, (1 + step) / (10 + step)) (maskfit.train.ema_decay_at)
+    ema_warmup: bool = False
 
     def __post_init__(self):
         if not (math.isfinite(self.lr) and self.lr >= 0):
@@ -225,6 +245,8 @@ class TrainConfig:
     # Stop after this many steps in a row with a non-finite loss or gradient norm (each is skipped: no
     # update). On CUDA the count is read at log lines, so the stop comes at most log_every - 1 steps later.
     max_bad_steps: int = 20
+    ckpt_at_images: tuple = ()  # also checkpoint when images seen cross each of these counts (maskfit experiment)
+    keep_checkpoints: int = 3  # newest checkpoints kept; 0 keeps every one (the image-count marks are evaluated later)
 
     def __post_init__(self):
         _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
@@ -241,6 +263,11 @@ class TrainConfig:
             raise ValueError(f"train.sample_every={self.sample_every}; use 0 (never) or a period in steps >= 1")
         if self.max_bad_steps < 1:
             raise ValueError(f"train.max_bad_steps={self.max_bad_steps} must be >= 1 (non-finite steps in a row before the run stops)")
+        bad = [m for m in self.ckpt_at_images if isinstance(m, bool) or not isinstance(m, int) or m < 1]
+        if bad:
+            raise ValueError(f"train.ckpt_at_images={list(self.ckpt_at_images)} has {bad}: give positive whole image counts")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"train.keep_checkpoints={self.keep_checkpoints}; use 0 to keep every checkpoint, or >= 1")
 
 
 @dataclass

@@ -270,6 +270,16 @@ def _reference_key(path: Path, args) -> dict:
     return {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+RESOLUTION_FIELD = "{resolution}"
+
+
+def reference_for(reference: str, res: SweepResolution) -> Path:
+    """The reference of one resolution: ``--reference`` with ``{resolution}`` replaced by HxW (e.g.
+    ``refs/ref_{resolution}.npz`` -> ``refs/ref_64x128.npz``), so each size has its own statistics (the
+    study's reference images are brought to each size as training images are: maskfit.experiment)."""
+    return Path(reference.replace(RESOLUTION_FIELD, res.label))
+
+
 def _checkpoint_name(ckpt: Path) -> str:
     # <run>/checkpoints/step_N reads better as "<run>/step_N" in titles.
     return f"{ckpt.parent.parent.name}/{ckpt.name}" if ckpt.parent.name == "checkpoints" else ckpt.name
@@ -286,8 +296,9 @@ def _checked_checkpoint(args) -> Path:
     parse_variants(args.methods, args.attn_scales or "none")
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError(f"--num-images {args.num_images} and --batch-size {args.batch_size} must be >= 1")
+    per_resolution = RESOLUTION_FIELD in args.reference  # one reference per resolution (reference_for)
     reference_path = Path(args.reference)
-    if not reference_path.exists():
+    if not per_resolution and not reference_path.exists():
         raise FileNotFoundError(
             f"--reference {reference_path} does not exist; pass an ADM reference batch .npz (arr_0 images and/or "
             "mu/sigma statistics) or an ImageFolder-style image folder (one sub-folder per class)"
@@ -338,6 +349,11 @@ def _run_sweep(args, ckpt: Path, out: Path) -> dict:
     derived = not args.resolutions
     resolutions = derive_resolutions(budget, multiple) if derived else parse_resolutions(args.resolutions, budget, multiple)
 
+    reference_paths = {res.label: reference_for(args.reference, res) for res in resolutions}
+    missing = [str(path) for path in reference_paths.values() if not path.exists()]
+    if missing:
+        raise FileNotFoundError(f"--reference {args.reference}: {', '.join(missing)} do(es) not exist; write one "
+                                f"reference per resolution ({RESOLUTION_FIELD} is replaced by HxW, e.g. 64x128)")
     out.mkdir(parents=True, exist_ok=True)
     # Everything that changes the pixels of a sample set (the attention scale is per row, in the set's name).
     settings = {
@@ -349,17 +365,22 @@ def _run_sweep(args, ckpt: Path, out: Path) -> dict:
     }
     record_settings(out, settings)  # refuses a folder sampled with other settings
 
-    # The reference is read once: an image folder is decoded here, not once per evaluation.
+    # Each reference is read once: an image folder is decoded at its first use, not once per evaluation.
     from maskfit.evaluate.report import read_reference, reference_from_images
 
-    reference = reference_from_images(
-        load_image_folder(reference_path, size=args.reference_size, limit=args.reference_limit).images
-    ) if reference_path.is_dir() else read_reference(reference_path)
-    reference_cache: dict = {}  # the reference's activations, computed at the first evaluation only
+    references: dict = {}
+
+    def reference_at(path: Path):
+        if path not in references:
+            references[path] = reference_from_images(
+                load_image_folder(path, size=args.reference_size, limit=args.reference_limit).images
+            ) if path.is_dir() else read_reference(path)
+        return references[path]
+
+    reference_cache: dict = {}  # each reference's activations, computed at its first evaluation only
     net_id = network_id(network)
     net_tag = f"proxy_{network.weights_sha256[:12]}" if is_proxy else "inception"
-    cache_key = {"network": net_id, "weights_sha256": network.weights_sha256,
-                 "reference": _reference_key(reference_path, args), "pr_precision": "adm"}
+    cache_key = {"network": net_id, "weights_sha256": network.weights_sha256, "pr_precision": "adm"}
     head_dim, theta = model_head_dims(model.cfg), model.cfg.rope_theta
     autoencoder = None
     sample_args = SimpleNamespace(num_images=args.num_images, batch_size=args.batch_size, seed=args.seed, labels=args.labels)
@@ -379,10 +400,13 @@ def _run_sweep(args, ckpt: Path, out: Path) -> dict:
                 set_dir.mkdir(parents=True, exist_ok=True)
                 sample_resolution(model, diffusion, autoencoder, (res.height, res.width), multiple, p, options,
                                   sample_args, set_dir, device)
+            ref_path = reference_paths[res.label]
             results[(set_variant.label, res.label)] = _evaluate_cached(
-                npz, out / "evals" / set_variant.label / f"{res.label}.{net_tag}.json", cache_key,
-                lambda npz=npz: evaluate_samples(npz, reference, network, batch_size=args.eval_batch_size, device=device,
-                                                 reference_cache=reference_cache),
+                npz, out / "evals" / set_variant.label / f"{res.label}.{net_tag}.json",
+                {**cache_key, "reference": _reference_key(ref_path, args)},
+                lambda npz=npz, ref_path=ref_path: evaluate_samples(
+                    npz, reference_at(ref_path), network, batch_size=args.eval_batch_size, device=device,
+                    reference_cache=reference_cache),
             )
         for v in variants:
             s = sets[v]
@@ -409,7 +433,7 @@ def _run_sweep(args, ckpt: Path, out: Path) -> dict:
         "checkpoint": str(ckpt), "checkpoint_name": _checkpoint_name(ckpt), "settings": settings,
         "recipe": choices["recipe"],
         "is_proxy": is_proxy, "network_name": getattr(network, "name", net_id), "network_id": net_id,
-        "reference": str(reference_path), "token_budget": budget, "patch_size": p, "factor": factor,
+        "reference": str(args.reference), "token_budget": budget, "patch_size": p, "factor": factor,
         "train_grid": train_grid, "derived": derived, "variants": variants, "resolutions": resolutions,
         "results": results,
     }
@@ -634,7 +658,8 @@ def write_plot(rows: List[dict], ctx: dict, path: Path) -> None:
 def add_sweep_arguments(p) -> None:
     p.add_argument("checkpoint", help="checkpoint folder or run folder (its latest checkpoint)")
     p.add_argument("--reference", required=True,
-                   help="ADM reference batch .npz (arr_0 and/or mu/sigma) or an ImageFolder-style image folder")
+                   help="ADM reference batch .npz (arr_0 and/or mu/sigma) or an ImageFolder-style image folder; "
+                        "'{resolution}' in the path names one per resolution (replaced by HxW)")
     net = p.add_mutually_exclusive_group()
     net.add_argument("--inception-weights", "--inception", dest="inception", default=None, metavar="PATH",
                      help="FID Inception weights (default: $MASKFIT_INCEPTION_WEIGHTS or the user cache)")

@@ -125,6 +125,27 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, finit
     torch._foreach_add_(ema_params, delta)
 
 
+def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
+    """EMA decay of the update after optimisation step ``step`` (0-based); a Python float, so no host sync.
+
+    With ``warmup`` (optim.ema_warmup) the decay is min(decay, (1 + step) / (10 + step)), and 0 at the first
+    update (the EMA starts as a copy of the trained weights): diffusers' ``EMAModel.get_decay`` with
+    ``use_ema_warmup=False`` (training_utils.py), after TensorFlow's ``tf.train.ExponentialMovingAverage``
+    with ``num_updates``. A short run's EMA then averages over ~step/9 recent steps instead of keeping
+    decay^step of its initial weights (0.9999^2000 = 82 %).
+    """
+    if not warmup:
+        return decay
+    if step <= 0:
+        return 0.0
+    return min(decay, (1 + step) / (10 + step))
+
+
+def crossed_image_mark(marks, before: int, after: int) -> bool:
+    """Whether a step that took images seen from ``before`` to ``after`` crossed one of ``marks``."""
+    return any(before < m <= after for m in marks)
+
+
 def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
     if warmup_steps <= 0:
         return base_lr
@@ -257,10 +278,10 @@ def train_step(run: TrainingRun, batch: TokenBatch, step: int) -> tuple[Tensor, 
             run.optimizer.step()
         finally:
             del run.optimizer.found_inf
-        update_ema(run.ema, run.model, cfg.optim.ema_decay, finite)
+        update_ema(run.ema, run.model, ema_decay_at(step, cfg.optim.ema_decay, cfg.optim.ema_warmup), finite)
     elif bool(finite):
         run.optimizer.step()
-        update_ema(run.ema, run.model, cfg.optim.ema_decay)
+        update_ema(run.ema, run.model, ema_decay_at(step, cfg.optim.ema_decay, cfg.optim.ema_warmup))
     run.bad_steps.record(finite)
     return loss, terms, grad_norm
 
@@ -456,7 +477,8 @@ def _train(cfg, resume, progress, stop_after, max_seconds, measure_after, fresh_
         out_of_time = max_seconds is not None and time.perf_counter() - t0 > max_seconds
         enough_images = tcfg.max_images is not None and images_seen >= tcfg.max_images
         stopping = step == last_step or out_of_time or enough_images or stop.requested
-        pending = pending or step % tcfg.ckpt_every == 0 or step == tcfg.steps or out_of_time or enough_images
+        pending = (pending or step % tcfg.ckpt_every == 0 or step == tcfg.steps or out_of_time or enough_images
+                   or crossed_image_mark(tcfg.ckpt_at_images, images_seen - info.num_images, images_seen))
         at_log = step % tcfg.log_every == 0 or stopping
         if at_log or pending or read_every_step:
             # The bad-step counters come back here only: a host sync, at log lines and checkpoints on CUDA.
@@ -488,7 +510,7 @@ def _train(cfg, resume, progress, stop_after, max_seconds, measure_after, fresh_
             postfix = {"loss": f"{mean_loss:.4f}", "img_s": f"{values['speed/images_per_s']:.0f}"}
             bar.set_postfix(**postfix, **({"skipped": count.total} if count.total else {}))
         if pending and count.in_a_row == 0:
-            saved = _save(run_dir, step, run, data, images_seen, count.total, full_config)
+            saved = _save(run_dir, step, run, data, images_seen, count.total, full_config, t0)
             saved_step, pending = step, False
         if stopping:
             break
@@ -496,7 +518,7 @@ def _train(cfg, resume, progress, stop_after, max_seconds, measure_after, fresh_
     if stop.requested:  # SIGTERM / SIGINT: save the steps since the last checkpoint (if they were finite)
         count = run.bad_steps.read()
         if step > saved_step and count.in_a_row == 0:
-            saved = _save(run_dir, step, run, data, images_seen, count.total, full_config)
+            saved = _save(run_dir, step, run, data, images_seen, count.total, full_config, t0)
             saved_step = step
         stop_message = _stop_message(stop.name, step, step > first_step, saved_step, saved, count.in_a_row)
     elif pending:
@@ -522,10 +544,13 @@ def _reads_counters_every_step(device: torch.device) -> bool:
     return device.type != "cuda"
 
 
-def _save(run_dir: Path, step: int, run: TrainingRun, data, images_seen: int, skipped: int, full_config: dict) -> Path:
+def _save(run_dir: Path, step: int, run: TrainingRun, data, images_seen: int, skipped: int, full_config: dict,
+          t0: float) -> Path:
     extra = {"generator": run.generator.get_state(), "data": data.state_dict(), "images_seen": images_seen,
-             "skipped_steps": skipped}
-    return ckpt_io.save_checkpoint(run_dir, step, run.model, run.ema, run.optimizer, extra, full_config)
+             "skipped_steps": skipped,
+             "train_seconds": _seconds_since(t0, run.device)}  # this call's loop time (maskfit experiment)
+    return ckpt_io.save_checkpoint(run_dir, step, run.model, run.ema, run.optimizer, extra, full_config,
+                                   keep_last=run.cfg.train.keep_checkpoints)
 
 
 def _stop_message(signal_name: str, step: int, trained: bool, saved_step: int, saved: Optional[Path],
@@ -537,6 +562,14 @@ def _stop_message(signal_name: str, step: int, trained: bool, saved_step: int, s
         return f"stopped by {signal_name} at step {step}; checkpoint: {saved}; run the same command to resume"
     return (f"stopped by {signal_name} at step {step}; its last {bad_in_a_row} steps were not finite, so no "
             f"checkpoint was written for it; the newest is {saved or 'none'}")
+
+
+def _seconds_since(t0: float, device: torch.device) -> float:
+    """Wall seconds since ``t0`` once the device has finished its queued work (a checkpoint syncs anyway)."""
+    from maskfit.bench import sync_device
+
+    sync_device(device)
+    return round(time.perf_counter() - t0, 3)
 
 
 def _start_measure(device: torch.device, step: int, images_seen: int, window: RateWindow) -> dict:

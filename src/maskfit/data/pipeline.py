@@ -94,7 +94,12 @@ def build_dataset(data: DataConfig, patch_size: int, seed: int, train: bool = Tr
         token_budget=data.token_budget, patch_px=patch_px, random_crop=data.random_aspect_crop,
         hflip=data.hflip and train, preprocess=preprocess,
     )
-    return ImageFolderDataset(data.root, transform=transform, seed=seed, num_classes=num_classes)
+    dataset = ImageFolderDataset(data.root, transform=transform, seed=seed, num_classes=num_classes)
+    if data.split != "all":
+        from maskfit.data.split import restrict_to_split
+
+        restrict_to_split(dataset, data.split, data.holdout_fraction)  # our held-out split (maskfit.data.split)
+    return dataset
 
 
 def dataset_channels(dataset) -> int:

@@ -21,11 +21,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_image_folder(root: Path, size: Optional[int] = None, limit: Optional[int] = None, seed: int = 0):
+def load_image_folder(root: Path, size: Optional[int] = None, limit: Optional[int] = None, seed: int = 0,
+                      split: str = "all", holdout_fraction: float = 0.1):
     """An ImageFolder-style tree (one sub-folder per class, sorted names = class indices) as uint8 arrays.
 
     All images must share one size unless ``size`` is given (then each is resized to size x size with
-    PIL bicubic). ``limit`` keeps a seeded random subset.
+    PIL bicubic). ``limit`` keeps a seeded random subset. ``split`` keeps one side of the project's own
+    held-out split (maskfit.data.split: "train" | "holdout", or "all").
     """
     from PIL import Image
 
@@ -39,6 +41,10 @@ def load_image_folder(root: Path, size: Optional[int] = None, limit: Optional[in
     if len(classes) < 2:
         raise ValueError(f"{root} must hold one sub-folder per class (ImageFolder layout), found {len(classes)}")
     files = [(f, c) for c, name in enumerate(classes) for f in sorted((root / name).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if split != "all":
+        from maskfit.data.split import select_split
+
+        files = select_split(files, root, split, holdout_fraction)
     if limit is not None and limit < len(files):
         keep = np.random.default_rng(seed).choice(len(files), size=limit, replace=False)
         files = [files[i] for i in sorted(keep)]
@@ -148,6 +154,10 @@ def add_train_classifier_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--holdout-fraction", type=float, default=0.1,
                    help="seeded random share of --data held out for an accuracy check (not an independent test set)")
     p.add_argument("--limit", type=int, default=None, help="use a seeded random subset of N images (quick runs)")
+    p.add_argument("--data-split", choices=("all", "train", "holdout"), default="all",
+                   help="train on one side of the project's held-out split of --data (maskfit.data.split; the study "
+                        "uses 'train', so the held-out images stay unseen)")
+    p.add_argument("--data-holdout-fraction", type=float, default=0.1, help="that split's held-out share per class")
     p.add_argument("--reference-out", default=None,
                    help="also write a proxy reference .npz: statistics of all --data images + up to 10 000 of them")
     p.add_argument("--seed", type=int, default=0)
@@ -173,7 +183,8 @@ def run_train_classifier(args) -> int:
     if args.reference_out:
         check_output_file(args.reference_out, "--reference-out", "reference file")
     device = resolve_device(args.device)
-    data = load_image_folder(Path(args.data), size=args.size, limit=args.limit, seed=args.seed)
+    data = load_image_folder(Path(args.data), size=args.size, limit=args.limit, seed=args.seed,
+                             split=args.data_split, holdout_fraction=args.data_holdout_fraction)
     config = ProxyTrainConfig(
         input_size=args.size,
         width=args.width,
@@ -187,7 +198,9 @@ def run_train_classifier(args) -> int:
     model, summary = train_classifier(data, config, device)
     digest = save_proxy(model, args.out, summary)
     report = {k: v for k, v in asdict(summary).items() if k != "history"}
-    report.update({"checkpoint": str(args.out), "sha256": digest, "classes": list(data.class_names), "config": asdict(config)})
+    report.update({"checkpoint": str(args.out), "sha256": digest, "classes": list(data.class_names), "config": asdict(config),
+                   "data": {"folder": str(args.data), "split": args.data_split, "holdout_fraction": args.data_holdout_fraction,
+                            "images": len(data.images)}})
     if args.reference_out:
         report["reference"] = str(_write_proxy_reference(model, data, Path(args.reference_out), device, args.seed))
     print(json.dumps(report, indent=2))

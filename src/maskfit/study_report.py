@@ -1,0 +1,390 @@
+"""The study's tables and plots from its committed result lines (``maskfit experiment``'s results.jsonl).
+
+    python -m maskfit.study_report study/results --out REPORT.md [--plots study/plots]
+
+Reads every ``*.jsonl`` under the results folder and writes, between the markers
+``<!-- study_report:begin -->`` and ``<!-- study_report:end -->`` of REPORT.md (text outside them, e.g. the
+findings, is kept; a missing file is created from a template, a file without markers gets the block appended):
+
+- the runs: design, keep ratio, objective, fine-tune, seeds, images seen, images/s, peak memory;
+- proxy FD (and class accuracy, precision, recall) at every resolution and RoPE method, at equal GPU time
+  (each run's final checkpoint, same budget) and at equal images seen (the ``--eval-at-images`` marks);
+- PNG plots: proxy FD against GPU time and against images seen, FD against resolution per design and RoPE
+  method, images/s and peak memory per design.
+
+A cell is the mean over seeds with the sample standard deviation (n - 1) as the spread and the number of seeds;
+one seed shows the value alone. Runs are grouped by variant; lines of one variant made with another config,
+budget, sampling setting or proxy classifier form a separate group, flagged in the report, since their
+numbers do not compare.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+from collections import OrderedDict
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+BEGIN, END = "<!-- study_report:begin -->", "<!-- study_report:end -->"
+METRICS = OrderedDict([
+    ("proxy_fd", ("proxy FD", "lower")),
+    ("proxy_class_accuracy", ("class accuracy of samples", "higher")),
+    ("proxy_precision", ("proxy precision", "higher")),
+    ("proxy_recall", ("proxy recall", "higher")),
+])
+# Decimals per quantity (metrics and the runs table's columns); others get 2.
+DIGITS = {"proxy_class_accuracy": 3, "proxy_precision": 3, "proxy_recall": 3, "count": 0, "rate": 0, "mem": 1, "sec": 1}
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+
+TEMPLATE = """# The study: does masked flexible training reach FiT's quality for less compute, at every resolution?
+
+The tables and plots below are written by `python -m maskfit.study_report study/results --out REPORT.md`
+from the committed result lines (`study/results/*.jsonl`); the text around them is written by hand.
+
+## Protocol
+
+README.md, section "The study", says how one experiment runs (`maskfit experiment`, `tools/study.sh`) and
+what it measures.
+
+{begin}
+{end}
+
+## Findings
+
+None yet.
+"""
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading and grouping
+# --------------------------------------------------------------------------------------------------
+
+
+def read_lines(folder: Path) -> List[dict]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"results folder {folder} does not exist (the study's is study/results)")
+    lines = []
+    for path in sorted(folder.glob("*.jsonl")):
+        for i, text in enumerate(path.read_text().splitlines(), 1):
+            if not text.strip():
+                continue
+            try:
+                lines.append(json.loads(text))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{i} is not a JSON line ({err}); fix or remove it") from None
+    return lines
+
+
+def _combo(line: dict) -> tuple:
+    """What must agree for numbers to compare: recipe, budget, sampling setting, proxy classifier."""
+    return (line["config_digest"], line["budget_seconds"], line["eval_id"], line["proxy_sha256"])
+
+
+def group_labels(lines: Sequence[dict]) -> Dict[tuple, str]:
+    """A label per (variant, combo): the variant's name, with a suffix when a variant has several combos."""
+    by_variant: Dict[str, List[tuple]] = OrderedDict()
+    for line in lines:
+        name = line.get("variant") or line["run"]
+        combos = by_variant.setdefault(name, [])
+        if _combo(line) not in combos:
+            combos.append(_combo(line))
+    labels = {}
+    for name, combos in by_variant.items():
+        for i, combo in enumerate(combos):
+            labels[(name, combo)] = name if len(combos) == 1 else f"{name} [{i + 1}]"
+    return labels
+
+
+def label_of(line: dict, labels: Dict[tuple, str]) -> str:
+    return labels[(line.get("variant") or line["run"], _combo(line))]
+
+
+def points_of(line: dict) -> List[str]:
+    """The comparison points a line stands for: 'final' (equal GPU time) and/or each image-count mark."""
+    return (["final"] if line["is_final"] else []) + [str(m) for m in line.get("marks", [])]
+
+
+def column_order(lines: Sequence[dict]) -> List[Tuple[str, str]]:
+    """(resolution, method) columns: in-distribution first, resolutions in the order the experiments list them
+    (the protocol's), each resolution's methods together (none, VisionNTK, VisionYaRN, then others)."""
+    first: Dict[str, int] = {}
+    seen: "OrderedDict[Tuple[str, str], tuple]" = OrderedDict()
+    method_rank = {"none": 0, "vision_ntk": 1, "vision_yarn": 2}
+    for line in lines:
+        first.setdefault(line["resolution"], len(first))
+        key = (line["resolution"], line["method"])
+        seen.setdefault(key, (line["split"] != "ID", first[line["resolution"]], method_rank.get(line["method"], 9),
+                              line["method"]))
+    return sorted(seen, key=lambda k: seen[k])
+
+
+def mean_spread(values: Iterable[Optional[float]]) -> Tuple[Optional[float], Optional[float], int]:
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return None, None, 0
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None), len(vals)
+
+
+def fmt_cell(values: Sequence[Optional[float]], key: str) -> str:
+    mean, spread, n = mean_spread(values)
+    if mean is None:
+        return "–"
+    digits = DIGITS.get(key, 2)
+    if spread is None:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {spread:.{digits}f} (n={n})"
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------------
+
+
+def _collect(lines: Sequence[dict], labels) -> Dict[Tuple[str, str, str, str], List[dict]]:
+    """(label, point, resolution, method) -> the lines of every seed there."""
+    cells: Dict[Tuple[str, str, str, str], List[dict]] = {}
+    for line in lines:
+        for point in points_of(line):
+            cells.setdefault((label_of(line, labels), point, line["resolution"], line["method"]), []).append(line)
+    return cells
+
+
+def metric_table(cells, row_labels: Sequence[str], point: str, columns, key: str) -> List[str]:
+    name, better = METRICS[key]
+    split = {}
+    for cell_lines in cells.values():
+        for line in cell_lines:
+            split[(line["resolution"], line["method"])] = line["split"]
+    header = [f"{split[c]} {c[0]} {c[1]}" for c in columns]
+    out = [f"| run ({name}, {better} is better) | " + " | ".join(header) + " |",
+           "| --- | " + " | ".join("---:" for _ in columns) + " |"]
+    for label in row_labels:
+        cells_row = [fmt_cell([l.get(key) for l in cells.get((label, point, r, m), [])], key) for r, m in columns]
+        if all(c == "–" for c in cells_row):
+            continue
+        out.append(f"| {label} | " + " | ".join(cells_row) + " |")
+    return out
+
+
+def runs_table(lines: Sequence[dict], labels, row_labels: Sequence[str]) -> List[str]:
+    out = ["| run | design | keep | objective | unmasked fine-tune | seeds | budget (s) | images seen (final) | "
+           "images/s (average, steady) | peak GiB | compile (s) | config | proxy | sampling |",
+           "| --- | --- | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
+    for label in row_labels:
+        finals = [l for l in lines if label_of(l, labels) == label and l["is_final"]]
+        if not finals:
+            continue
+        per_seed = OrderedDict()
+        for line in finals:
+            per_seed.setdefault(line["seed"], line)  # one line per seed: run-level fields are equal across its lines
+        runs = list(per_seed.values())
+        first = runs[0]
+        keep = first["keep_ratio"] if first.get("keep_count") is None else f"K={first['keep_count']}"
+        design = first["design"] + (f" ({first['strategy']}" + (", beta" if first.get("ratio_distribution") == "beta" else "")
+                                    + (", res-dep" if first.get("resolution_dependent") else "") + ")"
+                                    if first.get("strategy") else "")
+        rate = fmt_cell([r["images_per_s"] for r in runs], "rate")
+        steady = fmt_cell([r.get("images_per_s_steady") for r in runs], "rate")
+        out.append(
+            f"| {label} | {design} | {keep} | {first['objective']} | {first['finetune_unmasked']:.0%} | "
+            f"{', '.join(str(s) for s in per_seed)} | {first['budget_seconds']:g} | "
+            f"{fmt_cell([r['images_seen'] for r in runs], 'count')} | {rate}; {steady} | "
+            f"{fmt_cell([r.get('peak_mem_gib') for r in runs], 'mem')} | "
+            f"{fmt_cell([r.get('compile_seconds') for r in runs], 'sec')} | `{first['config_digest']}` | "
+            f"`{first['proxy_sha256'][:12]}` | {first['sampler']} {first['sampler_steps']}, CFG {first['cfg_scale']:g}, "
+            f"{first['num_samples']} samples, {first['weights'].upper()} |")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------------
+
+
+def _figure(panels: int, columns: int, width: float = 4.2, height: float = 3.4):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise RuntimeError("the study plots need matplotlib: pip install matplotlib (the project's [dev] extra)") from None
+    cols = min(columns, panels)
+    rows = math.ceil(panels / cols)
+    fig = Figure(figsize=(width * cols + 1.5, height * rows + 1.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, rows, cols
+
+
+def plot_curves(cells, row_labels, columns, x_key: str, x_label: str, path: Path) -> None:
+    """Proxy FD against ``x_key`` (train_seconds or images_seen): a panel per (resolution, method), a line per run."""
+    fig, rows, cols = _figure(len(columns), 4)
+    for i, (res, method) in enumerate(columns):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for j, label in enumerate(row_labels):
+            points = []
+            for (lab, point, r, m), group in cells.items():
+                if (lab, r, m) != (label, res, method):
+                    continue
+                x, _, _ = mean_spread(l[x_key] for l in group)
+                y, dy, _ = mean_spread(l.get("proxy_fd") for l in group)
+                if x is not None and y is not None:
+                    points.append((x, y, dy or 0.0))
+            if not points:
+                continue
+            points = sorted(set(points))
+            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+                        marker=MARKERS[j % len(MARKERS)], capsize=3, label=label)
+        ax.set_title(f"{res}, {method}")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("proxy FD (lower is better)")
+        ax.grid(True, alpha=0.3)
+    handles, names = [], []
+    for ax in fig.axes:
+        for h, n in zip(*ax.get_legend_handles_labels()):
+            if n not in names:
+                handles.append(h)
+                names.append(n)
+    if handles:
+        fig.legend(handles, names, loc="outside lower center", ncols=min(4, len(names)), fontsize="small")
+    fig.suptitle(f"Proxy FD against {x_label}: mean over seeds, bars = sample std")
+    fig.savefig(path, dpi=100)
+
+
+def plot_resolution(cells, row_labels, columns, path: Path) -> None:
+    """Final checkpoints: proxy FD against resolution, a panel per run, a line per RoPE method."""
+    resolutions = list(dict.fromkeys(r for r, _ in columns))
+    methods = list(dict.fromkeys(m for _, m in columns))
+    labels = [l for l in row_labels if any(k[0] == l and k[1] == "final" for k in cells)]
+    fig, rows, cols = _figure(max(len(labels), 1), 3)
+    for i, label in enumerate(labels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for j, method in enumerate(methods):
+            xs, ys, es = [], [], []
+            for x, res in enumerate(resolutions):
+                y, dy, _ = mean_spread(l.get("proxy_fd") for l in cells.get((label, "final", res, method), []))
+                if y is not None:
+                    xs.append(x)
+                    ys.append(y)
+                    es.append(dy or 0.0)
+            if xs:
+                ax.errorbar(xs, ys, yerr=es, marker=MARKERS[j % len(MARKERS)], capsize=3, label=method)
+        ax.set_xticks(range(len(resolutions)), resolutions, rotation=30)
+        ax.set_title(label)
+        ax.set_xlabel("resolution (height x width, px)")
+        ax.set_ylabel("proxy FD (lower is better)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(title="RoPE method", fontsize="small")
+    fig.suptitle("Proxy FD against resolution at equal GPU time (final checkpoints), mean over seeds")
+    fig.savefig(path, dpi=100)
+
+
+def plot_throughput(lines, labels, row_labels, path: Path) -> None:
+    """Images/s (steady, mean over seeds) and peak memory per run."""
+    fig, _, _ = _figure(2, 2, width=max(4.2, 0.6 * len(row_labels) + 2))
+    for i, (key, name) in enumerate((("images_per_s_steady", "images/s (steady)"), ("peak_mem_gib", "peak memory (GiB)"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        means, errs, names = [], [], []
+        for label in row_labels:
+            per_seed = {l["seed"]: l.get(key) for l in lines if label_of(l, labels) == label and l["is_final"]}
+            m, s, _ = mean_spread(per_seed.values())
+            if m is not None:
+                means.append(m)
+                errs.append(s or 0.0)
+                names.append(label)
+        ax.bar(range(len(means)), means, yerr=errs, capsize=3)
+        if not means:
+            ax.text(0.5, 0.5, "no values recorded (e.g. CPU runs have no peak GPU memory)", ha="center",
+                    transform=ax.transAxes)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        ax.set_ylabel(name)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle("Training speed and memory per run (mean over seeds, bars = sample std)")
+    fig.savefig(path, dpi=100)
+
+
+# --------------------------------------------------------------------------------------------------
+# The report block
+# --------------------------------------------------------------------------------------------------
+
+
+def report_block(lines: Sequence[dict], plots: Path, report: Path) -> str:
+    """The generated part of REPORT.md (between the markers), plots written under ``plots``."""
+    if not lines:
+        return "\n".join([BEGIN, "", "_No result lines yet: study/results/ holds no experiment's results.jsonl._", "", END])
+    labels = group_labels(lines)
+    row_labels = list(dict.fromkeys(label_of(l, labels) for l in lines))
+    columns = column_order(lines)
+    cells = _collect(lines, labels)
+    plots.mkdir(parents=True, exist_ok=True)
+    rel = Path(os.path.relpath(plots, report.parent))
+    files = {"time": plots / "fd_vs_gpu_time.png", "images": plots / "fd_vs_images_seen.png",
+             "resolution": plots / "fd_vs_resolution.png", "throughput": plots / "throughput_memory.png"}
+    plot_curves(cells, row_labels, columns, "train_seconds", "training seconds (GPU wall clock)", files["time"])
+    plot_curves(cells, row_labels, columns, "images_seen", "images seen", files["images"])
+    plot_resolution(cells, row_labels, columns, files["resolution"])
+    plot_throughput(lines, labels, row_labels, files["throughput"])
+
+    out = [BEGIN, "", f"_Generated by `python -m maskfit.study_report` from {len(lines)} result lines "
+                      f"({len({l['run'] for l in lines})} runs). Cells: mean ± sample std over seeds (n seeds); one "
+                      "seed shows its value alone. Call a difference only where it exceeds the spread._", ""]
+    multi = [l for l in row_labels if l.endswith("]")]
+    if multi:
+        out += [f"> **Note:** {', '.join(multi)}: one variant measured with different configs, budgets, sampling "
+                "settings or proxy classifiers (see the runs table); their numbers do not compare.", ""]
+    proxies = {l["proxy_sha256"] for l in lines}
+    if len(proxies) > 1:
+        out += [f"> **Warning:** {len(proxies)} proxy classifiers ({', '.join(sorted(p[:12] for p in proxies))}); proxy "
+                "numbers compare only within one.", ""]
+    out += ["### Runs", ""] + runs_table(lines, labels, row_labels) + [""]
+    out += ["### At equal GPU time (final checkpoints, equal training budget)", ""]
+    for key in METRICS:
+        out += metric_table(cells, row_labels, "final", columns, key) + [""]
+    marks = sorted({int(p) for l in lines for p in points_of(l) if p != "final"})
+    if marks:
+        out += ["### At equal images seen (first checkpoint at or past each mark)", ""]
+        for m in marks:
+            mark_cols = [c for c in columns if any(k[1] == str(m) and (k[2], k[3]) == c for k in cells)]
+            out += [f"**{m:,} images**", ""] + metric_table(cells, row_labels, str(m), mark_cols, "proxy_fd") + [""]
+    out += ["### Plots", ""]
+    for key, title in (("time", "Proxy FD against GPU time"), ("images", "Proxy FD against images seen"),
+                       ("resolution", "Proxy FD against resolution per design and RoPE method"),
+                       ("throughput", "Images/s and peak memory per design")):
+        out += [f"![{title}]({(rel / files[key].name).as_posix()})", ""]
+    out.append(END)
+    return "\n".join(out)
+
+
+def write_report(results: Path, report: Path, plots: Optional[Path] = None) -> Path:
+    lines = read_lines(results)
+    plots = plots if plots is not None else Path(results).parent / "plots"
+    block = report_block(lines, plots, report)
+    text = report.read_text() if report.exists() else TEMPLATE.format(begin=BEGIN, end=END)
+    if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    report.write_text(text)
+    return report
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m maskfit.study_report", description=__doc__.split("\n\n")[0])
+    p.add_argument("results", help="folder of result lines (*.jsonl), e.g. study/results")
+    p.add_argument("--out", default="REPORT.md", help="the report (its generated block is replaced)")
+    p.add_argument("--plots", default=None, help="folder for the PNG plots (default: beside the results folder, plots/)")
+    args = p.parse_args(argv)
+    try:
+        path = write_report(Path(args.results), Path(args.out), Path(args.plots) if args.plots else None)
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:
+        print(f"study_report: error: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,448 @@
+"""The study's infrastructure (issue 12): our held-out split, EMA warm-up, image-count checkpoints,
+`maskfit experiment` end to end (tiny model, tiny folder, CPU, resume), the study variants and the report.
+
+Everything here is plumbing on tiny inputs; no number is a study result.
+"""
+import dataclasses
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from maskfit import checkpoint as ckpt_io
+from maskfit.cli import main
+from maskfit.config import config_from_dict, load_config
+from maskfit.data.pipeline import build_dataset
+from maskfit.data.split import holdout_key, select_split
+from maskfit.evaluate.cli import load_image_folder
+from maskfit.evaluate.proxy import LabeledImages, ProxyTrainConfig, save_proxy, train_classifier
+from maskfit.train import ema_decay_at, train
+from tests.test_train import tiny_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_folder(root: Path, classes: int = 3, per_class: int = 7, size=(32, 32)) -> Path:
+    """ImageNet layout, class c tinted in channel c with seeded noise (PNG: exact pixels)."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        folder = root / f"class{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 56, (size[1], size[0], 3))
+            img[..., c % 3] += 180
+            Image.fromarray(img.astype(np.uint8)).save(folder / f"img{i:02d}.png")
+    return root
+
+
+# --------------------------------------------------------------------------------------------------
+# The held-out split
+# --------------------------------------------------------------------------------------------------
+
+
+def _files(root: Path):
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    return [(f, c) for c, name in enumerate(classes) for f in sorted((root / name).iterdir())]
+
+
+def test_split_is_per_class_disjoint_deterministic_and_order_free(tmp_path):
+    root = make_folder(tmp_path / "data", classes=3, per_class=7)
+    files = _files(root)
+    train_side = select_split(files, root, "train", 0.3)
+    held = select_split(files, root, "holdout", 0.3)
+    assert {p for p, _ in train_side}.isdisjoint(p for p, _ in held)
+    assert sorted(train_side + held) == sorted(files)
+    assert [sum(c == k for _, c in held) for k in range(3)] == [2, 2, 2]  # round(0.3 * 7) = 2 per class
+    shuffled = files[:]
+    random.Random(1).shuffle(shuffled)
+    assert sorted(select_split(shuffled, root, "holdout", 0.3)) == sorted(held)
+    # Pinned: the study's references depend on exactly this rule (salted SHA-256 of the relative path).
+    assert [p.relative_to(root).as_posix() for p, c in held if c == 0] == ["class0/img01.png", "class0/img02.png"]
+    keyed = sorted((holdout_key(f"class0/img{i:02d}.png"), i) for i in range(7))
+    assert sorted(i for _, i in keyed[:2]) == [1, 2]  # the two smallest keys of the class
+
+
+def test_split_is_the_same_in_the_dataset_the_classifier_and_a_reencoded_copy(tmp_path):
+    from maskfit.data.reencode import reencode_folder
+
+    root = make_folder(tmp_path / "data", classes=2, per_class=6)
+    held = {p.relative_to(root).as_posix() for p, _ in select_split(_files(root), root, "holdout", 0.2)}
+    cfg = config_from_dict({"data": {"source": "folder", "root": str(root), "split": "holdout", "holdout_fraction": 0.2,
+                                     "autoencoder": "identity", "token_budget": 16}})
+    ds = build_dataset(cfg.data, 4, seed=0)
+    assert {p.relative_to(root).as_posix() for p, _ in ds.samples} == held
+    train_ds = build_dataset(dataclasses.replace(cfg.data, split="train"), 4, seed=0)
+    assert len(train_ds) + len(ds) == 12 and len(ds) == 2  # round(0.2 * 6) = 1 per class
+    folder = load_image_folder(root, split="train", holdout_fraction=0.2)
+    assert len(folder.images) == 10 and list(np.bincount(folder.labels)) == [5, 5]
+    copy = tmp_path / "copy"
+    manifest = reencode_folder(root, copy, quality=90)
+    assert manifest["images"] == 12 and manifest["pixel_abs_diff_max"] > 0  # JPEG is lossy: the manifest says by how much
+    again = {p.relative_to(copy).as_posix() for p, _ in select_split(_files(copy), copy, "holdout", 0.2)}
+    assert held == again  # same relative names, same split
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        reencode_folder(root, copy)
+
+
+def test_split_errors_name_the_value_and_the_fix(tmp_path):
+    root = make_folder(tmp_path / "data", classes=2, per_class=3)
+    with pytest.raises(ValueError, match="class 0 .* holds out 0"):
+        select_split(_files(root), root, "holdout", 0.1)  # round(0.3) = 0 held out
+    with pytest.raises(ValueError, match="data.split='train' splits an image folder"):
+        config_from_dict({"data": {"source": "synthetic", "split": "train"}})
+    with pytest.raises(ValueError, match="data.split='val'"):
+        config_from_dict({"data": {"source": "folder", "split": "val"}})
+    with pytest.raises(ValueError, match="holdout_fraction=1.0"):
+        config_from_dict({"data": {"source": "folder", "split": "train", "holdout_fraction": 1.0}})
+
+
+# --------------------------------------------------------------------------------------------------
+# EMA warm-up and image-count checkpoints (train.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_ema_warmup_decay_values():
+    assert ema_decay_at(0, 0.9999, True) == 0.0  # the first update copies the model (diffusers' get_decay)
+    assert ema_decay_at(1, 0.9999, True) == pytest.approx(2 / 11)
+    assert ema_decay_at(9, 0.9999, True) == pytest.approx(10 / 19)
+    assert ema_decay_at(2000, 0.9999, True) == pytest.approx(2001 / 2010)
+    assert ema_decay_at(10**6, 0.9999, True) == 0.9999  # capped by ema_decay
+    assert ema_decay_at(0, 0.9999, False) == ema_decay_at(5000, 0.9999, False) == 0.9999
+    assert isinstance(ema_decay_at(7, 0.999, True), float)  # a host number: no tensor, no device sync
+
+
+def _flat(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    return torch.cat([state[k].flatten() for k in sorted(state)])
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_early_ema_weights_follow_the_model_only_with_warmup(tmp_path, warmup):
+    extra = {"optim": {"lr": 1e-2, "ema_decay": 0.9999, "ema_warmup": warmup},
+             "train": {"ckpt_every": 1, "keep_checkpoints": 0}}
+    cfg = tiny_run(tmp_path / "run", steps=4, **extra)
+    train(cfg, progress=False)
+    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))
+    first, last = ckpts[0], ckpts[-1]
+    model1, ema1 = _flat(first / "model.safetensors"), _flat(first / "ema.safetensors")
+    model4, ema4 = _flat(last / "model.safetensors"), _flat(last / "ema.safetensors")
+    if warmup:
+        assert torch.equal(ema1, model1)  # decay 0 at the first update
+        assert (ema4 - model4).norm() < 0.5 * (ema1 - model4).norm()  # it keeps up with the model
+    else:
+        moved = (model4 - ema4).norm()
+        assert (ema4 - ema1).norm() < 1e-3 * moved  # 0.9999: the EMA is still its initial weights
+
+
+def test_checkpoints_at_image_marks_are_all_kept_with_their_seconds(tmp_path):
+    cfg = tiny_run(tmp_path / "run", steps=6, train={"ckpt_every": 100, "ckpt_at_images": [12, 30, 1000],
+                                                     "keep_checkpoints": 0, "log_every": 100})
+    train(cfg, progress=False)  # batch 8: images seen 8, 16, ... cross 12 at step 2 and 30 at step 4
+    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert [c.name for c in ckpts] == ["step_0000002", "step_0000004", "step_0000006"]  # 6 = train.steps
+    states = [ckpt_io.load_state(c) for c in ckpts]
+    assert [s["images_seen"] for s in states] == [16, 32, 48]
+    seconds = [s["train_seconds"] for s in states]
+    assert all(0 < a < b for a, b in zip(seconds, seconds[1:]))
+
+
+def test_bad_marks_and_keep_counts_are_errors():
+    with pytest.raises(ValueError, match=r"train.ckpt_at_images=\[0\]"):
+        config_from_dict({"train": {"ckpt_at_images": [0]}})
+    with pytest.raises(ValueError, match="keep_checkpoints=-1"):
+        config_from_dict({"train": {"keep_checkpoints": -1}})
+
+
+# --------------------------------------------------------------------------------------------------
+# maskfit experiment
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("experiment")
+    data = make_folder(root / "data", classes=3, per_class=10)
+    config = root / "tiny.toml"
+    config.write_text(f"""
+[model]
+preset = "FiTv2-tiny"
+overrides = {{ patch_size = 4, num_classes = 3 }}
+[data]
+source = "folder"
+root = "{data}"
+split = "train"
+holdout_fraction = 0.2
+token_budget = 16
+random_aspect_crop = true
+autoencoder = "identity"
+layout = "packed"
+[diffusion]
+objective = "flow"
+[optim]
+ema_warmup = true
+[train]
+steps = 1000
+batch_size = 4
+log_every = 2
+""")
+    folder = load_image_folder(data, size=16, split="train", holdout_fraction=0.2)
+    proxy, _ = train_classifier(folder, ProxyTrainConfig(input_size=16, width=8, num_stages=2, epochs=1, batch_size=8,
+                                                         holdout_fraction=0.0), log=None)
+    save_proxy(proxy, root / "proxy.safetensors")
+    return root
+
+
+def experiment_argv(root: Path, out: Path, *extra) -> list:
+    return ["experiment", str(root / "tiny.toml"), "--out", str(out), "--proxy", str(root / "proxy.safetensors"),
+            # 12 images (3 steps of 4) stop the run long before its budget: a fixed length on any CPU
+            "--budget-seconds", "60", "--set", "train.max_images=12", "--eval-at-images", "8",
+            "--resolutions", "16x16,24x24", "--mark-resolutions", "16x16", "--ood-methods", "none,vision_ntk",
+            "--num-images", "6", "--sample-batch-size", "6", "--steps", "1", "--device", "cpu", "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def experiment(assets):
+    out = assets / "exp"
+    assert main(experiment_argv(assets, out)) == 0
+    return out
+
+
+def test_experiment_writes_one_line_per_checkpoint_resolution_and_method(experiment):
+    lines = [json.loads(l) for l in (experiment / "results.jsonl").read_text().splitlines()]
+    final = [l for l in lines if l["is_final"]]
+    assert sorted((l["resolution"], l["method"]) for l in final) == [
+        ("16x16", "none"), ("24x24", "none"), ("24x24", "vision_ntk")]
+    assert {l["split"] for l in final} == {"ID", "OOD"}
+    marked = [l for l in lines if l["marks"] == [8]]
+    assert [(l["resolution"], l["method"], l["images_seen"], l["step"]) for l in marked] == [("16x16", "none", 8, 2)]
+    training = json.loads((experiment / "training.json").read_text())
+    for l in lines:
+        assert l["proxy_fd"] is not None and math.isfinite(l["proxy_fd"]) and 0 <= l["proxy_class_accuracy"] <= 1
+        assert (l["design"], l["keep_ratio"], l["weights"], l["ema_warmup"]) == ("packed", 1.0, "ema", True)
+        assert (l["sampler"], l["sampler_steps"], l["cfg_scale"], l["labels"], l["num_samples"]) == ("euler", 1, 1.5, "per-class", 6)
+        assert l["config_digest"] and l["proxy_sha256"] and l["reference"]["split"] == "holdout"
+        ckpt = next(c for c in training["checkpoints"] if c["name"] == l["checkpoint"])
+        assert l["train_seconds"] == ckpt["train_seconds"] and l["images_per_s"] > 0
+    assert final[0]["images_seen"] == 12 and final[0]["step"] == 3  # stopped at train.max_images
+    # The references: the held-out images (round(0.2 * 10) = 2 per class), brought to each size.
+    ref = np.load(experiment / "reference" / "ref_24x24.npz")
+    assert ref["arr_0"].shape == (6, 24, 24, 3) and list(np.bincount(ref["arr_1"])) == [2, 2, 2]
+
+
+def test_experiment_rerun_skips_training_and_finished_lines(assets, experiment, monkeypatch, capsys):
+    import maskfit.train
+
+    before = (experiment / "results.jsonl").read_text()
+    monkeypatch.setattr(maskfit.train, "train", lambda *a, **k: pytest.fail("a finished training ran again"))
+    assert main(experiment_argv(assets, experiment)) == 0
+    assert '"lines_written": 0' in capsys.readouterr().out
+    assert (experiment / "results.jsonl").read_text() == before
+    # Other training settings in the same folder are refused, naming what differs.
+    assert main(experiment_argv(assets, experiment, "--budget-seconds", "30")) == 2
+    assert "budget_seconds" in capsys.readouterr().err
+
+
+def test_unmasked_finetune_resumes_the_masked_run_with_every_token(assets, tmp_path):
+    import argparse
+
+    from maskfit.experiment import add_experiment_arguments, experiment_config, run_training
+
+    parser = argparse.ArgumentParser()
+    add_experiment_arguments(parser)
+    # Phase 1 stops at train.max_images (2 steps of 4), phase 2 after its first step: a fixed length on any CPU.
+    args = parser.parse_args([str(assets / "tiny.toml"), "--out", str(tmp_path / "ft"), "--proxy", "unused",
+                              "--set", "mask.keep_ratio=0.5", "--set", "mask.design=\"decoder\"",
+                              "--set", "mask.decoder_hidden=64", "--set", "mask.decoder_heads=1",
+                              "--set", "train.max_images=8", "--device", "cpu"])
+    cfg, _ = experiment_config(args, tmp_path / "ft")
+    training = run_training(cfg, tmp_path / "ft", budget=60.0, finetune=0.25, progress=False, log=lambda *_: None)
+    assert [(p["phase"], p["final_step"], p["budget_seconds"]) for p in training["phases"]] == [
+        ("main", 2, 45.0), ("unmasked_finetune", 3, 15.0)]
+    final = training["checkpoints"][-1]
+    assert (final["step"], final["images_seen"], final["phase"]) == (3, 12, "unmasked_finetune")
+    main_end = training["checkpoints"][-2]
+    assert final["train_seconds"] == pytest.approx(main_end["train_seconds"] + final["phase_seconds"], abs=1e-3)
+    saved = json.loads((tmp_path / "ft" / "run" / "checkpoints" / "step_0000003" / "config.json").read_text())
+    assert saved["mask"]["keep_ratio"] == 1.0 and saved["mask"]["design"] == "decoder"  # same model, no mask
+
+
+def test_experiment_dry_run_estimates_and_does_nothing(assets, tmp_path, capsys):
+    out = tmp_path / "dry"
+    assert main(experiment_argv(assets, out, "--dry-run", "--assume-sampling-tflops", "1")) == 0
+    text = capsys.readouterr().out
+    assert "estimate:" in text and "3 sample sets at the final checkpoint, 1 at each mark" in text
+    assert not out.exists()
+
+
+def test_experiment_refuses_a_reference_from_the_training_side(assets, tmp_path, capsys):
+    argv = experiment_argv(assets, tmp_path / "bad", "--set", "data.split=\"all\"", "--dry-run")
+    assert main(argv) == 2
+    assert "the reference would hold training images" in capsys.readouterr().err
+
+
+def test_reference_images_are_cropped_to_the_ratio_and_never_upscaled():
+    from maskfit.data.datasets import item_rng
+    from maskfit.experiment import reference_image
+
+    ramp = np.tile(np.arange(128, dtype=np.uint8)[:, None, None], (1, 128, 3))  # row index as the pixel value
+    img = Image.fromarray(ramp)
+    band = reference_image(img, 64, 128, item_rng(0, 0, 3), 0.25)  # 64x128 needs the whole 128x64 band: no resize
+    assert band.shape == (64, 128, 3)
+    y0 = int(band[0, 0, 0])
+    assert np.array_equal(band, ramp[y0:y0 + 64])
+    square = reference_image(img, 64, 64, item_rng(0, 0, 3), 0.25)
+    assert square.shape == (64, 64, 3)
+
+
+def test_sweep_needs_every_per_resolution_reference(assets, experiment, capsys):
+    run_ckpt = next((experiment / "run" / "checkpoints").glob("step_*"))
+    argv = ["sweep", str(run_ckpt), "--reference", str(experiment / "reference" / "missing_{resolution}.npz"),
+            "--proxy", str(assets / "proxy.safetensors"), "--resolutions", "16x16", "--device", "cpu",
+            "--out", str(assets / "sweep_missing")]
+    assert main(argv) == 2
+    assert "missing_16x16.npz" in capsys.readouterr().err
+
+
+def test_sampling_estimate_arithmetic():
+    from maskfit.experiment import estimate_seconds, evaluations_per_image, sampling_flops
+    from maskfit.models.transformer import model_config
+    from maskfit.throughput import design_flops
+
+    assert evaluations_per_image("euler", 50, 1.5) == 100
+    assert evaluations_per_image("heun", 50, 1.5) == 200
+    assert evaluations_per_image("ddim", 50, 1.0) == 50
+    mcfg = model_config("FiT-B/2", patch_size=4, in_channels=3, num_classes=10)
+    flops = sampling_flops(mcfg, [(16, 16), (24, 24)], 10, 100)
+    assert flops == pytest.approx(1000 * (design_flops(mcfg, 256, 256) + design_flops(mcfg, 576, 576)) / 3)
+    est = estimate_seconds(240, [1e15, 1e15], 2, 100.0, False)
+    assert est["sampling_s"] == 20.0 and est["total_s"] == 240 + est["startup_s"] + 20 + est["sweep_overhead_s"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The study's configs
+# --------------------------------------------------------------------------------------------------
+
+
+def test_every_study_variant_is_a_valid_run_config():
+    from maskfit.experiment import design_label, is_masked, load_variants
+    from maskfit.train import resolved_model_config
+
+    variants = load_variants(ROOT / "configs/study/variants.toml")
+    designs = {}
+    for name, v in variants.items():
+        cfg = load_config(ROOT / "configs/study/base.toml", v.get("set", []))
+        mcfg = resolved_model_config(cfg, 3)
+        assert (mcfg.patch_size, cfg.data.token_budget, cfg.data.split) == (4, 256, "train"), name
+        assert not v.get("finetune_unmasked") or is_masked(cfg), name
+        designs[name] = (design_label(cfg), cfg.mask.keep_ratio, cfg.diffusion.objective)
+    assert designs["fit_padded"] == ("padded", 1.0, "ddpm") and designs["packed"] == ("packed", 1.0, "ddpm")
+    assert designs["decoder50_ft"] == ("decoder", 0.5, "ddpm") and variants["decoder50_ft"]["finetune_unmasked"] == 0.1
+    assert designs["v2_plain50"] == ("plain", 0.5, "flow")
+
+
+def test_unknown_variant_keys_are_errors(tmp_path):
+    from maskfit.experiment import load_variants
+
+    path = tmp_path / "v.toml"
+    path.write_text("[a]\nset = []\nfinetune = 0.1\n")
+    with pytest.raises(ValueError, match=r"\[a\] has unknown key\(s\) \['finetune'\]"):
+        load_variants(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------------
+
+
+def synthetic_line(variant: str, seed: int, resolution: str, method: str, fd: float, final: bool = True,
+                   marks=(), seconds: float = 240.0, images: int = 500_000, digest: str = "d1") -> dict:
+    h, w = (int(v) for v in resolution.split("x"))
+    return {
+        "result_version": 1, "run": f"{variant}_s{seed}", "variant": variant, "description": "", "config_digest": digest,
+        "design": "plain" if "50" in variant else "packed", "layout": "packed", "objective": "ddpm", "model": "FiT-B/2",
+        "keep_ratio": 0.5 if "50" in variant else 1.0, "keep_count": None,
+        "strategy": "uniform" if "50" in variant else None, "ratio_distribution": "constant",
+        "resolution_dependent": False, "finetune_unmasked": 0.0, "seed": seed, "budget_seconds": 240.0,
+        "ema_decay": 0.9999, "ema_warmup": True, "batch_size": 256, "device": "NVIDIA H200", "torch": "x",
+        "git_commit": None, "checkpoint": "step_1", "step": 1, "images_seen": images, "phase": "main",
+        "is_final": final, "marks": list(marks), "train_seconds": seconds, "images_per_s": images / seconds,
+        "images_per_s_steady": 2000.0 + seed, "peak_mem_gib": 30.0, "compile_seconds": 0.0, "weights": "ema",
+        "sampler": "ddim", "sampler_steps": 50, "cfg_scale": 1.5, "guidance_channels": "all", "labels": "per-class",
+        "sample_seed": 0, "num_samples": 250, "precision": "bf16", "eval_id": "e1", "proxy_sha256": "ab" * 32,
+        "reference": {}, "resolution": resolution, "height": h, "width": w, "tokens": h * w // 16,
+        "split": "ID" if h * w <= 4096 else "OOD", "method": method, "sample_set": method, "shared_sample_set": False,
+        "proxy_fd": fd, "proxy_precision": 0.5, "proxy_recall": 0.25, "proxy_class_accuracy": 0.8,
+    }
+
+
+def test_report_tables_and_plots_from_synthetic_lines(tmp_path):
+    from maskfit.study_report import BEGIN, END, write_report
+
+    results = tmp_path / "study" / "results"
+    results.mkdir(parents=True)
+    lines = []
+    for seed, fd in ((0, 10.0), (1, 12.0), (2, 14.0)):
+        lines += [synthetic_line("packed", seed, "64x64", "none", fd),
+                  synthetic_line("packed", seed, "96x96", "vision_yarn", fd + 5),
+                  synthetic_line("packed", seed, "64x64", "none", fd + 20, final=False, marks=[250_000],
+                                 seconds=120.0, images=250_000)]
+    lines += [synthetic_line("plain50", 0, "64x64", "none", 9.0), synthetic_line("plain50", 0, "96x96", "vision_yarn", 11.0),
+              synthetic_line("plain50", 0, "64x64", "none", 15.0, final=False, marks=[250_000], seconds=70.0, images=260_000),
+              synthetic_line("plain50", 1, "64x64", "none", 30.0, digest="d2")]  # another config: its own group
+    (results / "a.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    report = tmp_path / "REPORT.md"
+    report.write_text(f"# Hand-written title\n\n{BEGIN}\nold tables\n{END}\n\n## Findings\n\nkept\n")
+    write_report(results, report)
+    text = report.read_text()
+    assert text.startswith("# Hand-written title") and text.rstrip().endswith("kept") and "old tables" not in text
+    assert "| packed | 12.00 ± 2.00 (n=3) | 17.00 ± 2.00 (n=3) |" in text  # mean ± sample std over 3 seeds
+    assert "| plain50 [1] | 9.00 | 11.00 |" in text and "| plain50 [2] | 30.00 | – |" in text
+    assert "ID 64x64 none | OOD 96x96 vision_yarn" in text
+    assert "**250,000 images**" in text and "| packed | 32.00 ± 2.00 (n=3) |" in text
+    for name in ("fd_vs_gpu_time", "fd_vs_images_seen", "fd_vs_resolution", "throughput_memory"):
+        assert (tmp_path / "study" / "plots" / f"{name}.png").stat().st_size > 1000
+        assert f"](study/plots/{name}.png)" in text
+
+
+def test_report_without_results_says_so_and_creates_the_template(tmp_path):
+    from maskfit.study_report import main as report_main
+
+    (tmp_path / "results").mkdir()
+    assert report_main([str(tmp_path / "results"), "--out", str(tmp_path / "REPORT.md")]) == 0
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "No result lines yet" in text and "## Findings" in text
+    assert report_main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "R.md")]) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU (skipped here): the warm-up keeps the step free of host syncs
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ema_warmup_step_has_no_host_sync(tmp_path):
+    from maskfit.data.pipeline import build_training_data
+    from maskfit.train import build_training_run, run_patch_size, train_step
+    from tests.test_gpu import _real_path_config
+
+    cfg = _real_path_config(tmp_path, "flow", "plain", "images")
+    cfg.optim.ema_warmup = True
+    data = build_training_data(cfg, run_patch_size(cfg))
+    run = build_training_run(cfg, data.channels)
+    for step in range(2):
+        train_step(run, data.next_device_batch(step, run.device), step)
+    torch.cuda.synchronize()
+    flat = [data._next_flat(step) for step in (2, 3)]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step, f in zip((2, 3), flat):
+            train_step(run, f.to(run.device), step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

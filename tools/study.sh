@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The study (issue 12; README "The study"): `maskfit experiment` runs of configs/study/variants.toml, one or a
+# few per 10-minute device command. Run from the repository root.
+#
+#   tools/study.sh carry                       HERE (CPU), once per checkout: the data the device needs, in the
+#                                              ignored folder .carry/imagenette/train-128 (re-encoded, see below)
+#   tools/study.sh proxy [OUT_DIR]             device (or CPU, ~15 min): the proxy classifier, trained on the training
+#                                              split only; copy OUT_DIR/proxy_classifier.safetensors to
+#                                              study/proxy/ and commit it (every result names its SHA-256)
+#   tools/study.sh run NAME[:SEED] ... [-- EXPERIMENT ARGS]
+#                                              device: each experiment in turn; results to OUT_DIR as NAME_sSEED.jsonl
+#                                              (commit under study/results/) and NAME_sSEED.tar.gz (log, training
+#                                              record, sample grids); pass the device call carry=[".carry"]
+#   tools/study.sh list                        the variants
+#
+# A first GPU session (no committed proxy yet), in one device command with carry=[".carry"]:
+#   tools/study.sh proxy && PROXY=$OUT/proxy_classifier.safetensors tools/study.sh run packed:0
+# (the proxy is a small CNN, 30 epochs of 8 522 images at 64 px, not yet timed on the H200; the printed
+# estimate says whether the experiment still fits).
+#
+# Settings (environment; the defaults fit one experiment in one 10-minute command, see the printed estimate):
+#   BUDGET=180        training seconds          NUM_IMAGES=200   samples per (resolution, method)
+#   STEPS=25          sampler steps (Euler for flow, DDIM for DDPM; CFG 1.5)
+#   MARKS=100000,200000   image counts also checkpointed and evaluated (equal images seen)
+#   MARK_RES=64x64    resolutions evaluated at the marks (the final checkpoint gets the whole protocol)
+#   LIMIT=570         seconds before an experiment is cut (what it finished still comes back)
+#   PROXY=study/proxy/proxy_classifier.safetensors   DATA=.carry/imagenette/train-128   OUT_DIR=$OUT or device_out
+#
+# The carried data: ../shared/data/imagenette/train-128 holds 59 MiB of JPEG bytes, which with the repository and
+# the proxy is over the 64 MiB a device call carries. `carry` writes every image again as a progressive JPEG at
+# quality 85 with optimised tables (~48 MiB; mean pixel change ~2.4 of 255; MANIFEST.json says exactly), same
+# file names, so maskfit.data.split gives the same held-out split. Training, proxy and references all use this copy.
+set -uo pipefail
+cmd=${1:?usage: tools/study.sh carry|proxy|run|list}
+shift
+PY=${PYTHON:-python3}
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+DATA=${DATA:-.carry/imagenette/train-128}
+PROXY=${PROXY:-study/proxy/proxy_classifier.safetensors}
+
+case "$cmd" in
+  carry)
+    src=${1:-../shared/data/imagenette/train-128}
+    git check-ignore -q .carry/x || { echo ".carry/ is not ignored by git; it must not be committed" >&2; exit 2; }
+    $PY -m maskfit.data.reencode "$src" "$DATA" --quality "${QUALITY:-85}" || exit $?
+    carried=$(du -sb .carry | cut -f1)
+    tracked=$(git ls-files -z | du --files0-from=- -cb 2>/dev/null | tail -1 | cut -f1)
+    echo "carried .carry: $((carried / 1048576)) MiB; tracked files: $((tracked / 1048576)) MiB; limit 64 MiB together" ;;
+  proxy)
+    out=${1:-${OUT:-device_out}}
+    mkdir -p "$out"
+    # 64 px input, width 16: 128-dimensional features, fewer than the samples per set (FD needs a full-rank covariance).
+    $PY -m maskfit.cli train-classifier --data "$DATA" --data-split train --data-holdout-fraction 0.1 --size 64 \
+      --width 16 --epochs 30 --out "$out/proxy_classifier.safetensors" 2>&1 | tee "$out/proxy.log" ;;
+  run)
+    out=${OUT_DIR:-${OUT:-device_out}}
+    work=${STUDY_WORK:-/tmp/study}
+    mkdir -p "$out" "$work"
+    out=$(cd "$out" && pwd)  # absolute: the archive is written from inside $work
+    specs=()
+    while [ $# -gt 0 ] && [ "$1" != "--" ]; do specs+=("$1"); shift; done
+    [ "${1:-}" = "--" ] && shift
+    [ ${#specs[@]} -gt 0 ] || { echo "usage: tools/study.sh run NAME[:SEED] ... [-- EXPERIMENT ARGS]" >&2; exit 2; }
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null
+    for spec in "${specs[@]}"; do
+      name=${spec%%:*}; seed=0
+      [[ $spec == *:* ]] && seed=${spec#*:}
+      tag=${name}_s${seed}
+      timeout "${LIMIT:-570}" $PY -m maskfit.cli experiment configs/study/base.toml --variant "$name" --seed "$seed" \
+        --out "$work/$tag" --proxy "$PROXY" --set "data.root=\"$DATA\"" --budget-seconds "${BUDGET:-180}" \
+        --num-images "${NUM_IMAGES:-200}" --sample-batch-size "${SAMPLE_BATCH:-100}" --steps "${STEPS:-25}" --eval-at-images "${MARKS:-100000,200000}" \
+        --mark-resolutions "${MARK_RES:-64x64}" --quiet "$@" 2>&1 | tee "$work/$tag.log"
+      [ -f "$work/$tag/results.jsonl" ] && cp "$work/$tag/results.jsonl" "$out/$tag.jsonl"
+      (cd "$work" && tar czf "$out/$tag.tar.gz" "$tag.log" $(find "$tag" -maxdepth 1 -name '*.json') \
+        $(find "$tag/run" -maxdepth 1 -name log.jsonl 2>/dev/null) $(find "$tag/eval" -name 'grid_*.png' 2>/dev/null))
+    done ;;
+  list)
+    $PY -c 'from maskfit.experiment import load_variants
+for name, v in load_variants("configs/study/variants.toml").items():
+    print(name.ljust(15), v.get("description", ""))' ;;
+  *) echo "unknown command $cmd: use carry, proxy, run or list" >&2; exit 2 ;;
+esac
