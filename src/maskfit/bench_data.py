@@ -54,10 +54,10 @@ def bench_config(cfg, name: str, steps: int = 30, warmup: int = 10, distinct_bat
     The loader row runs the run's loader alone (batches built by the workers and copied to the device,
     no model): the rate at which data can arrive, whatever the model.
     """
-    from maskfit.bench import sync_device, time_steps
+    from maskfit.bench import sync_device
     from maskfit.data.pipeline import build_training_data
-    from maskfit.throughput import FlopModel, TokenSums, compile_stats, peak_tflops
-    from maskfit.train import build_training_run, count_parameters, resolve_device, run_patch_size, train, train_step
+    from maskfit.throughput import peak_tflops
+    from maskfit.train import resolve_device, run_patch_size, train
 
     with tempfile.TemporaryDirectory(prefix="maskfit_bench_") as tmp:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(
@@ -69,43 +69,9 @@ def bench_config(cfg, name: str, steps: int = 30, warmup: int = 10, distinct_bat
             keep_ratio=cfg.mask.keep_ratio, design=cfg.mask.design, num_workers=cfg.data.num_workers, steps=steps,
         )
 
-        # --- synthetic: a few real batches, on the GPU once, cycled
-        torch._dynamo.reset()
-        data = build_training_data(cfg, run_patch_size(cfg))
-        dynamic = cfg.data.batching == "images" and (cfg.data.layout == "packed" or data.mask is not None)
-        run = build_training_run(cfg, data.channels, dynamic_stream=dynamic)
-        batches, infos = [], []
-        for s in range(distinct_batches):
-            batches.append(data.next_device_batch(s, run.device))
-            infos.append(data.last_info)
-        del data  # stops its workers
-        flop_model = FlopModel.of(run.mcfg)
-        counter = {"i": 0}
-
-        def step():
-            i = counter["i"]
-            counter["i"] += 1
-            loss, _, _ = train_step(run, batches[i % distinct_batches], i)
-            return loss
-
-        for _ in range(distinct_batches):  # compile every layout before timing
-            step()
-        sync_device(run.device)
-        graphs, compile_s = compile_stats()
-        counter["i"] = 0  # the timed window starts at batch 0, so its batches are known
-        elapsed, peak_mem, _ = time_steps(step, warmup, steps, run.device)
-        window = [infos[(warmup + k) % distinct_batches] for k in range(steps)]
-        sums = sum((info.sums for info in window), TokenSums())
-        flops = sum(flop_model.step_flops(info.sums, info.masked) for info in window)
-        peak = peak_tflops(run.device)
-        synthetic = DataBenchResult(
-            path="synthetic", params_m=round(count_parameters(run.model) / 1e6, 1),
-            images_per_s=round(sums.images / elapsed, 1), tokens_per_s=round(sums.kept / elapsed, 1),
-            mfu=None if peak is None else round(flops / elapsed / 1e12 / peak, 3),
-            peak_mem_gib=None if peak_mem != peak_mem else peak_mem,
-            compile_graphs=graphs, compile_seconds=round(compile_s, 2), **common,
-        )
-        del run, batches
+        # --- synthetic: a few real batches, on the GPU once, cycled (its memory is freed on return)
+        synthetic = _bench_synthetic(cfg, common, steps, warmup, distinct_batches)
+        peak = peak_tflops(resolve_device(cfg.train.device))
         _free_memory()
 
         # --- loader: the same loader alone (batches built, copied to the device, nothing trained): its top rate
@@ -143,6 +109,52 @@ def bench_config(cfg, name: str, steps: int = 30, warmup: int = 10, distinct_bat
         real.real_over_synthetic = round(real.images_per_s / synthetic.images_per_s, 3)
         _free_memory()
         return synthetic, loader, real
+
+
+def _bench_synthetic(cfg, common: dict, steps: int, warmup: int, distinct_batches: int) -> "DataBenchResult":
+    """The synthetic row: the run's first ``distinct_batches`` batches, on the device once, cycled through
+    ``train_step`` (the steady-state step without the loader)."""
+    from maskfit.bench import sync_device, time_steps
+    from maskfit.data.pipeline import build_training_data
+    from maskfit.throughput import FlopModel, TokenSums, compile_stats, peak_tflops
+    from maskfit.train import build_training_run, count_parameters, run_patch_size, train_step
+
+    torch._dynamo.reset()
+    data = build_training_data(cfg, run_patch_size(cfg))
+    dynamic = cfg.data.batching == "images" and (cfg.data.layout == "packed" or data.mask is not None)
+    run = build_training_run(cfg, data.channels, dynamic_stream=dynamic)
+    batches, infos = [], []
+    for s in range(distinct_batches):
+        batches.append(data.next_device_batch(s, run.device))
+        infos.append(data.last_info)
+    del data  # stops its workers
+    flop_model = FlopModel.of(run.mcfg)
+    counter = {"i": 0}
+
+    def step():
+        i = counter["i"]
+        counter["i"] += 1
+        loss, _, _ = train_step(run, batches[i % distinct_batches], i)
+        return loss
+
+    for _ in range(distinct_batches):  # compile every layout before timing
+        step()
+    sync_device(run.device)
+    graphs, compile_s = compile_stats()
+    counter["i"] = 0  # the timed window starts at batch 0, so its batches are known
+    elapsed, peak_mem, _ = time_steps(step, warmup, steps, run.device)
+    window = [infos[(warmup + k) % distinct_batches] for k in range(steps)]
+    sums = sum((info.sums for info in window), TokenSums())
+    flops = sum(flop_model.step_flops(info.sums, info.masked) for info in window)
+    peak = peak_tflops(run.device)
+    synthetic = DataBenchResult(
+        path="synthetic", params_m=round(count_parameters(run.model) / 1e6, 1),
+        images_per_s=round(sums.images / elapsed, 1), tokens_per_s=round(sums.kept / elapsed, 1),
+        mfu=None if peak is None else round(flops / elapsed / 1e12 / peak, 3),
+        peak_mem_gib=None if peak_mem != peak_mem else peak_mem,
+        compile_graphs=graphs, compile_seconds=round(compile_s, 2), **common,
+    )
+    return synthetic
 
 
 def _free_memory() -> None:

@@ -61,7 +61,7 @@ def run_demo(out: Path, minutes: float = 2.5, quick: bool = False) -> dict:
     num_classes = cfg.data.num_classes
     options = SamplerOptions(method="heun", steps=8 if quick else 25, cfg_scale=2.0)
     generator = torch.Generator().manual_seed(0)
-    rows, all_images, all_labels = [], [], []
+    all_images, all_labels = [], []
     t1 = time.perf_counter()
     for h, w in DEMO_RESOLUTIONS:
         labels = torch.arange(num_classes)

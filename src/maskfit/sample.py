@@ -13,7 +13,6 @@ papers write them ("paper") or as the released code whlzy/FiT runs them ("releas
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence

@@ -322,14 +322,11 @@ def _run_sweep(args, ckpt: Path, out: Path) -> dict:
     from maskfit.evaluate.cli import load_image_folder
     from maskfit.evaluate.report import evaluate_samples, network_id
     from maskfit.finetune import rope_train_grid
-    from maskfit.paths import check_output_dir
     from maskfit.sampling_run import (
         load_autoencoder, load_sampling_model, record_settings, resolve_precision, resolve_sampling_choices,
         sample_resolution, sampler_options,
     )
     from maskfit.train import build_diffusion, resolve_device
-
-    reference_path = Path(args.reference)
 
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)

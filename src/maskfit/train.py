@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass

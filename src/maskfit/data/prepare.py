@@ -14,7 +14,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
 
 
 def add_prepare_arguments(p: argparse.ArgumentParser) -> None:

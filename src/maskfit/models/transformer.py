@@ -11,7 +11,7 @@ d->6d modulation added to every block, FiTv2 eq. 11) and SwiGLU of hidden (int(4
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
