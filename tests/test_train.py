@@ -167,14 +167,35 @@ def test_toml_config_and_overrides(tmp_path):
     assert (cfg.model.preset, cfg.train.steps, cfg.train.batch_size, cfg.mask.keep_ratio) == ("FiT-tiny", 7, 4, 0.25)
 
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
+CONFIG_ROOT = Path(__file__).parent.parent / "configs"
+# Every shipped file, configs/study/ included: a variants file (sets of overrides on its folder's base.toml,
+# maskfit.experiment.load_variants) is loaded variant by variant.
+CONFIGS = sorted(CONFIG_ROOT.rglob("*.toml")) + sorted(CONFIG_ROOT.rglob("*.json"))
+VARIANT_FILES = {"variants.toml"}
 IMAGENETTE = Path(__file__).parent.parent.parent / "shared" / "data" / "imagenette" / "train-64"
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(CONFIG_ROOT)) for p in CONFIGS])
 def test_shipped_configs_load(path):
-    cfg = load_config(path)
-    assert cfg.model.preset and cfg.train.steps > 0
+    from maskfit.experiment import load_variants
+    from maskfit.train import resolved_model_config
+
+    if path.name in VARIANT_FILES:
+        variants = load_variants(path)
+        configs = [load_config(path.parent / "base.toml", v.get("set", [])) for v in variants.values()]
+        assert variants
+    else:
+        configs = [load_config(path)]
+    for cfg in configs:
+        assert cfg.model.preset and cfg.train.steps > 0
+        # The model resolves too: preset, objective (learned sigma or not) and masked design agree.
+        mcfg = resolved_model_config(cfg, 3 if cfg.data.autoencoder == "identity" else 4)
+        assert mcfg.mask_design == cfg.mask.design
+
+
+def test_shipped_configs_include_the_study():
+    names = {str(p.relative_to(CONFIG_ROOT)) for p in CONFIGS}
+    assert {"study/base.toml", "study/variants.toml", "fit_b2_imagenet.toml"} <= names
 
 
 @pytest.mark.skipif(not IMAGENETTE.is_dir(), reason="../shared/data/imagenette is not beside this checkout")
