@@ -516,13 +516,14 @@ def _train(cfg, resume, progress, stop_after, max_seconds, measure_after, fresh_
     pending = False  # a checkpoint is due; it waits for a finite step (a diverging model must not replace a good one)
     count = None
     read_every_step = _reads_counters_every_step(device)
+    signalled = stop.requested  # a signal on any rank (agreed every step on many ranks)
     model.train()
     while step < last_step and not stop.requested:
         if measure_after is not None and step - first_step == measure_after:
             mark = _start_measure(device, step, images_seen, window)
         batch = data.next_device_batch(step, device)  # built, flattened and pinned by the loader workers
         info = data.last_info
-        shares, signalled, out_of_time = None, stop.requested, None
+        shares, signalled, out_of_time = None, None, None  # one process: read after the step
         if parallel.world_size > 1:
             # One CPU all-gather of host numbers per step (no GPU sync): the batch sizes (rank-independent
             # draws, loss weights, images seen) and the stop flags, so every rank stops at the same step.
@@ -530,7 +531,8 @@ def _train(cfg, resume, progress, stop_after, max_seconds, measure_after, fresh_
             gathered = parallel.gather_ints([*step_sizes(run, batch, info.num_images), int(stop.requested), int(late)])
             shares = StepShares(parallel.rank, tuple(tuple(g[:3]) for g in gathered))
             signalled, out_of_time = any(g[3] for g in gathered), any(g[4] for g in gathered)
-        loss, terms, grad_norm = train_step(run, batch, step, shares)
+        loss, terms, grad_norm = (train_step(run, batch, step) if shares is None  # one process: the bench's call
+                                  else train_step(run, batch, step, shares))
         step += 1
         step_images = info.num_images if shares is None else shares.images
         images_seen += step_images
@@ -538,6 +540,8 @@ def _train(cfg, resume, progress, stop_after, max_seconds, measure_after, fresh_
         running += torch.where(run.bad_steps.last_finite, loss.detach().float(), 0.0)
         since_log += 1
         bar.update(1)
+        if signalled is None:
+            signalled = stop.requested
         if out_of_time is None:
             out_of_time = max_seconds is not None and time.perf_counter() - t0 > max_seconds
         enough_images = tcfg.max_images is not None and images_seen >= tcfg.max_images
