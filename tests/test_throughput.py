@@ -42,7 +42,9 @@ def test_workers_build_the_masks_the_main_process_would_draw(layout):
     plain = build_training_data(_config(0, layout, keep_ratio=1.0), 4)  # same images, no mask
     for step in range(7):  # 40 images / 8 = 5 steps per epoch: crosses into epoch 1
         got = data.next_batch(step)
-        want = apply_mask(plain.next_batch(step), mask_config(cfg), step, cfg.train.seed)
+        epoch, b = divmod(step, 5)
+        keys = [(int(i), epoch) for i in plain.loader.sampler.order(epoch)[b * 8 : (b + 1) * 8]]  # (index, epoch)
+        want = apply_mask(plain.next_batch(step), mask_config(cfg), step, cfg.train.seed, keys)
         assert torch.equal(got.tokens, want.tokens)
         assert torch.equal(got.mask.index, want.mask.index)
         assert torch.equal(got.mask.layout.pos, want.mask.layout.pos)

@@ -140,7 +140,8 @@ def bench_train_step(
 ) -> BenchResult:
     from maskfit.config import config_from_dict
     from maskfit.models.transformer import FiT, count_parameters, model_config
-    from maskfit.train import build_diffusion, training_loss
+    from maskfit.runs import build_diffusion
+    from maskfit.train import training_loss
 
     dev = torch.device(device)
     overrides = {"attention": attention if mode != "padded" else "dense", "mask_design": design}
@@ -228,7 +229,7 @@ def bench_sampling(
     from maskfit.models.transformer import FiT, model_config
     from maskfit.sample import SamplerOptions, sample_tokens
     from maskfit.sampling_run import SamplingClock, resolve_precision, sampling_attention
-    from maskfit.train import build_diffusion
+    from maskfit.runs import build_diffusion
 
     dev = torch.device(device)
     precision = resolve_precision(precision, dev)

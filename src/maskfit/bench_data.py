@@ -57,7 +57,8 @@ def bench_config(cfg, name: str, steps: int = 30, warmup: int = 10, distinct_bat
     from maskfit.bench import sync_device
     from maskfit.data.pipeline import build_training_data
     from maskfit.throughput import peak_tflops
-    from maskfit.train import resolve_device, run_patch_size, train
+    from maskfit.runs import resolve_device, run_patch_size
+    from maskfit.train import train
 
     with tempfile.TemporaryDirectory(prefix="maskfit_bench_") as tmp:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(
@@ -117,7 +118,8 @@ def _bench_synthetic(cfg, common: dict, steps: int, warmup: int, distinct_batche
     from maskfit.bench import sync_device, time_steps
     from maskfit.data.pipeline import build_training_data
     from maskfit.throughput import FlopModel, TokenSums, compile_stats, peak_tflops
-    from maskfit.train import build_training_run, count_parameters, run_patch_size, train_step
+    from maskfit.runs import run_patch_size
+    from maskfit.train import build_training_run, count_parameters, train_step
 
     torch._dynamo.reset()
     data = build_training_data(cfg, run_patch_size(cfg))

@@ -67,9 +67,11 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def _state_dict_for_safetensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _state_dict_for_safetensors(module) -> dict[str, torch.Tensor]:
     # safetensors refuses shared storage and non-contiguous tensors; weights are saved as plain copies.
-    return {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+    # A dict is a state dict already gathered (maskfit.distributed.full_model_state: FSDP's shards).
+    state = module if isinstance(module, dict) else module.state_dict()
+    return {k: v.detach().contiguous().clone() for k, v in state.items()}
 
 
 def rng_state() -> dict[str, Any]:
@@ -128,8 +130,8 @@ def save_checkpoint(
     try:
         for name, state in weights.items():
             save_file(state, str(tmp / name))
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if optimizer is not None:  # an optimizer, or its state dict gathered across ranks
+            torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save({"step": step, "rng": rng_state(), **extra_state}, tmp / "state.pt")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         for f in tmp.iterdir():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -33,6 +34,8 @@ def cmd_train(args) -> int:
                    fresh_into_existing=args.fresh_into_existing)
     summary = {"run_dir": str(result.run_dir), "step": result.step, "images_per_s": result.images_per_s,
                "skipped_steps": result.skipped_steps}
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 speaks for the run
+        return 0 if result.stop_signal is None else 128 + result.stop_signal
     if result.stop_signal is not None:
         # Stopped by SIGTERM / SIGINT (checkpoint written): not finished, so 128 + the signal number, as a
         # shell reports a process the signal killed, after saying where the checkpoint is.

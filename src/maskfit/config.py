@@ -247,9 +247,13 @@ class TrainConfig:
     max_bad_steps: int = 20
     ckpt_at_images: tuple = ()  # also checkpoint when images seen cross each of these counts (maskfit experiment)
     keep_checkpoints: int = 3  # newest checkpoints kept; 0 keeps every one (the image-count marks are evaluated later)
+    # Many GPUs (maskfit.distributed; start with torchrun): "none" | "ddp" (DistributedDataParallel) | "fsdp"
+    # (FSDP2 fully_shard). batch_size stays the global batch; each rank trains on batch_size / world size.
+    parallel: str = "none"
 
     def __post_init__(self):
         _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        _check_choice("train.parallel", self.parallel, ("none", "ddp", "fsdp"))
         if self.steps < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise ValueError(f"train.steps={self.steps} and train.batch_size={self.batch_size} must be >= 1")
         if self.max_images is not None and self.max_images < 1:

@@ -39,6 +39,8 @@ def clip_and_check(params: Iterable[torch.nn.Parameter], max_norm: float, loss: 
     total = torch.nn.utils.get_total_norm(grads)  # ||g||_2 over every gradient (0-d, on the device)
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s coefficient
     torch._foreach_mul_(grads, scale)
+    if hasattr(total, "full_tensor"):  # FSDP2's sharded gradients: the norm of the whole gradient, every rank
+        total, scale = total.full_tensor(), scale.full_tensor()
     finite = torch.isfinite(loss.detach().float()) & torch.isfinite(total * scale)
     return total, finite
 

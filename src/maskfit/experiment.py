@@ -137,7 +137,7 @@ def reference_image(img, height: int, width: int, rng: np.random.Generator, crop
 def _reference_dataset(cfg: RunConfig, eval_data: Path, eval_split: str):
     """The evaluation folder's ``eval_split`` side as a dataset of the run's transform (crop area, ratios)."""
     from maskfit.data.pipeline import build_dataset
-    from maskfit.train import run_patch_size
+    from maskfit.runs import run_patch_size
 
     data = dataclasses.replace(cfg.data, source="folder", root=str(eval_data), split=eval_split, autoencoder="identity",
                                batching="images", tokens_per_step=0, max_images_per_step=None)
@@ -536,7 +536,7 @@ def run_experiment(args) -> dict:
     from maskfit.data.pipeline import autoencoder_factor
     from maskfit.evaluate.inception import sha256_file
     from maskfit.sweep import parse_resolutions, run_sweep
-    from maskfit.train import resolved_model_config, run_patch_size
+    from maskfit.runs import resolved_model_config, run_patch_size
 
     out = Path(args.out)
     cfg, variant = experiment_config(args, out)

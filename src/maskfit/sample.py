@@ -28,7 +28,7 @@ from maskfit.diffusion.guidance import GuidanceConfig, guided
 from maskfit.models.rope import RopeExtrapolation
 from maskfit.models.transformer import FiT
 from maskfit.tokens import pack, split_images, unpatchify
-from maskfit.train import autocast_for
+from maskfit.runs import autocast_for
 
 # The samplers of each objective: "ddpm" = FiT v1 (gaussian.py), "flow" = FiTv2 (flow.py).
 SAMPLERS = {"ddpm": DDPM_SAMPLERS, "flow": FLOW_SAMPLERS}

@@ -163,7 +163,7 @@ def sampling_attention(requested: str, device: torch.device, precision: str) -> 
     that handles any stream length: varlen on CUDA (flex recompiles for every new length and was 15 %
     slower in training, BENCHMARKS.md), dense on a CPU (varlen has no CPU kernel) and in fp32 (varlen is
     FlashAttention, bf16/fp16 only)."""
-    from maskfit.train import check_attention_device
+    from maskfit.runs import check_attention_device
 
     if requested == "auto":
         return "varlen" if device.type == "cuda" and precision == "bf16" else "dense"
@@ -330,7 +330,7 @@ def run_sampling(args) -> dict:
     from maskfit.finetune import rope_train_grid
     from maskfit.locks import folder_lock
     from maskfit.paths import check_output_dir
-    from maskfit.train import build_diffusion, resolve_device
+    from maskfit.runs import build_diffusion, resolve_device
 
     out = Path(args.out) if args.out else Path(args.checkpoint) / "samples"
     check_output_dir(out, "--out", "samples folder")  # before the model loads

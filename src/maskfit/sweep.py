@@ -326,7 +326,7 @@ def _run_sweep(args, ckpt: Path, out: Path) -> dict:
         load_autoencoder, load_sampling_model, record_settings, resolve_precision, resolve_sampling_choices,
         sample_resolution, sampler_options,
     )
-    from maskfit.train import build_diffusion, resolve_device
+    from maskfit.runs import build_diffusion, resolve_device
 
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)

@@ -1,4 +1,7 @@
-"""One training loop for every path (padded FiT, packed, masked-and-packed), single device.
+"""One training loop for every path (padded FiT, packed, masked-and-packed), on one device or many.
+
+Many GPUs (``train.parallel``, started with torchrun): the loop sees a :class:`maskfit.distributed.Parallel`
+only (rank, a few collectives); the model is wrapped from outside (:func:`maskfit.distributed.parallelize`).
 
 bf16 autocast on GPU and fp32 on CPU, AdamW, EMA, gradient clipping, tqdm, TensorBoard scalars (loss,
 images/s, tokens/s, MFU, images seen, torch.compile graphs and seconds), atomic checkpoints and exact
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -29,11 +33,20 @@ from maskfit import checkpoint as ckpt_io
 from maskfit.config import RunConfig, to_dict
 from maskfit.config_history import HISTORY_NAME, describe_changes, save_run_config
 from maskfit.diffusion.guidance import drop_labels
+from maskfit.distributed import (
+    Parallel, StepShares, full_model_state, full_optimizer_state, init_parallel, load_optimizer, local_tensor,
+    parallelize, rank_device, rank_draws, shutdown, unwrap,
+)
 from maskfit.divergence import BadSteps, DivergenceError, clip_and_check, divergence_message
 from maskfit.finetune import prepare_model
 from maskfit.interrupt import StopSignals
-from maskfit.locks import locks_folder
-from maskfit.models.transformer import FiT, ModelConfig, count_parameters, model_config
+from maskfit.locks import folder_lock
+from maskfit.models.transformer import FiT, ModelConfig, count_parameters
+# Building a run from its config (device, model config, diffusion, patch size) lives in maskfit.runs; the
+# names stay importable from here.
+from maskfit.runs import (  # noqa: F401
+    autocast_for, build_diffusion, check_attention_device, resolve_device, resolved_model_config, run_patch_size,
+)
 from maskfit.throughput import FlopModel, compile_stats, peak_tflops
 from maskfit.tokens import TokenBatch, TokenLayout
 
@@ -43,75 +56,12 @@ from maskfit.tokens import TokenBatch, TokenLayout
 # ----------------------------------------------------------------------------------------------------
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} asked for but CUDA is not available; use device='cpu' or 'auto'")
-    return torch.device(name)
-
-
-def check_attention_device(attention: str, device: torch.device, fix: str) -> None:
-    """varlen_attn is FlashAttention (CUDA only): fail before the first step, naming the fix."""
-    if attention == "varlen" and device.type != "cuda":
-        raise ValueError(f"attention 'varlen' needs a CUDA device (FlashAttention has no {device.type} kernel); {fix}")
-
-
-def autocast_for(precision: str, device: torch.device):
-    """bf16 autocast on GPU ('auto'), fp32 on CPU: CPU bf16 is slow and tests compare fp32 values."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def run_patch_size(cfg: RunConfig) -> int:
-    """The patch size a run's model will have (its preset's, unless overridden): the data needs it first."""
-    return cfg.model.overrides.get("patch_size", model_config(cfg.model.preset).patch_size)
-
-
-def resolved_model_config(cfg: RunConfig, data_channels: int) -> ModelConfig:
-    overrides = dict(cfg.model.overrides)
-    overrides.setdefault("in_channels", data_channels)
-    overrides["attention"] = cfg.model.attention
-    m = cfg.mask
-    overrides.update(
-        mask_design=m.design, decoder_depth=m.decoder_depth, decoder_hidden=m.decoder_hidden,
-        decoder_heads=m.decoder_heads, mixer_depth=m.mixer_depth, side_decode_depth=m.side_decode_depth,
-    )
-    mcfg = model_config(cfg.model.preset, **overrides)
-    objective = cfg.diffusion.objective
-    if objective == "ddpm" and not mcfg.learn_sigma:
-        raise ValueError(
-            f"diffusion.objective='ddpm' trains FiT v1's learned variance but model {cfg.model.preset} has "
-            "learn_sigma=False; use a FiT (v1) preset or set model.overrides.learn_sigma=true"
-        )
-    if objective == "flow" and mcfg.learn_sigma:
-        raise ValueError(
-            f"diffusion.objective='flow' predicts a velocity but model {cfg.model.preset} has learn_sigma=True; "
-            "use a FiTv2 preset or set model.overrides.learn_sigma=false"
-        )
-    return mcfg
-
-
-def build_diffusion(cfg: RunConfig):
-    d = cfg.diffusion
-    if d.objective == "ddpm":
-        from maskfit.diffusion.gaussian import GaussianDiffusion, GaussianDiffusionConfig
-
-        return GaussianDiffusion(
-            GaussianDiffusionConfig(num_timesteps=d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
-        )
-    from maskfit.diffusion.flow import FlowConfig, RectifiedFlow
-
-    return RectifiedFlow(FlowConfig(t_sampling=d.t_sampling))
-
-
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, finite: Optional[Tensor] = None) -> None:
     """ema = decay*ema + (1-decay)*p; with ``finite`` (a bool device tensor) the weight is 0 where it is False."""
-    ema_params = list(ema.parameters())
-    params = [p.detach() for p in model.parameters()]
+    # local_tensor: under FSDP both are sharded alike, and each rank moves its own shard.
+    ema_params = [local_tensor(p) for p in ema.parameters()]
+    params = [local_tensor(p.detach()) for p in model.parameters()]
     if finite is None:
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         return
@@ -193,12 +143,14 @@ class TrainingRun:
     forward: Callable  # the model, compiled under train.compile (stream lengths marked dynamic: see below)
     diffusion: object
     optimizer: torch.optim.Optimizer
-    generator: torch.Generator  # t, noise and label dropout
+    generator: torch.Generator  # t, noise and label dropout (the same stream on every rank)
     bad_steps: BadSteps  # non-finite steps (skipped), counted on the device
+    parallel: Parallel = dataclasses.field(default_factory=Parallel)  # rank, world size, collectives
 
 
 def build_training_run(
-    cfg: RunConfig, data_channels: int, dynamic_stream: bool = False, resuming: bool = False
+    cfg: RunConfig, data_channels: int, dynamic_stream: bool = False, resuming: bool = False,
+    parallel: Optional[Parallel] = None, checkpoint: Optional[Path] = None,
 ) -> TrainingRun:
     """Model, EMA, optimizer, diffusion and generator of a run (weights from ``train.seed``).
 
@@ -207,9 +159,14 @@ def build_training_run(
     the first call, so Dynamo compiles one graph for every length instead of specialising on the first
     one and recompiling at the second (token batching has one length and stays static).
     resuming: a checkpoint will be loaded over the weights, so ``[finetune]`` loads no base weights.
+    parallel: the run's ranks (``train.parallel``); the model is wrapped here, from outside, after its
+    weights are loaded (FSDP shards what it is given) and before the optimizer sees its parameters.
+    checkpoint: a checkpoint folder to load the weights, EMA and optimizer state from (every rank reads it;
+    the files are the single-process ones, so any world size resumes any checkpoint).
     """
     tcfg = cfg.train
-    device = resolve_device(tcfg.device)
+    parallel = parallel or Parallel()
+    device = rank_device(parallel, resolve_device(tcfg.device))
     check_attention_device(cfg.model.attention, device, "set model.attention='dense' to train on the CPU")
     torch.manual_seed(tcfg.seed)
     mcfg = resolved_model_config(cfg, data_channels)
@@ -217,17 +174,27 @@ def build_training_run(
     # [finetune]: base weights (fresh starts only), training RoPE, frozen weights; before the EMA copies the model.
     trainable = prepare_model(model, cfg, resuming=resuming)
     ema = copy.deepcopy(model).requires_grad_(False)
+    if checkpoint is not None:
+        ckpt_io.load_weights(model, checkpoint / "model.safetensors")
+        ckpt_io.load_weights(ema, checkpoint / "ema.safetensors")
+    bf16 = not isinstance(autocast_for(tcfg.precision, device), contextlib.nullcontext)
+    wrapped = parallelize(model, parallel, device, bf16)
+    parallelize(ema, parallel, device, bf16, shard_only=True)
+    if parallel.mode == "fsdp":  # fully_shard replaced the parameters: hand the optimizer the new ones
+        trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda",
     )
-    forward = model
+    if checkpoint is not None:
+        load_optimizer(model, optimizer, ckpt_io.load_optimizer_state(checkpoint, map_location=device), parallel)
+    forward = wrapped
     if tcfg.compile:
-        compiled = torch.compile(model)
+        compiled = torch.compile(wrapped)
         forward = _with_dynamic_stream(compiled) if dynamic_stream else compiled
     generator = torch.Generator(device=device).manual_seed(tcfg.seed + 1)
     return TrainingRun(cfg, mcfg, device, model, ema, forward, build_diffusion(cfg), optimizer, generator,
-                       BadSteps(device))
+                       BadSteps(device), parallel)
 
 
 def _with_dynamic_stream(compiled: Callable) -> Callable:
@@ -251,24 +218,43 @@ def _with_dynamic_stream(compiled: Callable) -> Callable:
     return forward
 
 
-def train_step(run: TrainingRun, batch: TokenBatch, step: int) -> tuple[Tensor, dict, Tensor]:
+def step_sizes(run: TrainingRun, batch: TokenBatch, num_images: int) -> tuple[int, int, int]:
+    """(segments, tokens the noise is drawn on, real images) of a batch: host shapes, no sync."""
+    plain = batch.mask is not None and run.mcfg.mask_design == "plain"
+    tokens = batch.mask.index.shape[0] if plain else batch.tokens.shape[0]
+    return int(batch.y.shape[0]), int(tokens), int(num_images)
+
+
+def train_step(run: TrainingRun, batch: TokenBatch, step: int,
+               shares: Optional[StepShares] = None) -> tuple[Tensor, dict, Tensor]:
     """One optimisation step on a batch already on the device: (loss, loss terms, grad norm), all tensors.
 
     A step whose loss or clipped gradient norm is not finite changes nothing (no weight, optimizer-state
     or EMA update) and is counted in ``run.bad_steps`` (maskfit.divergence). No host sync with a fused
     optimizer (CUDA): the skip rides on device flags and nothing is read back (log lines read the loss
     every log_every steps). Other optimizers (the CPU's) have no device-side skip and check on the host.
+
+    shares (many ranks): every rank's batch sizes this step (:func:`step_sizes`, gathered by the loop):
+    the random draws are the global step's, sliced (maskfit.distributed.rank_draws), and the loss is
+    weighted by W x this rank's share of the step's images, so the ranks' averaged gradient is the mean
+    over every image of the step. The returned loss and terms carry that weight (their mean over ranks is
+    the step's loss). The finite flag is the same on every rank (one all-reduce), so ranks skip together.
     """
     cfg = run.cfg
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps)
-    y = drop_labels(batch.y, cfg.diffusion.label_dropout, run.mcfg.num_classes, generator=run.generator)
-    with autocast_for(cfg.train.precision, run.device):
-        loss, terms = training_loss(run.forward, run.diffusion, batch, y, cfg.mask.aux_loss_weight, run.generator,
-                                    aux_target=cfg.mask.aux_target)
+    with rank_draws(shares):
+        y = drop_labels(batch.y, cfg.diffusion.label_dropout, run.mcfg.num_classes, generator=run.generator)
+        with autocast_for(cfg.train.precision, run.device):
+            loss, terms = training_loss(run.forward, run.diffusion, batch, y, cfg.mask.aux_loss_weight,
+                                        run.generator, aux_target=cfg.mask.aux_target)
+    weight = 1.0 if shares is None else shares.loss_weight()
+    if weight != 1.0:  # token batching on many ranks: images per rank differ
+        loss, terms = loss * weight, {k: v * weight for k, v in terms.items()}
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm, finite = clip_and_check(run.model.parameters(), cfg.optim.grad_clip, loss)
+    finite = run.parallel.all_finite(finite)
     if run.optimizer.defaults.get("fused"):
         # Fused AdamW skips its whole update (moments and step count included) where found_inf is 1, the
         # attribute GradScaler sets on it (torch/optim/adam.py _fused_adam).
@@ -347,8 +333,6 @@ def _checked_run_dir(cfg: RunConfig) -> Path:
     return check_output_dir(cfg.train.out_dir, "train.out_dir", "run folder")
 
 
-# One process per run folder: a second `maskfit train` on it is refused, naming the first (maskfit.locks).
-@locks_folder(lambda cfg, *args, **kwargs: _checked_run_dir(cfg), "run folder")
 def train(
     cfg: RunConfig,
     resume: bool = True,
@@ -371,8 +355,16 @@ def train(
     measure_after: time this call's steps after the first ``measure_after`` (device synced at both ends,
     peak memory over the window): ``maskfit bench --data`` reads ``TrainResult.measured``.
     """
-    with StopSignals() as stop:  # first thing: a Ctrl-C during the set-up already stops cleanly
-        return _train(cfg, resume, progress, stop_after, max_seconds, measure_after, fresh_into_existing, stop)
+    parallel = init_parallel(cfg.train.parallel, cfg.train.device)
+    try:
+        # One process per run folder: a second `maskfit train` on it is refused, naming the first
+        # (maskfit.locks). Rank 0 holds it for the run's ranks (only rank 0 writes there).
+        lock = folder_lock(_checked_run_dir(cfg), "run folder") if parallel.is_main else contextlib.nullcontext()
+        with lock, StopSignals() as stop:  # a Ctrl-C during the set-up already stops cleanly
+            return _train(cfg, resume, progress and parallel.is_main, stop_after, max_seconds, measure_after,
+                          fresh_into_existing, stop, parallel)
+    finally:
+        shutdown(parallel)
 
 
 def _note(message: str) -> None:
@@ -407,44 +399,49 @@ def _start_checkpoint(run_dir: Path, resume: bool, fresh_into_existing: bool) ->
     return None
 
 
-def _train(cfg, resume, progress, stop_after, max_seconds, measure_after, fresh_into_existing, stop) -> TrainResult:
+def _train(cfg, resume, progress, stop_after, max_seconds, measure_after, fresh_into_existing, stop,
+           parallel: Parallel) -> TrainResult:
     from maskfit.data.pipeline import build_training_data
     from maskfit.paths import check_output_dir
 
     tcfg = cfg.train
     max_seconds = tcfg.max_seconds if max_seconds is None else max_seconds
     run_dir = check_output_dir(tcfg.out_dir, "train.out_dir", "run folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for partial in ckpt_io.remove_partial_checkpoints(run_dir):
-        _note(f"removed {partial}, the partial folder of an interrupted checkpoint write")
-    latest = _start_checkpoint(run_dir, resume, fresh_into_existing)
+    latest = None
+    if parallel.is_main:  # only rank 0 changes the run folder; the others learn where to resume from it
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for partial in ckpt_io.remove_partial_checkpoints(run_dir):
+            _note(f"removed {partial}, the partial folder of an interrupted checkpoint write")
+        latest = _start_checkpoint(run_dir, resume, fresh_into_existing)
+    latest = parallel.gather_objects(latest)[0]
     torch.manual_seed(tcfg.seed)
 
-    data = build_training_data(cfg, run_patch_size(cfg))
+    data = build_training_data(cfg, run_patch_size(cfg), parallel.rank, parallel.world_size)
     dynamic = cfg.data.batching == "images" and (cfg.data.layout == "packed" or data.mask is not None)
-    run = build_training_run(cfg, data.channels, dynamic_stream=dynamic, resuming=latest is not None)
+    run = build_training_run(cfg, data.channels, dynamic_stream=dynamic, resuming=latest is not None,
+                             parallel=parallel, checkpoint=latest)
     model, device = run.model, run.device
 
     step, images_seen = 0, 0
     if latest is not None:
-        ckpt_io.load_weights(model, latest / "model.safetensors")
-        ckpt_io.load_weights(run.ema, latest / "ema.safetensors")
-        run.optimizer.load_state_dict(ckpt_io.load_optimizer_state(latest, map_location=device))
         state = ckpt_io.load_state(latest)
         step = state["step"]
         images_seen = int(state.get("images_seen", 0))  # checkpoints from before the count start at 0
         run.bad_steps = BadSteps(device, total=int(state.get("skipped_steps", 0)))
-        ckpt_io.set_rng_state(state["rng"])
+        # Every rank's own RNG where the checkpoint has it (same world size), else rank 0's; the training
+        # draws themselves come from run.generator, the same stream on every rank.
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        ckpt_io.set_rng_state(ranks[parallel.rank] if parallel.rank < len(ranks) else state["rng"])
         run.generator.set_state(state["generator"].to(run.generator.get_state().device))
         data.load_state_dict(state["data"])
     full_config = to_dict(cfg)
     full_config["resolved_model"] = to_dict(run.mcfg)
-    changes = save_run_config(run_dir, cfg, step)  # a changed config is appended to config_history.jsonl
+    changes = save_run_config(run_dir, cfg, step) if parallel.is_main else None  # appended to config_history.jsonl
     if changes:
         print(f"maskfit train: {run_dir} {'resumes at step ' + str(step) if latest else 'starts over'} with a changed "
               f"config: {describe_changes(changes)} (recorded in {run_dir / HISTORY_NAME})", file=sys.stderr)
 
-    log = TensorBoardLog(run_dir)
+    log = TensorBoardLog(run_dir) if parallel.is_main else _NoLog()
     peak = peak_tflops(device)
     window = RateWindow(FlopModel.of(run.mcfg))
     graphs0, compile0 = compile_stats()
@@ -460,24 +457,38 @@ def _train(cfg, resume, progress, stop_after, max_seconds, measure_after, fresh_
     pending = False  # a checkpoint is due; it waits for a finite step (a diverging model must not replace a good one)
     count = None
     read_every_step = _reads_counters_every_step(device)
+    signalled = stop.requested  # a signal on any rank (agreed every step on many ranks)
     model.train()
     while step < last_step and not stop.requested:
         if measure_after is not None and step - first_step == measure_after:
             mark = _start_measure(device, step, images_seen, window)
         batch = data.next_device_batch(step, device)  # built, flattened and pinned by the loader workers
         info = data.last_info
-        loss, terms, grad_norm = train_step(run, batch, step)
+        shares, signalled, out_of_time = None, None, None  # one process: read after the step
+        if parallel.world_size > 1:
+            # One CPU all-gather of host numbers per step (no GPU sync): the batch sizes (rank-independent
+            # draws, loss weights, images seen) and the stop flags, so every rank stops at the same step.
+            late = max_seconds is not None and time.perf_counter() - t0 > max_seconds
+            gathered = parallel.gather_ints([*step_sizes(run, batch, info.num_images), int(stop.requested), int(late)])
+            shares = StepShares(parallel.rank, tuple(tuple(g[:3]) for g in gathered))
+            signalled, out_of_time = any(g[3] for g in gathered), any(g[4] for g in gathered)
+        loss, terms, grad_norm = (train_step(run, batch, step) if shares is None  # one process: the bench's call
+                                  else train_step(run, batch, step, shares))
         step += 1
-        images_seen += info.num_images
+        step_images = info.num_images if shares is None else shares.images
+        images_seen += step_images
         window.add(info)
         running += torch.where(run.bad_steps.last_finite, loss.detach().float(), 0.0)
         since_log += 1
         bar.update(1)
-        out_of_time = max_seconds is not None and time.perf_counter() - t0 > max_seconds
+        if signalled is None:
+            signalled = stop.requested
+        if out_of_time is None:
+            out_of_time = max_seconds is not None and time.perf_counter() - t0 > max_seconds
         enough_images = tcfg.max_images is not None and images_seen >= tcfg.max_images
-        stopping = step == last_step or out_of_time or enough_images or stop.requested
+        stopping = step == last_step or out_of_time or enough_images or signalled
         pending = (pending or step % tcfg.ckpt_every == 0 or step == tcfg.steps or out_of_time or enough_images
-                   or crossed_image_mark(tcfg.ckpt_at_images, images_seen - info.num_images, images_seen))
+                   or crossed_image_mark(tcfg.ckpt_at_images, images_seen - step_images, images_seen))
         at_log = step % tcfg.log_every == 0 or stopping
         if at_log or pending or read_every_step:
             # The bad-step counters come back here only: a host sync, at log lines and checkpoints on CUDA.
@@ -490,7 +501,10 @@ def _train(cfg, resume, progress, stop_after, max_seconds, measure_after, fresh_
         if at_log:
             # One host sync every log_every steps, never inside the step.
             finite_steps = since_log - (count.total - skipped_at_log)
-            mean_loss = float(running) / finite_steps if finite_steps else float("nan")
+            # Many ranks: one all-reduce of the running loss and the last step's terms (mean over ranks).
+            reduced = parallel.mean_(torch.stack([running, *(v.detach().float() for v in terms.values())]))
+            terms = dict(zip(terms, reduced[1:]))
+            mean_loss = float(reduced[0]) / finite_steps if finite_steps else float("nan")
             running.zero_()
             since_log, skipped_at_log = 0, count.total
             losses.append(mean_loss)
@@ -514,12 +528,13 @@ def _train(cfg, resume, progress, stop_after, max_seconds, measure_after, fresh_
         if stopping:
             break
     stop_message = ""
-    if stop.requested:  # SIGTERM / SIGINT: save the steps since the last checkpoint (if they were finite)
+    if signalled:  # SIGTERM / SIGINT (on any rank): save the steps since the last checkpoint (if they were finite)
         count = run.bad_steps.read()
         if step > saved_step and count.in_a_row == 0:
             saved = _save(run_dir, step, run, data, images_seen, count.total, full_config, t0)
             saved_step = step
-        stop_message = _stop_message(stop.name, step, step > first_step, saved_step, saved, count.in_a_row)
+        stop_message = _stop_message(stop.name or "a signal to another rank", step, step > first_step, saved_step,
+                                     saved, count.in_a_row)
     elif pending:
         _note(f"no checkpoint for step {step}: its last {count.in_a_row} steps were not finite; the newest "
               f"checkpoint is {saved}")
@@ -532,7 +547,8 @@ def _train(cfg, resume, progress, stop_after, max_seconds, measure_after, fresh_
     return TrainResult(
         run_dir, step, losses, (images_seen - images_at_start) / max(elapsed, 1e-9), count_parameters(model),
         images_seen=images_seen, compile_graphs=graphs - graphs0, compile_seconds=round(compile_s - compile0, 2),
-        measured=measured, skipped_steps=run.bad_steps.read().total, checkpoint=saved, stop_signal=stop.signum,
+        measured=measured, skipped_steps=run.bad_steps.read().total, checkpoint=saved,
+        stop_signal=stop.signum if stop.signum is not None or not signalled else _signal_number(),
         stop_message=stop_message,
     )
 
@@ -548,8 +564,37 @@ def _save(run_dir: Path, step: int, run: TrainingRun, data, images_seen: int, sk
     extra = {"generator": run.generator.get_state(), "data": data.state_dict(), "images_seen": images_seen,
              "skipped_steps": skipped,
              "train_seconds": _seconds_since(t0, run.device)}  # this call's loop time (maskfit experiment)
-    return ckpt_io.save_checkpoint(run_dir, step, run.model, run.ema, run.optimizer, extra, full_config,
-                                   keep_last=run.cfg.train.keep_checkpoints)
+    par = run.parallel
+    if not par.distributed:
+        return ckpt_io.save_checkpoint(run_dir, step, run.model, run.ema, run.optimizer, extra, full_config,
+                                       keep_last=run.cfg.train.keep_checkpoints)
+    # Every rank takes part (FSDP gathers the shards; every rank's RNG is kept), rank 0 writes the usual
+    # single-process files, atomically; the others wait for it, so none runs ahead of a failed write.
+    model_state, ema_state = full_model_state(run.model, par), full_model_state(run.ema, par)
+    optimizer_state = full_optimizer_state(run.model, run.optimizer, par)
+    extra["rng_ranks"] = par.gather_objects(ckpt_io.rng_state())
+    final = run_dir / "checkpoints" / f"step_{step:07d}"
+    if par.is_main:
+        final = ckpt_io.save_checkpoint(run_dir, step, model_state, ema_state, optimizer_state, extra, full_config,
+                                        keep_last=run.cfg.train.keep_checkpoints)
+    par.barrier()
+    return final
+
+
+class _NoLog:
+    """The log of ranks other than 0: only rank 0 writes log.jsonl and TensorBoard."""
+
+    def scalars(self, step: int, values: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _signal_number() -> int:
+    import signal
+
+    return int(signal.SIGTERM)
 
 
 def _stop_message(signal_name: str, step: int, trained: bool, saved_step: int, saved: Optional[Path],
@@ -606,7 +651,7 @@ def training_loss(
     from maskfit.diffusion.gaussian import GaussianDiffusion
     from maskfit.objective import dropped_tokens, token_weights
 
-    model = getattr(forward, "_orig_mod", forward)  # torch.compile wraps the module
+    model = unwrap(forward)  # torch.compile and DDP wrap the module
     mask, layout = batch.mask, batch.layout
     if mask is not None and model.cfg.mask_design == "plain":
         # Plain dropping is the unmasked model on a stream of the kept tokens (their true positions,

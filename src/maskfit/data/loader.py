@@ -153,24 +153,30 @@ class ResumableBatchSampler(Sampler):
             yield [(int(i), self.epoch) for i in mine]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.start_batch, **self._identity()}
+        return {"epoch": self.epoch, "batch": self.start_batch, "batch_size": self.batch_size,
+                "world_size": self.world_size, **self._identity()}
 
     def load_state_dict(self, state: dict) -> None:
+        if "global_batch" not in state and "batch_size" in state:  # states saved before the global batch
+            state = {**state, "global_batch": state["batch_size"] * state.get("world_size", 1)}
         mismatch = {k: (state.get(k), v) for k, v in self._identity().items() if state.get(k) != v}
         if mismatch:
             raise ValueError(
                 f"sampler state was saved for a different order {mismatch} (saved, now); resume with the same "
-                f"dataset, seed, batch size and world size, or start a fresh run"
+                f"dataset, seed and global batch size (train.batch_size), or start a fresh run"
             )
         self.set_position(state["epoch"], state["batch"])
 
     def _identity(self) -> dict:
-        """What fixes the order: a state from another setting would resume at the wrong items."""
+        """What fixes the order: a state from another setting would resume at the wrong items.
+
+        The global batch (batch_size x world_size), not its split over ranks: a position counts global
+        batches, so a checkpoint of 2 ranks x B resumes on 1 rank x 2B (and back) at the same items.
+        """
         return {
             "seed": self.seed,
             "num_items": self.num_items,
-            "batch_size": self.batch_size,
-            "world_size": self.world_size,
+            "global_batch": self.batch_size * self.world_size,
             "shuffle": self.shuffle,
             "drop_last": self.drop_last,
         }

@@ -2,9 +2,10 @@
 
 Two ways to batch (``data.batching``):
 
-- ``"images"``: ``train.batch_size`` images per step (FiT). Masks are drawn from a generator seeded by
-  (seed, step), so a resumed run draws exactly the masks an uninterrupted one would, whichever worker
-  builds the batch.
+- ``"images"``: ``train.batch_size`` images per step (FiT). Each image's mask is drawn from a generator
+  seeded by (seed, epoch, image) (:func:`mask_generator`), so a resumed run draws exactly the masks an
+  uninterrupted one would, whichever worker builds the batch, and on many GPUs each rank's images get
+  the masks they would get in one process's batch.
 
 Either way the loader's workers build each step's whole batch, masks and budget padding included
 (:class:`StepBatchBuilder`), and the DataLoader pins it: the training loop's main process does no
@@ -126,12 +127,17 @@ def mask_config(cfg: RunConfig) -> Optional[MaskConfig]:
     )
 
 
-def apply_mask(batch: TokenBatch, config: MaskConfig, step: int, seed: int) -> TokenBatch:
-    """Attach a MaskedView choosing kept tokens per image; none when this step keeps every token."""
-    # A seed from (seed, step) alone (not Python's salted hash()), so every process draws the same masks.
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+def apply_mask(batch: TokenBatch, config: MaskConfig, step: int, seed: int, keys: Sequence[tuple]) -> TokenBatch:
+    """Attach a MaskedView choosing kept tokens per image; none when this step keeps every token.
+
+    keys: ``(index, epoch, ...)`` of each image: its mask comes from :func:`mask_generator` (seed, epoch,
+    index), whatever batch, rank or worker it lands in.
+    """
     grids = batch.layout.grid.tolist()
-    keep = [choose_keep((h, w), config, step, generator) for h, w in grids]
+    if len(keys) != len(grids):
+        raise ValueError(f"apply_mask got {len(keys)} image keys for a batch of {len(grids)} images")
+    keep = [choose_keep((h, w), config, step, mask_generator(seed, int(k[1]), int(k[0])))
+            for (h, w), k in zip(grids, keys)]
     if all(k.numel() == h * w for k, (h, w) in zip(keep, grids)):
         return batch  # unmasked step (e.g. the final fine-tune): the model runs the full grid
     # The full stream's static bound also bounds the kept segments (no per-batch value for torch.compile).
@@ -341,7 +347,11 @@ class TokenBudgetSampler:
         seed: int = 0,
         max_images: Optional[int] = None,
         buffer_size: int = 64,
+        rank: int = 0,
+        world_size: int = 1,
     ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
         if tokens_per_step < 1:
             raise ValueError(f"tokens_per_step={tokens_per_step} must be a positive number of backbone tokens")
         if max_images is not None and max_images < 1:
@@ -358,6 +368,7 @@ class TokenBudgetSampler:
         self.seed = seed
         self.max_images = max_images
         self.buffer_size = buffer_size
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.step = 0  # training step of the next bin
         self.cursor = 0  # items of this epoch's order already taken into the buffer
@@ -404,13 +415,25 @@ class TokenBudgetSampler:
         return kept
 
     def next_bin(self) -> BinPlan:
-        """Plan the bin of step ``self.step`` and advance the state past it."""
+        """This rank's bin of step ``self.step``; the state advances past the step.
+
+        Every rank plans the same ``world_size`` bins of the step from one shared stream (rank r's is the
+        r-th), so ranks never share an image, the state is the same on every rank, and it means the same
+        position in the stream for any number of ranks (a checkpoint resumes on another world size).
+        """
+        step = self.step
+        plans = [self._plan(step) for _ in range(self.world_size)]
+        self.step = step + 1
+        return plans[self.rank]
+
+    def _plan(self, step: int) -> BinPlan:
+        """Plan the next bin of the stream for ``step``."""
         if self.cursor >= len(self.grids) and not self.pending:
             # The epoch is used up: this bin opens the next one (the buffer never crosses epochs).
             self.epoch, self.cursor = self.epoch + 1, 0
             self._counts.clear()
         order = self.order(self.epoch)
-        step, room = self.step, self.tokens_per_step
+        room = self.tokens_per_step
         chosen: list[int] = []
         counts: list[int] = []
         self._refill(order)
@@ -425,7 +448,6 @@ class TokenBudgetSampler:
             self._refill(order)
         for i in chosen:
             self._counts.pop(i, None)
-        self.step += 1
         return BinPlan(self.epoch, step, tuple(chosen), tuple(self.grid(i) for i in chosen), tuple(counts))
 
     def _refill(self, order: np.ndarray) -> None:
@@ -612,7 +634,7 @@ class StepBatchBuilder:
         batch = collate_items([item for _, item in pairs], self.patch, self.layout, self.seq_len)
         if self.tokens_per_step is None:
             if self.mask is not None:
-                batch = apply_mask(batch, self.mask, step, self.seed)
+                batch = apply_mask(batch, self.mask, step, self.seed, keys)
         else:
             batch = self._fill_budget(batch, keys, step)
         backbone = batch.layout if batch.mask is None else batch.mask.layout
@@ -727,7 +749,12 @@ class TrainingData:
         self._iterator = None
 
 
-def build_training_data(cfg: RunConfig, patch_size: int) -> TrainingData:
+def build_training_data(cfg: RunConfig, patch_size: int, rank: int = 0, world_size: int = 1) -> TrainingData:
+    """The run's batches for rank ``rank`` of ``world_size``: its disjoint share of every step.
+
+    Image batching: ``train.batch_size`` is the global batch, each rank takes its slice of it. Token
+    batching: ``data.tokens_per_step`` is per rank; every rank plans the same bins and takes its own.
+    """
     from maskfit.data.loader import make_loader
 
     from maskfit.models.transformer import model_config
@@ -738,7 +765,12 @@ def build_training_data(cfg: RunConfig, patch_size: int) -> TrainingData:
     mask = mask_config(cfg)
     pin = torch.cuda.is_available()
     if cfg.data.batching == "tokens":
-        return _token_batching(cfg, dataset, patch, mask, pin)
+        return _token_batching(cfg, dataset, patch, mask, pin, rank, world_size)
+    if cfg.train.batch_size % world_size:
+        raise ValueError(
+            f"train.batch_size={cfg.train.batch_size} (the global batch) does not split evenly over {world_size} "
+            f"ranks; use a multiple of {world_size}, e.g. {world_size * max(1, cfg.train.batch_size // world_size)}"
+        )
     if len(dataset) < cfg.train.batch_size:
         raise ValueError(
             f"the dataset has {len(dataset)} images, fewer than train.batch_size={cfg.train.batch_size}; "
@@ -746,18 +778,19 @@ def build_training_data(cfg: RunConfig, patch_size: int) -> TrainingData:
         )
     builder = StepBatchBuilder(patch, cfg.data.layout, cfg.data.token_budget, mask, cfg.train.seed)
     loader = make_loader(
-        dataset, cfg.train.batch_size, layout=cfg.data.layout, seed=cfg.train.seed,
+        dataset, cfg.train.batch_size // world_size, layout=cfg.data.layout, seed=cfg.train.seed,
         num_workers=cfg.data.num_workers, patch=patch, seq_len=cfg.data.token_budget, pin_memory=pin,
-        step_collate=builder,
+        step_collate=builder, rank=rank, world_size=world_size,
     )
     return TrainingData(loader, dataset_channels(dataset), mask, cfg.train.seed)
 
 
-def _token_batching(cfg: RunConfig, dataset, patch: int, mask: Optional[MaskConfig], pin: bool) -> TrainingData:
+def _token_batching(cfg: RunConfig, dataset, patch: int, mask: Optional[MaskConfig], pin: bool, rank: int = 0,
+                    world_size: int = 1) -> TrainingData:
     data = cfg.data
     sampler = TokenBudgetSampler(
         token_grids(dataset, patch), data.tokens_per_step, mask=mask, seed=cfg.train.seed,
-        max_images=data.max_images_per_step,
+        max_images=data.max_images_per_step, rank=rank, world_size=world_size,
     )
     builder = StepBatchBuilder(
         patch, "packed", None, mask, cfg.train.seed, tokens_per_step=data.tokens_per_step,

@@ -31,7 +31,7 @@ def run_prepare(args) -> int:
     from maskfit.config import load_config
     from maskfit.data.latents import SDVAE, IdentityAutoencoder, build_latent_cache
     from maskfit.data.pipeline import build_dataset
-    from maskfit.train import resolve_device, run_patch_size
+    from maskfit.runs import resolve_device, run_patch_size
 
     from maskfit.paths import check_output_dir
 

@@ -23,6 +23,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from maskfit.distributed import draw
+
 from maskfit.objective import reduce_per_image, token_weights as default_token_weights
 from maskfit.tokens import TokenLayout
 
@@ -75,9 +77,9 @@ class RectifiedFlow:
         dtype = torch.promote_types(like.dtype, torch.float32)  # a bf16 t would only have 8 bits of mantissa
         device = generator.device if generator is not None else like.device
         if c.t_sampling == "uniform":
-            u = torch.rand((num_images,), generator=generator, device=device, dtype=dtype)  # (B,)
+            u = draw(torch.rand, (num_images,), "segments", generator=generator, device=device, dtype=dtype)  # (B,)
             return u.to(like.device)
-        z = torch.randn((num_images,), generator=generator, device=device, dtype=dtype).to(like.device)  # (B,)
+        z = draw(torch.randn, (num_images,), "segments", generator=generator, device=device, dtype=dtype).to(like.device)
         return torch.sigmoid(c.logit_mean + c.logit_std * z)
 
     @staticmethod
@@ -117,7 +119,8 @@ class RectifiedFlow:
         ``maskfit.objective``). Returns (loss, {"loss"}).
         """
         t = self.sample_t(layout.num_images, x1, generator)  # (B,)
-        x0 = _randn(x1.shape, x1, generator)  # (T, D) noise
+        # draw: each rank of a many-GPU run keeps its slice of the global step's draws (maskfit.distributed)
+        x0 = draw(lambda shape: _randn(shape, x1, generator), x1.shape, "tokens")  # (T, D) noise
         t_tok = t[layout.seq_id]  # (T,)
         x_t = self.interpolate(x0, x1, t_tok)  # (T, D)
         v = model_fn(x_t, t, y, layout)  # (T, D)

@@ -26,6 +26,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from maskfit.distributed import draw
+
 from maskfit.objective import AUX_TARGETS, reduce_per_image, token_weights as default_token_weights
 from maskfit.tokens import TokenLayout
 
@@ -267,8 +269,10 @@ class GaussianDiffusion:
             raise ValueError(f"aux_target={aux_target!r}; choose one of {AUX_TARGETS} (mask.aux_target)")
         B = layout.num_images
         tdev = generator.device if generator is not None else x0.device
-        t = torch.randint(0, self.num_timesteps, (B,), generator=generator, device=tdev).to(x0.device)  # (B,)
-        noise = _randn(x0.shape, x0, generator)  # (T, D)
+        # draw: each rank of a many-GPU run keeps its slice of the global step's draws (maskfit.distributed)
+        t = draw(lambda shape, **kw: torch.randint(0, self.num_timesteps, shape, **kw), (B,), "segments",
+                 generator=generator, device=tdev).to(x0.device)  # (B,)
+        noise = draw(lambda shape: _randn(shape, x0, generator), x0.shape, "tokens")  # (T, D)
         t_tok = t[layout.seq_id]  # (T,)
         x_t = self.q_sample(x0, t_tok, noise)  # (T, D)
         out = model_fn(x_t, t, y, layout)  # (T, D_out); t as integers, unclamped (see module docstring)

@@ -26,6 +26,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from maskfit.distributed import draw
+
 from maskfit.tokens import TokenLayout
 
 ModelFn = Callable[[Tensor, Tensor, Tensor, TokenLayout], Tensor]
@@ -41,7 +43,8 @@ def drop_labels(y: Tensor, prob: float, null_class: int, generator: Optional[tor
     if prob == 0.0:
         return y
     device = generator.device if generator is not None else y.device
-    drop = (torch.rand(y.shape, generator=generator, device=device) < prob).to(y.device)  # (B,) bool
+    # draw: each rank of a many-GPU run keeps its slice of the global batch's draws (maskfit.distributed)
+    drop = (draw(torch.rand, y.shape, "segments", generator=generator, device=device) < prob).to(y.device)  # (B,) bool
     return torch.where(drop, torch.full_like(y, null_class), y)
 
 

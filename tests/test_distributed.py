@@ -1,0 +1,123 @@
+"""Many processes (train.parallel): 2 real gloo ranks on the CPU, started by torchrun as a user would.
+
+2 ranks with B images each train the same model as 1 process with 2B (DDP and FSDP2); a 2-rank run
+stopped and resumed on 1 rank (and 1 -> 2) continues as an uninterrupted run.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from maskfit.data.pipeline import TokenBudgetSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {
+    "model": {"preset": "FiTv2-tiny", "overrides": {"patch_size": 4, "num_classes": 4}},
+    "data": {"source": "synthetic", "num_images": 64, "num_classes": 4, "token_budget": 16,
+             "autoencoder": "identity", "layout": "packed"},
+    "diffusion": {"objective": "flow"},
+    "optim": {"lr": 1e-3, "ema_decay": 0.9},
+    "train": {"steps": 4, "batch_size": 8, "log_every": 2, "ckpt_every": 2, "device": "cpu", "seed": 3},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(tmp: Path, name: str, nproc: int, parallel: str, extra=(), **sections) -> Path:
+    """`[torchrun --nproc-per-node N] python -m maskfit.cli train CONFIG`; returns the run folder."""
+    raw = json.loads(json.dumps(BASE))
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    out = tmp / name
+    raw["train"].update(out_dir=str(out), parallel=parallel)
+    config = tmp / f"{name}.json"
+    config.write_text(json.dumps(raw))
+    launch = [sys.executable, "-m", "maskfit.cli"] if nproc == 0 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "maskfit.cli"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*launch, "train", str(config), "--quiet", *extra], env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def _weights(run: Path, step: int, name="model") -> dict:
+    return load_file(str(run / "checkpoints" / f"step_{step:07d}" / f"{name}.safetensors"))
+
+
+def _assert_same_run(a: Path, b: Path, step: int) -> None:
+    for name in ("model", "ema"):
+        wa, wb = _weights(a, step, name), _weights(b, step, name)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=2e-6, msg=f"{name} {k}")
+    la = [json.loads(line) for line in (a / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(line) for line in (b / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in la] == [r["step"] for r in lb]
+    for ra, rb in zip(la, lb):
+        assert ra["images_seen"] == rb["images_seen"]
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
+
+
+MASKED = {"keep_ratio": 0.5, "ratio_distribution": "beta"}
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_of_b_images_train_the_model_one_process_trains_with_2b(tmp_path, parallel):
+    """Packed streams of different lengths per rank and per-image Beta mask ratios: the draws (labels, t,
+    noise) and masks each image gets do not depend on which rank holds it."""
+    one = _train(tmp_path, "one", 0, "none", mask=MASKED)
+    two = _train(tmp_path, "two", 2, parallel, mask=MASKED)
+    _assert_same_run(one, two, 4)
+    assert (two / "log.jsonl").read_text().count("\n") == 2  # steps 2 and 4, written by rank 0 alone
+
+
+def test_a_two_rank_run_resumes_on_one_rank_and_a_one_rank_run_on_two(tmp_path):
+    straight = _train(tmp_path, "straight", 0, "none", train={"steps": 6})
+    down = _train(tmp_path, "down", 2, "ddp", train={"steps": 6}, extra=["--set", "train.steps=2"])
+    _train(tmp_path, "down", 1, "ddp", train={"steps": 6})  # torchrun on one rank picks up step 2
+    _assert_same_run(straight, down, 6)
+    up = _train(tmp_path, "up", 0, "none", train={"steps": 6}, extra=["--set", "train.steps=4"])
+    _train(tmp_path, "up", 2, "fsdp", train={"steps": 6})  # FSDP loads the single-process checkpoint
+    _assert_same_run(straight, up, 6)
+
+
+def test_two_ranks_with_token_batching_take_alternate_bins_of_one_stream():
+    """Token batching: each rank packs its own tokens_per_step; rank r trains on bin r, r + 2, ... of the
+    stream one process would plan (disjoint shares, same stream for any world size, same state)."""
+    grids = [(2 + i % 3, 3 + i % 2) for i in range(40)]
+    one = TokenBudgetSampler(grids, 24, seed=1)
+    ranks = [TokenBudgetSampler(grids, 24, seed=1, rank=r, world_size=2) for r in range(2)]
+    stream = [one.next_bin() for _ in range(12)]
+    for step in range(6):
+        plans = [s.next_bin() for s in ranks]
+        assert [p.indices for p in plans] == [stream[2 * step].indices, stream[2 * step + 1].indices]
+        assert all(p.step == step for p in plans)
+    assert ranks[0].state_dict() == ranks[1].state_dict()
+    assert ranks[0].state_dict()["cursor"] == one.state_dict()["cursor"]
+
+
+def test_two_ranks_train_with_token_batching_and_resume_on_one(tmp_path):
+    """What is equal with token batching: the image stream, its position and the images seen (a 2-rank
+    step trains two of one process's bins); a 2-rank run resumed on 1 rank continues that stream."""
+    tokens = {"batching": "tokens", "tokens_per_step": 64}
+    one = _train(tmp_path, "one", 0, "none", data=tokens, train={"batch_size": None, "steps": 6})
+    two = _train(tmp_path, "two", 2, "ddp", data=tokens, train={"batch_size": None, "steps": 2})
+    _train(tmp_path, "two", 1, "ddp", data=tokens, train={"batch_size": None, "steps": 4})  # 2 more bins
+    seen = lambda run: {r["step"]: r["images_seen"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())}
+    assert seen(two)[2] == seen(one)[4] and seen(two)[4] == seen(one)[6]  # 2 x 2 + 2 bins = 6 bins
+    state = lambda run, step: torch.load(run / "checkpoints" / f"step_{step:07d}" / "state.pt", weights_only=True)["data"]
+    a, b = state(two, 4), state(one, 6)
+    assert (a["epoch"], a["cursor"], a["pending"]) == (b["epoch"], b["cursor"], b["pending"])

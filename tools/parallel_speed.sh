@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Issue 11 item 5: one GPU under torchrun with DDP and with FSDP2 against the plain loop (target >= 0.97x).
+#
+#   tools/parallel_speed.sh [OUT_DIR]        (repository root, on the GPU machine; about 6 minutes)
+#
+# Each run is `maskfit bench --data` (the real `maskfit train` loop: loader workers, compiled varlen step)
+# on FiT-B/2 at 256 tokens, batch 256, in pixel space from the synthetic set (no files needed); the three
+# "real" rows are compared at the end. Writes OUT_DIR/parallel_speed.jsonl and .log (default: $OUT, else ./device_out).
+set -uo pipefail
+out=${1:-${OUT:-device_out}}
+mkdir -p "$out"
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+log="$out/parallel_speed.log"
+jsonl="$out/parallel_speed.jsonl"
+rm -f "$jsonl"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$log"
+common=(--data configs/fit_b2_imagenet.toml --steps 40 --set data.source='"synthetic"' --set data.num_images=8192
+  --set data.autoencoder='"identity"' --set data.num_workers=10 --set train.batch_size=256
+  --set model.overrides='{"patch_size": 4, "in_channels": 3, "num_classes": 10}' --set data.num_classes=10
+  --set model.attention='"varlen"' --set train.compile=true)
+for mode in none ddp fsdp; do
+  if [ "$mode" = none ]; then launch=(python3 -m maskfit.cli)
+  else launch=(torchrun --nproc-per-node 1 --master-port 29517 -m maskfit.cli); fi
+  echo "== train.parallel=$mode" | tee -a "$log"
+  timeout 170 "${launch[@]}" bench "${common[@]}" --set train.parallel="\"$mode\"" --out "$out/parallel_$mode.jsonl" \
+    2>&1 | tee -a "$log"
+  python3 - "$out/parallel_$mode.jsonl" "$mode" >>"$jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+real = [r for r in rows if r.get("path") == "real"][-1]
+print(json.dumps({"parallel": sys.argv[2], "images_per_s": real["images_per_s"], "mfu": real.get("mfu")}))
+PY
+done
+python3 - "$jsonl" <<'PY' | tee -a "$log"
+import json, sys
+rows = {r["parallel"]: r for r in map(json.loads, open(sys.argv[1]))}
+base = rows["none"]["images_per_s"]
+for mode in ("ddp", "fsdp"):
+    if mode in rows:
+        ratio = rows[mode]["images_per_s"] / base
+        print(f"{mode}: {rows[mode]['images_per_s']:.1f} img/s = {ratio:.3f} x none ({base:.1f}); target >= 0.97: "
+              f"{'ok' if ratio >= 0.97 else 'BELOW'}")
+PY
