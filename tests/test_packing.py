@@ -4,9 +4,8 @@ import random
 import pytest
 import torch
 
-from maskfit.masking import MaskConfig, choose_keep, num_keep_for, per_image_generator
+from maskfit.masking import MaskConfig, choose_keep, num_keep_for
 from maskfit.packing import (
-    PackedBatchSampler,
     StreamingPacker,
     dummy_grid,
     first_fit_pack,
@@ -195,70 +194,3 @@ def test_pad_stream_errors():
         pad_stream_to_budget(batch, 40)
     with pytest.raises(ValueError, match="3 images, more than max_images=2"):
         pad_stream_to_budget(batch, 100, max_images=2)
-
-
-# ----------------------------------------------------------------------------------------------------
-# sampler
-# ----------------------------------------------------------------------------------------------------
-
-
-def test_sampler_bins_cover_each_epoch_and_respect_the_budget():
-    lengths = _fit_like_lengths(2000, seed=4, keep_ratio=0.5)
-    sampler = PackedBatchSampler(lengths, 2048, seed=7, max_images=24)
-    epoch0 = list(sampler)
-    _check_bins(epoch0, lengths, 2048, max_images=24)
-    assert sampler.epoch == 1 and len(sampler) > 0
-    epoch1 = list(sampler)
-    _check_bins(epoch1, lengths, 2048, max_images=24)
-    assert epoch0 != epoch1  # a new permutation each epoch
-    assert list(PackedBatchSampler(lengths, 2048, seed=7, max_images=24)) == epoch0  # seeded
-    assert list(PackedBatchSampler(lengths, 2048, seed=8, max_images=24)) != epoch0
-    assert sampler.padding_fraction(0) < 0.02
-
-
-def test_sampler_resume_reproduces_the_order():
-    lengths = _fit_like_lengths(400, seed=5)
-    reference = PackedBatchSampler(lengths, 4096, seed=1)
-    full = list(reference) + list(reference)  # two epochs, uninterrupted
-
-    run = PackedBatchSampler(lengths, 4096, seed=1)
-    it = iter(run)
-    consumed = [next(it) for _ in range(7)]
-    state = run.state_dict()
-    assert state == {"epoch": 0, "position": 7, "seed": 1}
-
-    resumed = PackedBatchSampler(lengths, 4096, seed=1)
-    resumed.load_state_dict(state)
-    rest = list(resumed) + list(resumed)
-    assert consumed + rest == full
-    with pytest.raises(ValueError, match="seed=1 but this sampler has seed=2"):
-        PackedBatchSampler(lengths, 4096, seed=2).load_state_dict(state)
-
-
-def test_sampler_with_per_epoch_masked_counts_matches_the_dataset_draw():
-    """The sampler's counts (from per_image_generator) equal what the dataset's choose_keep keeps."""
-    rng = random.Random(6)
-    grids = [(rng.randint(8, 16), rng.randint(8, 16)) for _ in range(120)]
-    cfg = MaskConfig(keep_ratio=0.5, ratio_distribution="beta", strategy="crop")
-
-    def counts(epoch):
-        return [num_keep_for(h * w, cfg, 0, per_image_generator(0, epoch, i)) for i, (h, w) in enumerate(grids)]
-
-    sampler = PackedBatchSampler(counts, 1024, seed=0)
-    expected = counts(0)
-    assert list(sampler.lengths_for(0)) == expected and expected != counts(1)
-    for b in sampler:
-        kept = [choose_keep(grids[i], cfg, 0, per_image_generator(0, 0, i)).shape[0] for i in b]
-        assert sum(kept) <= 1024
-        assert kept == [expected[i] for i in b]
-
-
-def test_sampler_shards_ranks_disjointly_with_equal_lengths():
-    lengths = _fit_like_lengths(300, seed=8)
-    ranks = [PackedBatchSampler(lengths, 2048, seed=3, num_replicas=3, rank=r) for r in range(3)]
-    bins = [list(s) for s in ranks]
-    assert len({len(b) for b in bins}) == 1
-    seen = [i for rank_bins in bins for b in rank_bins for i in b]
-    assert len(seen) == len(set(seen))
-    with pytest.raises(ValueError, match="rank=3 is outside"):
-        PackedBatchSampler(lengths, 2048, num_replicas=3, rank=3)

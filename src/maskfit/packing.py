@@ -9,7 +9,9 @@ real ones of several images plus one dummy segment for the rest, so every dense 
 - :func:`first_fit_pack`: offline first-fit decreasing over a list of lengths.
 - :class:`StreamingPacker`: online packing from an iterator with a small buffer of candidates, so the
   data order stays nearly random (the NaViT data pipeline packs a stream, not a sorted list).
-- :class:`PackedBatchSampler`: seeded, resumable bins of dataset indices for a ``DataLoader``.
+- the training's sampler, seeded, resumable and split across ranks, is
+  :class:`maskfit.data.pipeline.TokenBudgetSampler` (the one sampler: it re-reads each image's kept count
+  at the step its bin trains on, which a packer of fixed lengths cannot).
 - :func:`pad_stream_to_budget`: the dummy tail segment (and empty segments up to a fixed image count).
 
 Contract for consumers of a padded stream: tokens with ``layout.valid`` False are padding. The loss must
@@ -19,10 +21,8 @@ images with no real token (:func:`real_image_mask`): the dummy segment and any z
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Generic, Hashable, Iterable, Iterator, Optional, Sequence, TypeVar, Union
+from typing import Generic, Hashable, Iterable, Iterator, Optional, Sequence, TypeVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -276,115 +276,3 @@ def pad_stream_to_budget(batch: TokenBatch, budget: int, max_images: Optional[in
 # ----------------------------------------------------------------------------------------------------
 # A resumable sampler of packed bins
 # ----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SamplerState:
-    epoch: int = 0
-    position: int = 0  # bins of this rank already handed out in this epoch
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    # SeedSequence mixes (seed, epoch) so that seed 0 / epoch 1 and seed 1 / epoch 0 differ.
-    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-class PackedBatchSampler:
-    """Yields bins (lists of dataset indices) of at most ``budget`` tokens: a ``batch_sampler`` for a DataLoader.
-
-    ``lengths`` is each image's token count after masking: a sequence, or a function epoch -> sequence
-    when the counts are redrawn every epoch (e.g. NaViT Beta ratios; draw image i's count from
-    ``masking.per_image_generator(seed, epoch, i)`` so the dataset worker can draw the same one).
-
-    Each epoch: a seeded permutation of the indices (or 0..N-1 when ``shuffle`` is False) streams through
-    :class:`StreamingPacker`; with ``num_replicas`` > 1 every rank takes bins rank, rank + R, ... and the
-    last incomplete group of R bins is dropped so all ranks run the same number of steps.
-
-    Resume: ``state_dict()`` holds the epoch and the number of this rank's bins already handed out; the
-    bins are a deterministic function of (seed, epoch, lengths), so ``load_state_dict`` followed by
-    ``iter`` continues with exactly the next bin. A DataLoader prefetches, so the count handed out can run
-    ahead of the training loop: save ``{"epoch": e, "position": steps_consumed_this_epoch}`` from the loop
-    in that case. After a full pass the sampler moves to the next epoch on its own.
-    """
-
-    def __init__(
-        self,
-        lengths: Union[Sequence[int], Callable[[int], Sequence[int]]],
-        budget: int,
-        *,
-        buffer_size: int = 64,
-        max_images: Optional[int] = None,
-        shuffle: bool = True,
-        seed: int = 0,
-        num_replicas: int = 1,
-        rank: int = 0,
-    ):
-        _check_budget(budget, max_images)
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank={rank} is outside [0, num_replicas={num_replicas})")
-        self.lengths = lengths
-        self.budget = budget
-        self.buffer_size = buffer_size
-        self.max_images = max_images
-        self.shuffle = shuffle
-        self.seed = seed
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.state = SamplerState()
-        self._cache: Optional[tuple[int, list[list[int]], float]] = None  # (epoch, bins, padding)
-
-    def lengths_for(self, epoch: int) -> Sequence[int]:
-        return self.lengths(epoch) if callable(self.lengths) else self.lengths
-
-    def _order(self, epoch: int, num_items: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(num_items))
-        generator = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
-        return torch.randperm(num_items, generator=generator).tolist()
-
-    def _epoch_bins(self, epoch: int) -> tuple[list[list[int]], float]:
-        """This rank's bins of ``epoch`` and the padding fraction of all ranks' bins (cached per epoch)."""
-        if self._cache is None or self._cache[0] != epoch:
-            lengths = self.lengths_for(epoch)
-            packer = StreamingPacker(self.budget, self.buffer_size, self.max_images)
-            bins = list(packer.pack((i, lengths[i]) for i in self._order(epoch, len(lengths))))
-            usable = len(bins) - len(bins) % self.num_replicas
-            self._cache = (epoch, bins[self.rank : usable : self.num_replicas], packer.padding_fraction)
-        return self._cache[1], self._cache[2]
-
-    @property
-    def epoch(self) -> int:
-        return self.state.epoch
-
-    def padding_fraction(self, epoch: Optional[int] = None) -> float:
-        """Padding of the (current) epoch's bins, all ranks together."""
-        return self._epoch_bins(self.state.epoch if epoch is None else epoch)[1]
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` from its first bin (no-op when already in it, so a resumed position survives)."""
-        if epoch != self.state.epoch:
-            self.state = SamplerState(epoch=epoch, position=0)
-
-    def __len__(self) -> int:
-        return len(self._epoch_bins(self.state.epoch)[0])
-
-    def __iter__(self) -> Iterator[list[int]]:
-        bins, _ = self._epoch_bins(self.state.epoch)
-        while self.state.position < len(bins):
-            self.state.position += 1  # counted before the yield: a state saved after using bin i resumes at i + 1
-            yield list(bins[self.state.position - 1])
-        self.state = SamplerState(epoch=self.state.epoch + 1, position=0)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.state.epoch, "position": self.state.position, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "seed" in state and state["seed"] != self.seed:
-            raise ValueError(
-                f"sampler state was saved with seed={state['seed']} but this sampler has seed={self.seed}; "
-                "build the sampler with the checkpoint's seed to resume its data order"
-            )
-        epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or position < 0:
-            raise ValueError(f"sampler state epoch={epoch}, position={position} must both be >= 0")
-        self.state = SamplerState(epoch=epoch, position=position)
