@@ -119,7 +119,9 @@ def _bench_synthetic(cfg, common: dict, steps: int, warmup: int, distinct_batche
     from maskfit.data.pipeline import build_training_data
     from maskfit.throughput import FlopModel, TokenSums, compile_stats, peak_tflops
     from maskfit.runs import run_patch_size
-    from maskfit.train import build_training_run, count_parameters, train_step
+    from maskfit.models.transformer import count_parameters
+    from maskfit.runs import build_training_run
+    from maskfit.train import train_step
 
     torch._dynamo.reset()
     data = build_training_data(cfg, run_patch_size(cfg))

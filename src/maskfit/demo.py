@@ -41,7 +41,8 @@ def run_demo(out: Path, minutes: float = 2.5, quick: bool = False) -> dict:
     from maskfit.data.synthetic import synthetic_class_accuracy
     from maskfit.sample import SamplerOptions, image_grid, sample_tokens, tokens_to_images
     from maskfit.data.latents import IdentityAutoencoder
-    from maskfit.train import build_diffusion, load_model_from_checkpoint, train
+    from maskfit.runs import build_diffusion, load_model_from_checkpoint
+    from maskfit.train import train
 
     from maskfit.paths import check_output_dir
 

@@ -179,7 +179,7 @@ def sampling_attention(requested: str, device: torch.device, precision: str) -> 
 def load_sampling_model(checkpoint: Path, args, device: torch.device, precision: str):
     """(model, run config) of a resolved checkpoint folder, EMA weights unless --no-ema, on --attention's backend
     (resolved for ``precision``: ``model.cfg.attention`` says which)."""
-    from maskfit.train import load_model_from_checkpoint
+    from maskfit.runs import load_model_from_checkpoint
 
     attention = sampling_attention(getattr(args, "attention", "auto"), device, precision)
     model, run_cfg = load_model_from_checkpoint(checkpoint, use_ema=not args.no_ema, device=device, attention=attention)

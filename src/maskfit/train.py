@@ -17,14 +17,12 @@ step's whole batch (masks included), so the loop here only moves pinned tensors 
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import json
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -34,21 +32,21 @@ from maskfit.config import RunConfig, to_dict
 from maskfit.config_history import HISTORY_NAME, describe_changes, save_run_config
 from maskfit.diffusion.guidance import drop_labels
 from maskfit.distributed import (
-    Parallel, StepShares, full_model_state, full_optimizer_state, init_parallel, load_optimizer, local_tensor,
-    parallelize, rank_device, rank_draws, shutdown, unwrap,
+    Parallel, StepShares, full_model_state, full_optimizer_state, init_parallel, local_tensor, rank_draws,
+    shutdown, unwrap,
 )
 from maskfit.divergence import BadSteps, DivergenceError, clip_and_check, divergence_message
-from maskfit.finetune import prepare_model
 from maskfit.interrupt import StopSignals
 from maskfit.locks import folder_lock
-from maskfit.models.transformer import FiT, ModelConfig, count_parameters
-# Building a run from its config (device, model config, diffusion, patch size) lives in maskfit.runs; the
-# names stay importable from here.
+from maskfit.models.transformer import count_parameters
+# Building a run from its config (device, model config, diffusion, patch size, model, EMA, optimizer and
+# parallel wrapping) lives in maskfit.runs; the names stay importable from here.
 from maskfit.runs import (  # noqa: F401
-    autocast_for, build_diffusion, check_attention_device, resolve_device, resolved_model_config, run_patch_size,
+    TrainingRun, autocast_for, build_diffusion, build_training_run, check_attention_device,
+    load_model_from_checkpoint, resolve_device, resolved_model_config, run_patch_size,
 )
 from maskfit.throughput import FlopModel, compile_stats, peak_tflops
-from maskfit.tokens import TokenBatch, TokenLayout
+from maskfit.tokens import TokenBatch
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -129,93 +127,6 @@ class TensorBoardLog:
 # ----------------------------------------------------------------------------------------------------
 # One step: the same code for `maskfit train` and `maskfit bench`
 # ----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainingRun:
-    """Everything one optimisation step touches, built from a run config (:func:`build_training_run`)."""
-
-    cfg: RunConfig
-    mcfg: ModelConfig
-    device: torch.device
-    model: FiT
-    ema: FiT
-    forward: Callable  # the model, compiled under train.compile (stream lengths marked dynamic: see below)
-    diffusion: object
-    optimizer: torch.optim.Optimizer
-    generator: torch.Generator  # t, noise and label dropout (the same stream on every rank)
-    bad_steps: BadSteps  # non-finite steps (skipped), counted on the device
-    parallel: Parallel = dataclasses.field(default_factory=Parallel)  # rank, world size, collectives
-
-
-def build_training_run(
-    cfg: RunConfig, data_channels: int, dynamic_stream: bool = False, resuming: bool = False,
-    parallel: Optional[Parallel] = None, checkpoint: Optional[Path] = None,
-) -> TrainingRun:
-    """Model, EMA, optimizer, diffusion and generator of a run (weights from ``train.seed``).
-
-    dynamic_stream: the stream length changes between steps (image batching of packed or masked
-    streams). Under ``train.compile`` the stream dimension of every input is then marked dynamic before
-    the first call, so Dynamo compiles one graph for every length instead of specialising on the first
-    one and recompiling at the second (token batching has one length and stays static).
-    resuming: a checkpoint will be loaded over the weights, so ``[finetune]`` loads no base weights.
-    parallel: the run's ranks (``train.parallel``); the model is wrapped here, from outside, after its
-    weights are loaded (FSDP shards what it is given) and before the optimizer sees its parameters.
-    checkpoint: a checkpoint folder to load the weights, EMA and optimizer state from (every rank reads it;
-    the files are the single-process ones, so any world size resumes any checkpoint).
-    """
-    tcfg = cfg.train
-    parallel = parallel or Parallel()
-    device = rank_device(parallel, resolve_device(tcfg.device))
-    check_attention_device(cfg.model.attention, device, "set model.attention='dense' to train on the CPU")
-    torch.manual_seed(tcfg.seed)
-    mcfg = resolved_model_config(cfg, data_channels)
-    model = FiT(mcfg).to(device)
-    # [finetune]: base weights (fresh starts only), training RoPE, frozen weights; before the EMA copies the model.
-    trainable = prepare_model(model, cfg, resuming=resuming)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    if checkpoint is not None:
-        ckpt_io.load_weights(model, checkpoint / "model.safetensors")
-        ckpt_io.load_weights(ema, checkpoint / "ema.safetensors")
-    bf16 = not isinstance(autocast_for(tcfg.precision, device), contextlib.nullcontext)
-    wrapped = parallelize(model, parallel, device, bf16)
-    parallelize(ema, parallel, device, bf16, shard_only=True)
-    if parallel.mode == "fsdp":  # fully_shard replaced the parameters: hand the optimizer the new ones
-        trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda",
-    )
-    if checkpoint is not None:
-        load_optimizer(model, optimizer, ckpt_io.load_optimizer_state(checkpoint, map_location=device), parallel)
-    forward = wrapped
-    if tcfg.compile:
-        compiled = torch.compile(wrapped)
-        forward = _with_dynamic_stream(compiled) if dynamic_stream else compiled
-    generator = torch.Generator(device=device).manual_seed(tcfg.seed + 1)
-    return TrainingRun(cfg, mcfg, device, model, ema, forward, build_diffusion(cfg), optimizer, generator,
-                       BadSteps(device), parallel)
-
-
-def _with_dynamic_stream(compiled: Callable) -> Callable:
-    """Mark dim 0 (the token stream) of the stream tensors dynamic before each compiled call."""
-    from torch._dynamo import maybe_mark_dynamic
-
-    def mark(layout: TokenLayout) -> None:
-        for t in (layout.pos, layout.seq_id, layout.valid, layout.keep):
-            if t is not None:
-                maybe_mark_dynamic(t, 0)
-
-    def forward(x, t, y, layout, mask=None):
-        maybe_mark_dynamic(x, 0)
-        mark(layout)
-        if mask is not None:
-            maybe_mark_dynamic(mask.index, 0)
-            mark(mask.layout)
-        return compiled(x, t, y, layout, mask=mask)
-
-    forward._orig_mod = getattr(compiled, "_orig_mod", compiled)  # training_loss reads the model's config
-    return forward
 
 
 def step_sizes(run: TrainingRun, batch: TokenBatch, num_images: int) -> tuple[int, int, int]:
@@ -677,26 +588,3 @@ def _progress(start: int, total: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=start, disable=not enabled, desc="train", dynamic_ncols=True)
-
-
-def load_model_from_checkpoint(
-    path: Path, use_ema: bool = True, device: Optional[torch.device] = None, attention: Optional[str] = None
-):
-    """(model, run config) from a checkpoint folder or a run folder.
-
-    attention: the backend to run with instead of the one the run trained with (same math: a varlen-trained
-    model samples on a CPU with "dense").
-    """
-    from maskfit.config import config_from_dict
-
-    ckpt = ckpt_io.resolve_checkpoint(path)
-    raw = ckpt_io.load_config_of(ckpt)
-    resolved = raw.pop("resolved_model")
-    run_cfg = config_from_dict(raw)
-    if attention is not None:
-        resolved["attention"] = attention
-    mcfg = ModelConfig(**resolved)
-    model = FiT(mcfg)
-    ckpt_io.load_weights(model, ckpt / ("ema.safetensors" if use_ema else "model.safetensors"))
-    model.eval().requires_grad_(False)
-    return model.to(device or torch.device("cpu")), run_cfg
