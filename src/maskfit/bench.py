@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -318,8 +319,10 @@ def run_bench(args) -> int:
         check_output_dir(args.write_random_cache, "--write-random-cache", "latent-cache folder")
     results = []
 
-    def record(r) -> None:  # print one JSON line, append it to --out
+    def record(r) -> None:  # print one JSON line, append it to --out (rank 0 only under torchrun)
         results.append(r)
+        if os.environ.get("RANK", "0") != "0":
+            return
         line = json.dumps(asdict(r))
         print(line, flush=True)
         if args.out:

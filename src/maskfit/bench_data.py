@@ -19,6 +19,7 @@ prepare`` writes, so the latent-cache path can be timed where no autoencoder wei
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -46,19 +47,23 @@ class DataBenchResult:
     compile_graphs: int
     compile_seconds: float  # compilation inside the timed window (real) / in total (synthetic, before timing)
     real_over_synthetic: Optional[float] = None
+    world_size: int = 1  # ranks of the run (torchrun); images_per_s counts every rank's images
+    images_per_s_per_gpu: Optional[float] = None
 
 
 def bench_config(cfg, name: str, steps: int = 30, warmup: int = 10, distinct_batches: int = 4):
     """(synthetic, loader, real) rows for a run config; the real row's ratio is real / synthetic images/s.
 
     The loader row runs the run's loader alone (batches built by the workers and copied to the device,
-    no model): the rate at which data can arrive, whatever the model.
+    no model): the rate at which data can arrive, whatever the model. Under torchrun with several ranks
+    only the real row is measured (the other two are one process's and equal to a one-GPU run's), with
+    images/s over every rank and per GPU (scaling: per-GPU rate at N GPUs / the one-GPU rate).
     """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     from maskfit.bench import sync_device
     from maskfit.data.pipeline import build_training_data
     from maskfit.throughput import peak_tflops
     from maskfit.runs import resolve_device, run_patch_size
-    from maskfit.train import train
 
     with tempfile.TemporaryDirectory(prefix="maskfit_bench_") as tmp:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(
@@ -70,9 +75,12 @@ def bench_config(cfg, name: str, steps: int = 30, warmup: int = 10, distinct_bat
             keep_ratio=cfg.mask.keep_ratio, design=cfg.mask.design, num_workers=cfg.data.num_workers, steps=steps,
         )
 
+        peak = peak_tflops(resolve_device(cfg.train.device))
+        if world > 1:
+            return (_bench_real(cfg, common, steps, warmup, peak, world),)
+
         # --- synthetic: a few real batches, on the GPU once, cycled (its memory is freed on return)
         synthetic = _bench_synthetic(cfg, common, steps, warmup, distinct_batches)
-        peak = peak_tflops(resolve_device(cfg.train.device))
         _free_memory()
 
         # --- loader: the same loader alone (batches built, copied to the device, nothing trained): its top rate
@@ -97,19 +105,33 @@ def bench_config(cfg, name: str, steps: int = 30, warmup: int = 10, distinct_bat
         del data
 
         # --- real: the training loop itself
-        torch._dynamo.reset()
-        result = train(cfg, resume=False, progress=False, stop_after=warmup + steps, measure_after=warmup)
-        m = result.measured
-        real = DataBenchResult(
-            path="real", params_m=round(result.num_params / 1e6, 1), images_per_s=round(m["images_per_s"], 1),
-            tokens_per_s=round(m["tokens_per_s"], 1),
-            mfu=None if peak is None else round(m["flops"] / m["seconds"] / 1e12 / peak, 3),
-            peak_mem_gib=m["peak_mem_gib"], compile_graphs=result.compile_graphs,
-            compile_seconds=m["compile_seconds_in_window"], **common,
-        )
+        real = _bench_real(cfg, common, steps, warmup, peak, world)
         real.real_over_synthetic = round(real.images_per_s / synthetic.images_per_s, 3)
         _free_memory()
         return synthetic, loader, real
+
+
+def _bench_real(cfg, common: dict, steps: int, warmup: int, peak, world: int) -> "DataBenchResult":
+    """The real row: ``maskfit train``'s loop (:func:`maskfit.train.train`) timed after ``warmup`` steps.
+
+    The loop's window counts this rank's images (rank 0 under torchrun): that is the per-GPU rate; the
+    total is it times the ranks (image batching gives every rank the same images per step; under token
+    batching the ranks' counts differ by a few images).
+    """
+    from maskfit.train import train
+
+    torch._dynamo.reset()
+    result = train(cfg, resume=False, progress=False, stop_after=warmup + steps, measure_after=warmup)
+    m = result.measured
+    per_gpu = m["images_per_s"]
+    return DataBenchResult(
+        path="real", params_m=round(result.num_params / 1e6, 1), images_per_s=round(per_gpu * world, 1),
+        tokens_per_s=round(m["tokens_per_s"] * world, 1),
+        mfu=None if peak is None else round(m["flops"] / m["seconds"] / 1e12 / peak, 3),
+        peak_mem_gib=m["peak_mem_gib"], compile_graphs=result.compile_graphs,
+        compile_seconds=m["compile_seconds_in_window"], world_size=world,
+        images_per_s_per_gpu=round(per_gpu, 1), **common,
+    )
 
 
 def _bench_synthetic(cfg, common: dict, steps: int, warmup: int, distinct_batches: int) -> "DataBenchResult":
