@@ -15,23 +15,9 @@ from safetensors.torch import load_file
 
 from maskfit import checkpoint as ckpt_io
 from maskfit.cli import main
-from maskfit.config import config_from_dict, save_config
+from maskfit.config import save_config
 from maskfit.train import load_model_from_checkpoint, train
-
-
-def tiny_run(out: Path, steps=6, **extra):
-    raw = {
-        "model": {"preset": "FiTv2-tiny", "overrides": {"patch_size": 4, "num_classes": 4}},
-        "data": {"source": "synthetic", "num_images": 64, "num_classes": 4, "token_budget": 16,
-                 "autoencoder": "identity", "layout": "packed"},
-        "diffusion": {"objective": "flow"},
-        "optim": {"lr": 1e-3, "ema_decay": 0.9},
-        "train": {"out_dir": str(out), "steps": steps, "batch_size": 8, "log_every": 2, "ckpt_every": 3,
-                  "device": "cpu", "seed": 3},
-    }
-    for section, values in extra.items():
-        raw.setdefault(section, {}).update(values)
-    return config_from_dict(raw)
+from tests.test_train import tiny_run
 
 
 def same_weights(run_a: Path, run_b: Path) -> bool:

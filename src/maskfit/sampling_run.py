@@ -47,12 +47,11 @@ def guidance_channels_arg(text: str):
     if text == "all":
         return "all"
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive channel count or 'all' (the released code guides 3)")
-    return value
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a positive channel count or 'all' (the released code guides 3)"
+        ) from None
 
 
 def positive_int(text: str) -> int:
