@@ -75,7 +75,8 @@ def bench_config(cfg, name: str, steps: int = 30, warmup: int = 10, distinct_bat
             keep_ratio=cfg.mask.keep_ratio, design=cfg.mask.design, num_workers=cfg.data.num_workers, steps=steps,
         )
 
-        peak = peak_tflops(resolve_device(cfg.train.device))
+        dev = resolve_device(cfg.train.device)
+        peak = peak_tflops(dev)
         if world > 1:
             return (_bench_real(cfg, common, steps, warmup, peak, world),)
 
@@ -85,7 +86,6 @@ def bench_config(cfg, name: str, steps: int = 30, warmup: int = 10, distinct_bat
 
         # --- loader: the same loader alone (batches built, copied to the device, nothing trained): its top rate
         data = build_training_data(cfg, run_patch_size(cfg))
-        dev = resolve_device(cfg.train.device)
         # Drain what the workers prefetched while starting (2 batches each) before the clock starts: the
         # window then times batches made while it runs, not a full queue.
         drain = max(warmup, 2 * cfg.data.num_workers + 2)
@@ -138,7 +138,7 @@ def _bench_synthetic(cfg, common: dict, steps: int, warmup: int, distinct_batche
     """The synthetic row: the run's first ``distinct_batches`` batches, on the device once, cycled through
     ``train_step`` (the steady-state step without the loader)."""
     from maskfit.bench import sync_device, time_steps
-    from maskfit.data.pipeline import build_training_data
+    from maskfit.data.pipeline import build_training_data, stream_length_varies
     from maskfit.throughput import FlopModel, TokenSums, compile_stats, peak_tflops
     from maskfit.runs import run_patch_size
     from maskfit.models.transformer import count_parameters
@@ -147,8 +147,7 @@ def _bench_synthetic(cfg, common: dict, steps: int, warmup: int, distinct_batche
 
     torch._dynamo.reset()
     data = build_training_data(cfg, run_patch_size(cfg))
-    dynamic = cfg.data.batching == "images" and (cfg.data.layout == "packed" or data.mask is not None)
-    run = build_training_run(cfg, data.channels, dynamic_stream=dynamic)
+    run = build_training_run(cfg, data.channels, dynamic_stream=stream_length_varies(cfg, data.mask))
     batches, infos = [], []
     for s in range(distinct_batches):
         batches.append(data.next_device_batch(s, run.device))

@@ -270,10 +270,11 @@ def train(
     try:
         # One process per run folder: a second `maskfit train` on it is refused, naming the first
         # (maskfit.locks). Rank 0 holds it for the run's ranks (only rank 0 writes there).
-        lock = folder_lock(_checked_run_dir(cfg), "run folder") if parallel.is_main else contextlib.nullcontext()
+        run_dir = _checked_run_dir(cfg)
+        lock = folder_lock(run_dir, "run folder") if parallel.is_main else contextlib.nullcontext()
         with lock, StopSignals() as stop:  # a Ctrl-C during the set-up already stops cleanly
-            return _train(cfg, resume, progress and parallel.is_main, stop_after, max_seconds, measure_after,
-                          fresh_into_existing, stop, parallel)
+            return _train(cfg, run_dir, resume, progress and parallel.is_main, stop_after, max_seconds,
+                          measure_after, fresh_into_existing, stop, parallel)
     finally:
         shutdown(parallel)
 
@@ -310,14 +311,12 @@ def _start_checkpoint(run_dir: Path, resume: bool, fresh_into_existing: bool) ->
     return None
 
 
-def _train(cfg, resume, progress, stop_after, max_seconds, measure_after, fresh_into_existing, stop,
+def _train(cfg, run_dir: Path, resume, progress, stop_after, max_seconds, measure_after, fresh_into_existing, stop,
            parallel: Parallel) -> TrainResult:
-    from maskfit.data.pipeline import build_training_data
-    from maskfit.paths import check_output_dir
+    from maskfit.data.pipeline import build_training_data, stream_length_varies
 
     tcfg = cfg.train
     max_seconds = tcfg.max_seconds if max_seconds is None else max_seconds
-    run_dir = check_output_dir(tcfg.out_dir, "train.out_dir", "run folder")
     latest = None
     if parallel.is_main:  # only rank 0 changes the run folder; the others learn where to resume from it
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -328,8 +327,8 @@ def _train(cfg, resume, progress, stop_after, max_seconds, measure_after, fresh_
     torch.manual_seed(tcfg.seed)
 
     data = build_training_data(cfg, run_patch_size(cfg), parallel.rank, parallel.world_size)
-    dynamic = cfg.data.batching == "images" and (cfg.data.layout == "packed" or data.mask is not None)
-    run = build_training_run(cfg, data.channels, dynamic_stream=dynamic, resuming=latest is not None,
+    run = build_training_run(cfg, data.channels, dynamic_stream=stream_length_varies(cfg, data.mask),
+                             resuming=latest is not None,
                              parallel=parallel, checkpoint=latest)
     model, device = run.model, run.device
 
@@ -372,7 +371,7 @@ def _train(cfg, resume, progress, stop_after, max_seconds, measure_after, fresh_
     model.train()
     while step < last_step and not stop.requested:
         if measure_after is not None and step - first_step == measure_after:
-            mark = _start_measure(device, step, images_seen, window)
+            mark = _start_measure(device, step, window)
         batch = data.next_device_batch(step, device)  # built, flattened and pinned by the loader workers
         info = data.last_info
         shares, signalled, out_of_time = None, None, None  # one process: read after the step
@@ -450,7 +449,7 @@ def _train(cfg, resume, progress, stop_after, max_seconds, measure_after, fresh_
         _note(f"no checkpoint for step {step}: its last {count.in_a_row} steps were not finite; the newest "
               f"checkpoint is {saved}")
     if mark is not None:
-        measured = _end_measure(device, mark, step, images_seen, window)
+        measured = _end_measure(device, mark, step, window)
     bar.close()
     log.close()
     elapsed = time.perf_counter() - t0
@@ -527,7 +526,7 @@ def _seconds_since(t0: float, device: torch.device) -> float:
     return round(time.perf_counter() - t0, 3)
 
 
-def _start_measure(device: torch.device, step: int, images_seen: int, window: RateWindow) -> dict:
+def _start_measure(device: torch.device, step: int, window: RateWindow) -> dict:
     from maskfit.bench import sync_device
 
     sync_device(device)
@@ -536,7 +535,7 @@ def _start_measure(device: torch.device, step: int, images_seen: int, window: Ra
     return {"t": time.perf_counter(), "step": step, "compile": compile_stats()[1], **window.totals}
 
 
-def _end_measure(device: torch.device, mark: dict, step: int, images_seen: int, window: RateWindow) -> dict:
+def _end_measure(device: torch.device, mark: dict, step: int, window: RateWindow) -> dict:
     from maskfit.bench import sync_device
 
     sync_device(device)

@@ -127,6 +127,20 @@ def mask_config(cfg: RunConfig) -> Optional[MaskConfig]:
     )
 
 
+def draw_keeps(grids: Sequence[Sequence[int]], keys: Sequence[tuple], config: MaskConfig, step: int,
+               seed: int) -> list[torch.Tensor]:
+    """Each image's kept raster indices at ``step``, from its own :func:`mask_generator` (seed, epoch, index);
+    keys are ``(index, epoch, ...)``. Image and token batching draw through here alike."""
+    return [choose_keep((int(g[0]), int(g[1])), config, step, mask_generator(seed, int(k[1]), int(k[0])))
+            for g, k in zip(grids, keys)]
+
+
+def stream_length_varies(cfg: RunConfig, mask: Optional[MaskConfig]) -> bool:
+    """Whether the backbone stream's length changes between steps: image batching of packed or masked
+    streams (token batching and FiT's padded layout keep it constant), so compilation marks it dynamic."""
+    return cfg.data.batching == "images" and (cfg.data.layout == "packed" or mask is not None)
+
+
 def apply_mask(batch: TokenBatch, config: MaskConfig, step: int, seed: int, keys: Sequence[tuple]) -> TokenBatch:
     """Attach a MaskedView choosing kept tokens per image; none when this step keeps every token.
 
@@ -136,8 +150,7 @@ def apply_mask(batch: TokenBatch, config: MaskConfig, step: int, seed: int, keys
     grids = batch.layout.grid.tolist()
     if len(keys) != len(grids):
         raise ValueError(f"apply_mask got {len(keys)} image keys for a batch of {len(grids)} images")
-    keep = [choose_keep((h, w), config, step, mask_generator(seed, int(k[1]), int(k[0])))
-            for (h, w), k in zip(grids, keys)]
+    keep = draw_keeps(grids, keys, config, step, seed)
     if all(k.numel() == h * w for k, (h, w) in zip(keep, grids)):
         return batch  # unmasked step (e.g. the final fine-tune): the model runs the full grid
     # The full stream's static bound also bounds the kept segments (no per-batch value for torch.compile).
@@ -608,9 +621,9 @@ class StepInfo:
 class StepBatchBuilder:
     """Builds one training step's whole batch from its ``(key, item)`` pairs; the loader's collate_fn.
 
-    It runs in the DataLoader's workers: patchify and pack the images, draw the masks (image batching:
-    :func:`apply_mask` from (seed, step); token batching: each image's :func:`mask_generator`, the
-    stream the sampler packed by) and pad the backbone stream to the token budget. The main process then
+    It runs in the DataLoader's workers: patchify and pack the images, draw each image's mask from its
+    :func:`mask_generator` (:func:`draw_keeps`; under token batching the stream the sampler packed by) and
+    pad the backbone stream to the token budget. The main process then
     only copies pinned tensors to the device, so the step the GPU runs is the benchmarked step.
 
     Keys: ``(index, epoch, step)`` for image batching; ``(index, epoch, step, count, h, w)`` for token
@@ -662,8 +675,7 @@ class StepBatchBuilder:
         batch = TokenBatch(batch.tokens, batch.y, layout)
         keep = None
         if self.mask is not None:
-            keep = [choose_keep(g, self.mask, step, mask_generator(self.seed, int(k[1]), int(k[0])))
-                    for g, k in zip(grids, keys)]
+            keep = draw_keeps(grids, keys, self.mask, step, self.seed)
             counts = tuple(int(k.numel()) for k in keep)
             planned_counts = tuple(int(k[3]) for k in keys)
             if counts != planned_counts:  # the sampler and the mask must draw from the same stream
