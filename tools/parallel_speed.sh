@@ -16,7 +16,7 @@ rm -f "$jsonl"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$log"
 common=(--data configs/fit_b2_imagenet.toml --steps 40 --set data.source='"synthetic"' --set data.num_images=8192
   --set data.autoencoder='"identity"' --set data.num_workers=10 --set train.batch_size=256
-  --set model.overrides='{"patch_size": 4, "in_channels": 3, "num_classes": 10}' --set data.num_classes=10
+  --set model.overrides='{"patch_size": 4, "in_channels": 3, "num_classes": 8}' --set data.num_classes=8
   --set model.attention='"varlen"' --set train.compile=true)
 for mode in none ddp fsdp; do
   if [ "$mode" = none ]; then launch=(python3 -m maskfit.cli)
