@@ -33,6 +33,10 @@ from maskfit.data.synthetic import SyntheticSizes, check_num_classes, synthetic_
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
+# The most decoded pixel bytes ImageFolderDataset(decode_once=True) holds (H x W x 3 per image): beyond it,
+# reading files in the workers or a latent cache is the better trade than the host memory.
+DECODE_ONCE_MAX_BYTES = 16 * 2**30
+
 
 @dataclass
 class DataItem:
@@ -258,11 +262,14 @@ class ImageFolderDataset(_EpochDataset):
 
     Files are found by extension (:data:`IMAGE_EXTENSIONS`, case-insensitive) and sorted; an unreadable
     file fails when it is loaded, naming the file.
+
+    decode_once: decode every file into memory here (:meth:`decode_all`), so loading an item skips the file
+    read and decode; items are bit-identical to reading the files.
     """
 
     def __init__(
         self, root: Union[str, Path], transform: ImageTransform = ImageTransform(), seed: int = 0,
-        num_classes: Optional[int] = None,
+        num_classes: Optional[int] = None, decode_once: bool = False,
     ):
         """num_classes: the model's class count; more class folders than that are refused (check_class_count)."""
         self.root = Path(root)
@@ -289,13 +296,45 @@ class ImageFolderDataset(_EpochDataset):
                     f"add its images or remove the folder"
                 )
             self.samples.extend((f, self.class_to_idx[name]) for f in files)
+        self._decoded: Optional[list[tuple[Path, np.ndarray]]] = None  # decode_all: (path, (H, W, 3) uint8)
+        if decode_once:
+            self.decode_all()
+
+    def decode_all(self) -> None:
+        """Decode every file of ``samples`` now and keep it in memory; call it again after changing ``samples``
+        (e.g. after :func:`maskfit.data.split.restrict_to_split`). Refuses more than DECODE_ONCE_MAX_BYTES."""
+        # Arrays made before the DataLoader forks its workers (fork: Linux's default start method) are shared
+        # with them copy-on-write; only the small object headers get copied as refcounts change, so the pixel
+        # memory is paid once, not per worker.
+        decoded: list[tuple[Path, np.ndarray]] = []
+        total = 0
+        for path, _ in self.samples:
+            arr = np.asarray(load_rgb(path))  # (H, W, 3) uint8
+            if total + arr.nbytes > DECODE_ONCE_MAX_BYTES:
+                raise ValueError(
+                    f"decode_once: image folder {self.root} is too large to decode into memory: {total} bytes "
+                    f"({total / 2**30:.2f} GiB) decoded from {len(decoded)} of its {len(self.samples)} images, and "
+                    f"the next image would pass DECODE_ONCE_MAX_BYTES={DECODE_ONCE_MAX_BYTES} bytes; "
+                    "set data.decode_once=false to read files in the workers, or use a latent cache (maskfit prepare)"
+                )
+            total += arr.nbytes
+            decoded.append((path, arr))
+        self._decoded = decoded
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def _load(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
-        return load_rgb(path), label
+        if self._decoded is None:
+            return load_rgb(path), label
+        if index >= len(self._decoded) or self._decoded[index][0] != path:
+            # samples changed after decode_all (e.g. a split applied later): never hand out another file's pixels
+            raise RuntimeError(
+                f"image folder {self.root}: item {index} ({path}) is not the image decoded at that position; "
+                "the sample list changed after decoding: call decode_all() again after changing samples"
+            )
+        return Image.fromarray(self._decoded[index][1]), label
 
 
 def check_class_count(count: int, num_classes: Optional[int], where: str) -> None:

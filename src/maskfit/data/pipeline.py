@@ -51,10 +51,12 @@ def autoencoder_factor(data: DataConfig) -> int:
 
 
 def build_dataset(data: DataConfig, patch_size: int, seed: int, train: bool = True,
-                  num_classes: Optional[int] = None):
+                  num_classes: Optional[int] = None, decode_once: bool = False):
     """The dataset of a run: items hold images in [-1, 1] (pixel space) or scaled latents (cache).
 
     num_classes: the model's class count; data with more classes is refused (datasets.check_class_count).
+    decode_once: an image folder decodes its (split's) files into memory first; the training loader passes
+    data.decode_once, other callers (prepare, evaluation) read each file once anyway.
     """
     from maskfit.data.datasets import ImageFolderDataset, ImageTransform, SyntheticDataset, check_class_count
     from maskfit.data.synthetic import SyntheticSizes
@@ -100,6 +102,8 @@ def build_dataset(data: DataConfig, patch_size: int, seed: int, train: bool = Tr
         from maskfit.data.split import restrict_to_split
 
         restrict_to_split(dataset, data.split, data.holdout_fraction)  # our held-out split (maskfit.data.split)
+    if decode_once:
+        dataset.decode_all()  # after the split: only the files it keeps, aligned with its samples
     return dataset
 
 
@@ -772,7 +776,9 @@ def build_training_data(cfg: RunConfig, patch_size: int, rank: int = 0, world_si
     from maskfit.models.transformer import model_config
 
     num_classes = cfg.model.overrides.get("num_classes", model_config(cfg.model.preset).num_classes)
-    dataset = build_dataset(cfg.data, patch_size, cfg.train.seed, train=True, num_classes=num_classes)
+    dataset = build_dataset(
+        cfg.data, patch_size, cfg.train.seed, train=True, num_classes=num_classes, decode_once=cfg.data.decode_once
+    )
     patch = getattr(dataset, "patch", patch_size)
     mask = mask_config(cfg)
     pin = torch.cuda.is_available()
