@@ -446,3 +446,25 @@ def test_ema_warmup_step_has_no_host_sync(tmp_path):
             train_step(run, f.to(run.device), step)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_git_dirty_reports_a_tree_that_differs_from_its_commit(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    from maskfit.experiment import _git_dirty
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    monkeypatch.chdir(tmp_path)
+    assert _git_dirty() is None  # not a repository
+    run = lambda *a: subprocess.run(["git", *a], check=True, capture_output=True)  # noqa: E731
+    run("init", "-q")
+    (tmp_path / "f.txt").write_text("a")
+    run("add", "f.txt")
+    run("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    assert _git_dirty() is False
+    (tmp_path / "untracked.txt").write_text("u")  # untracked files are not the code that ran
+    assert _git_dirty() is False
+    (tmp_path / "f.txt").write_text("b")
+    assert _git_dirty() is True

@@ -448,12 +448,23 @@ def _result_key(line: dict) -> tuple:
     return (line["checkpoint"], line["resolution"], line["method"], line["eval_id"])
 
 
-def _git_commit() -> Optional[str]:
+def _git(*args: str) -> Optional[str]:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def _git_commit() -> Optional[str]:
+    return _git("rev-parse", "HEAD") or None
+
+
+def _git_dirty() -> Optional[bool]:
+    """Whether tracked files differ from the commit: a device copy of an uncommitted tree (or a stale .git
+    beside it) reports True, so git_commit alone never passes for the code that ran."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
 
 
 def _device_name(device: str) -> str:
@@ -635,7 +646,8 @@ def run_experiment(args) -> dict:
            "resolution_dependent": cfg.mask.resolution_dependent if is_masked(cfg) else None,
            "finetune_unmasked": finetune, "seed": cfg.train.seed, "budget_seconds": args.budget_seconds,
            "ema_decay": cfg.optim.ema_decay, "ema_warmup": cfg.optim.ema_warmup, "batch_size": cfg.train.batch_size,
-           "device": _device_name(args.device), "torch": torch.__version__, "git_commit": _git_commit()}
+           "device": _device_name(args.device), "torch": torch.__version__, "git_commit": _git_commit(),
+           "git_dirty": _git_dirty()}
 
     results_path = out / "results.jsonl"
     done = {_result_key(line) for line in read_results(results_path)}
