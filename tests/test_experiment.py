@@ -468,3 +468,46 @@ def test_git_dirty_reports_a_tree_that_differs_from_its_commit(tmp_path, monkeyp
     assert _git_dirty() is False
     (tmp_path / "f.txt").write_text("b")
     assert _git_dirty() is True
+
+
+def _grid_archive(path: Path, run: str, steps=(10, 20)) -> None:
+    """An archive shaped like tools/study.sh run's: grids of two checkpoints, 8 x 2 images of HxW with 2-px borders."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    with tarfile.open(path, "w:gz") as tar:
+        for step in steps:
+            for split, (h, w), method in (("id", (64, 64), "none"), ("id", (48, 80), "none"),
+                                          ("ood", (96, 96), "vision_yarn"), ("ood", (96, 96), "none")):
+                grid = Image.new("RGB", (2 + 8 * (w + 2), 2 + 2 * (h + 2)), (step, h, w))
+                buf = io.BytesIO()
+                grid.save(buf, format="PNG")
+                info = tarfile.TarInfo(f"{run}/eval/abc/step_{step:07d}/{split}/samples/{method}/grid_{h}x{w}.png")
+                info.size = buf.tell()
+                buf.seek(0)
+                tar.addfile(info, buf)
+
+
+def test_sample_sheet_takes_the_final_checkpoint_one_row_per_set_in_protocol_order(tmp_path):
+    from PIL import Image
+
+    from maskfit.study_report import write_report
+    from maskfit.study_sheets import main as sheets_main
+
+    _grid_archive(tmp_path / "packed_s0.tar.gz", "packed_s0")
+    study = tmp_path / "study"
+    assert sheets_main([str(tmp_path / "packed_s0.tar.gz"), "--out", str(study / "sheets")]) == 0
+    order = (study / "sheets" / "packed_s0.txt").read_text()
+    assert order.startswith("step 20;")  # the last checkpoint, not the first
+    assert order.index("48x80 none") < order.index("64x64 none") < order.index("96x96 none") < order.index("96x96 vision_yarn")
+    sheet = Image.open(study / "sheets" / "packed_s0.jpg")
+    assert sheet.size == (2 + 8 * 98, 4 * 2 + 50 + 66 + 98 + 98 + 3 * 6)  # widest strip; one row (h + 2 + 2) per set, gaps
+    assert abs(sheet.getpixel((10, 10))[0] - 20) <= 3  # drawn from step 20's grids (JPEG tolerance)
+    (study / "results").mkdir()
+    (study / "results" / "a.jsonl").write_text(json.dumps(synthetic_line("packed", 0, "64x64", "none", 5.0)) + "\n")
+    write_report(study / "results", tmp_path / "REPORT.md")
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "![samples of packed_s0](study/sheets/packed_s0.jpg)" in text and "step 20; strips top to bottom" in text
+    assert sheets_main([str(tmp_path / "missing.tar.gz"), "--out", str(study / "sheets")]) == 2

@@ -10,7 +10,9 @@ findings, is kept; a missing file is created from a template, a file without mar
 - proxy FD (and class accuracy, precision, recall) at every resolution and RoPE method, at equal GPU time
   (each run's final checkpoint, same budget) and at equal images seen (the ``--eval-at-images`` marks);
 - PNG plots: proxy FD against GPU time and against images seen, FD against resolution per design and RoPE
-  method, images/s and peak memory per design.
+  method, images/s and peak memory per design;
+- links to the sample sheets beside the results folder (``sheets/RUN.jpg``, made by :mod:`maskfit.study_sheets`
+  from the runs' archives; only the runs worth showing get one).
 
 A cell is the mean over seeds with the sample standard deviation (n - 1) as the spread and the number of seeds;
 one seed shows the value alone. Runs are grouped by variant; lines of one variant made with another config,
@@ -311,8 +313,9 @@ def plot_throughput(lines, labels, row_labels, path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def report_block(lines: Sequence[dict], plots: Path, report: Path) -> str:
-    """The generated part of REPORT.md (between the markers), plots written under ``plots``."""
+def report_block(lines: Sequence[dict], plots: Path, report: Path, sheets: Optional[Path] = None) -> str:
+    """The generated part of REPORT.md (between the markers), plots written under ``plots``; the sample sheets
+    found in ``sheets`` are linked."""
     if not lines:
         return "\n".join([BEGIN, "", "_No result lines yet: study/results/ holds no experiment's results.jsonl._", "", END])
     labels = group_labels(lines)
@@ -354,14 +357,29 @@ def report_block(lines: Sequence[dict], plots: Path, report: Path) -> str:
                        ("resolution", "Proxy FD against resolution per design and RoPE method"),
                        ("throughput", "Images/s and peak memory per design")):
         out += [f"![{title}]({(rel / files[key].name).as_posix()})", ""]
+    out += sample_sheets(sheets, report)
     out.append(END)
     return "\n".join(out)
+
+
+def sample_sheets(sheets: Optional[Path], report: Path) -> List[str]:
+    """Links to the sample sheets of :mod:`maskfit.study_sheets` (RUN.jpg with its strip order in RUN.txt)."""
+    found = sorted(sheets.glob("*.jpg")) if sheets is not None and sheets.is_dir() else []
+    if not found:
+        return []
+    rel = Path(os.path.relpath(sheets, report.parent))
+    out = ["### Samples (final checkpoints, first 8 samples of each set)", ""]
+    for image in found:
+        order = image.with_suffix(".txt")
+        caption = order.read_text().strip() if order.is_file() else "strip order not recorded"
+        out += [f"**{image.stem}** ({caption})", "", f"![samples of {image.stem}]({(rel / image.name).as_posix()})", ""]
+    return out
 
 
 def write_report(results: Path, report: Path, plots: Optional[Path] = None) -> Path:
     lines = read_lines(results)
     plots = plots if plots is not None else Path(results).parent / "plots"
-    block = report_block(lines, plots, report)
+    block = report_block(lines, plots, report, sheets=Path(results).parent / "sheets")
     text = report.read_text() if report.exists() else TEMPLATE.format(begin=BEGIN, end=END)
     if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
         text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]

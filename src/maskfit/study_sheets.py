@@ -1,0 +1,104 @@
+"""One sample sheet per study run, from the archive a device command brings back.
+
+    python -m maskfit.study_sheets RUN.tar.gz ... --out study/sheets
+
+``tools/study.sh run`` archives each experiment's sample grids (``NAME_sSEED.tar.gz``, 9-13 MB, too large to
+commit). A sheet keeps what a reader needs to judge the samples: the first row of each grid of the run's
+final checkpoint (8 samples), one strip per (resolution, RoPE method) in the protocol's order (in distribution first, then
+out of distribution), stacked on a white page, saved as a JPEG at quality 92 (a PNG of these noisy
+samples is ~3 MB a run, and the repository travels to the GPU machine whole). The strips carry no text (no font is assumed); the order is
+:func:`sheet_order`, and :mod:`maskfit.study_report` writes it under each sheet it links.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tarfile
+from io import BytesIO
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+from PIL import Image
+
+GRID_PATH = re.compile(r"^(?P<run>[^/]+)/eval/[^/]+/step_(?P<step>\d+)/(?:id|ood)/samples/(?P<method>[^/]+)/grid_(?P<h>\d+)x(?P<w>\d+)\.png$")
+ROWS_PER_STRIP = 1
+JPEG_QUALITY = 92
+GAP = 6  # white pixels between strips
+
+
+def sheet_order(keys: Sequence[Tuple[int, int, str]]) -> List[Tuple[int, int, str]]:
+    """(H, W, method) strips: in-distribution sizes (at most 64*64 pixels) before out-of-distribution ones, each
+    by area, then width, then method with "none" first."""
+    return sorted(keys, key=lambda k: (k[0] * k[1] > 4096, k[0] * k[1], k[1], k[2] != "none", k[2]))
+
+
+def read_final_grids(archive: Path) -> Tuple[str, int, Dict[Tuple[int, int, str], Image.Image]]:
+    """(run, step, {(H, W, method): grid}) of the archive's last checkpoint (the run's final one)."""
+    found: Dict[int, Dict[Tuple[int, int, str], str]] = {}
+    run = None
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar.getmembers():
+            m = GRID_PATH.match(member.name)
+            if m and member.isfile():
+                run = m["run"]
+                found.setdefault(int(m["step"]), {})[(int(m["h"]), int(m["w"]), m["method"])] = member.name
+        if not found:
+            raise ValueError(
+                f"{archive} holds no sample grids (RUN/eval/ID/step_N/(id|ood)/samples/METHOD/grid_HxW.png); pass an "
+                "archive written by tools/study.sh run"
+            )
+        step = max(found)
+        grids = {}
+        for key, name in found[step].items():
+            with tar.extractfile(name) as f:
+                grids[key] = Image.open(BytesIO(f.read())).convert("RGB")
+    return run, step, grids
+
+
+def top_rows(grid: Image.Image, height: int, rows: int = ROWS_PER_STRIP) -> Image.Image:
+    """The first ``rows`` rows of a grid of ``height``-pixel images with 2-pixel borders (save_grid's layout)."""
+    pad = 2
+    return grid.crop((0, 0, grid.width, min(grid.height, pad + rows * (height + pad))))
+
+
+def make_sheet(grids: Dict[Tuple[int, int, str], Image.Image]) -> Tuple[Image.Image, List[Tuple[int, int, str]]]:
+    order = sheet_order(list(grids))
+    strips = [top_rows(grids[k], k[0]) for k in order]
+    sheet = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips) + GAP * (len(strips) - 1)),
+                      "white")
+    y = 0
+    for strip in strips:
+        sheet.paste(strip, (0, y))
+        y += strip.height + GAP
+    return sheet, order
+
+
+def write_sheet(archive: Path, out: Path) -> Path:
+    run, step, grids = read_final_grids(archive)
+    sheet, order = make_sheet(grids)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{run}.jpg"
+    sheet.save(path, quality=JPEG_QUALITY, optimize=True)
+    (out / f"{run}.txt").write_text(
+        f"step {step}; strips top to bottom: " + ", ".join(f"{h}x{w} {m}" for h, w, m in order) + "\n"
+    )
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m maskfit.study_sheets", description=__doc__.split("\n\n")[0])
+    p.add_argument("archives", nargs="+", help="NAME_sSEED.tar.gz from tools/study.sh run")
+    p.add_argument("--out", default="study/sheets", help="folder for RUN.jpg and RUN.txt (the strips' order)")
+    args = p.parse_args(argv)
+    for archive in args.archives:
+        try:
+            print(write_sheet(Path(archive), Path(args.out)))
+        except (ValueError, OSError, tarfile.TarError) as exc:
+            print(f"study_sheets: error: {archive}: {exc}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
