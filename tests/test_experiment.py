@@ -511,3 +511,23 @@ def test_sample_sheet_takes_the_final_checkpoint_one_row_per_set_in_protocol_ord
     text = (tmp_path / "REPORT.md").read_text()
     assert "![samples of packed_s0](study/sheets/packed_s0.jpg)" in text and "step 20; strips top to bottom" in text
     assert sheets_main([str(tmp_path / "missing.tar.gz"), "--out", str(study / "sheets")]) == 2
+
+
+def test_config_digest_ignores_decode_once_and_code_digest_follows_the_sources(tmp_path, monkeypatch):
+    import maskfit.experiment as experiment
+    from maskfit.config import load_config
+
+    base = load_config("configs/study/base.toml")
+    other = load_config("configs/study/base.toml", overrides=["data.decode_once=false"])
+    assert base.data.decode_once and not other.data.decode_once
+    assert experiment.config_digest(base) == experiment.config_digest(other)  # bit-identical batches: one recipe
+    assert experiment.config_digest(base) != experiment.config_digest(
+        load_config("configs/study/base.toml", overrides=["mask.keep_ratio=0.5"]))
+    # code_digest hashes the package folder it lives in: a copy with one byte changed gets another digest
+    pkg = tmp_path / "maskfit"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("x = 1\n")
+    monkeypatch.setattr(experiment, "__file__", str(pkg / "experiment.py"))
+    first = experiment.code_digest()
+    (pkg / "a.py").write_text("x = 2\n")
+    assert experiment.code_digest() != first and len(first) == 16

@@ -101,6 +101,7 @@ def config_digest(cfg: RunConfig) -> str:
     for key in ("out_dir", "seed", "device", "ckpt_at_images", "keep_checkpoints", "ckpt_every", "max_seconds",
                 "log_every"):
         raw["train"].pop(key, None)
+    raw["data"].pop("decode_once", None)  # where pixels are decoded, not which: bit-identical batches
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -460,6 +461,16 @@ def _git_commit() -> Optional[str]:
     return _git("rev-parse", "HEAD") or None
 
 
+def code_digest() -> str:
+    """SHA-256 (16 hex) of the maskfit package's Python sources as they ran: names the code even where the copy's
+    .git is stale or absent (a device command runs the working tree, committed or not)."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def _git_dirty() -> Optional[bool]:
     """Whether tracked files differ from the commit: a device copy of an uncommitted tree (or a stale .git
     beside it) reports True, so git_commit alone never passes for the code that ran."""
@@ -647,7 +658,7 @@ def run_experiment(args) -> dict:
            "finetune_unmasked": finetune, "seed": cfg.train.seed, "budget_seconds": args.budget_seconds,
            "ema_decay": cfg.optim.ema_decay, "ema_warmup": cfg.optim.ema_warmup, "batch_size": cfg.train.batch_size,
            "device": _device_name(args.device), "torch": torch.__version__, "git_commit": _git_commit(),
-           "git_dirty": _git_dirty()}
+           "git_dirty": _git_dirty(), "code_sha256": code_digest()}
 
     results_path = out / "results.jsonl"
     done = {_result_key(line) for line in read_results(results_path)}
