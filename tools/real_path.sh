@@ -15,11 +15,13 @@
 #             unmasked, 50 % plain, 50 % decoder
 #   workers   FiT-B/2 from the image folder at 50 % kept with 10 and 15 workers, longer windows
 #   folder    FiT-B/2 from the image folder: 50 % plain, 50 % decoder, unmasked (40 timed steps)
+#   folder128 the study's folder (Imagenette 128 px, decoded once), MODEL=FiT-B/2 or FiT-B/2-dit: unmasked, 50 %
+#             plain, 50 % decoder; needs .carry/imagenette/train-128 (tools/study.sh carry)
 #   latents   FiT-B/2 (158.7 M) from a latent cache of random latents at ImageNet-like sizes (written first,
 #             8192 images), unmasked, 50 % plain, 50 % decoder
 # Each writes JSON lines and a log under OUT_DIR (default: $OUT, else ./device_out).
 set -uo pipefail
-stage=${1:?usage: tools/real_path.sh tests|pixels|sampling|latents|rest|workers|folder [OUT_DIR]}
+stage=${1:?usage: tools/real_path.sh tests|pixels|sampling|latents|rest|workers|folder|folder128 [OUT_DIR]}
 out=${2:-${OUT:-device_out}}
 mkdir -p "$out"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -82,5 +84,14 @@ case "$stage" in
     bench 110 --data configs/imagenette_pixels.toml "${img[@]}" --set mask.keep_ratio=0.5 --steps 40 --warmup 24
     bench 110 --data configs/imagenette_pixels.toml "${img[@]}" --set mask.keep_ratio=0.5 --set mask.design='"decoder"' --steps 40 --warmup 24
     bench 110 --data configs/imagenette_pixels.toml "${img[@]}" --steps 40 --warmup 24 ;;
+  folder128)
+    # The study's data path (configs/study/base.toml: the Imagenette 128-px folder's training split, decoded once,
+    # crops that fill the 256-token budget, 10 workers), compiled; MODEL (default FiT-B/2) unmasked, 50 % plain,
+    # 50 % decoder; needs .carry/imagenette/train-128 (tools/study.sh carry). About 2.5 minutes a row.
+    model=${MODEL:-FiT-B/2}
+    img=(--set train.compile=true --set model.preset="\"$model\"")
+    bench 180 --data configs/study/base.toml "${img[@]}" --steps 40 --warmup 10
+    bench 180 --data configs/study/base.toml "${img[@]}" --set mask.keep_ratio=0.5 --steps 40 --warmup 10
+    bench 180 --data configs/study/base.toml "${img[@]}" --set mask.keep_ratio=0.5 --set mask.design='"decoder"' --steps 40 --warmup 10 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
