@@ -292,3 +292,43 @@ def test_max_seconds_comes_from_the_config(tmp_path):
 def test_stop_limits_are_checked(tmp_path, key, value, message):
     with pytest.raises(ValueError, match=message):
         tiny_run(tmp_path, train={key: value})
+
+
+def test_compile_mode_needs_one_shape_every_step_and_reaches_torch_compile(monkeypatch, tmp_path):
+    from maskfit.config import config_from_dict
+    import maskfit.runs as runs
+
+    def cfg(train=None, data=None, mask=None):
+        base_data = {"source": "synthetic", "num_images": 16, "num_classes": 4, "token_budget": 64,
+                     "autoencoder": "identity", "layout": "packed", "batching": "tokens", "tokens_per_step": 256,
+                     "max_images_per_step": 8}
+        return config_from_dict({
+            "model": {"preset": "FiT-tiny", "attention": "dense", "overrides": {"patch_size": 4, "num_classes": 4}},
+            "data": {**base_data, **(data or {})}, "mask": {"keep_ratio": 0.5, **(mask or {})},
+            "train": {"out_dir": str(tmp_path / "run"), "steps": 2, "compile": True, "device": "cpu", **(train or {})},
+        })
+
+    with pytest.raises(ValueError, match=r"train.compile_mode='fast' is not one of"):
+        cfg({"compile_mode": "fast"})
+    with pytest.raises(ValueError, match=r"applies under train.compile=true; set train.compile=true"):
+        cfg({"compile_mode": "reduce-overhead", "compile": False})
+    with pytest.raises(ValueError, match=r"data.max_images_per_step set .*use train.compile_mode='default'"):
+        cfg({"compile_mode": "reduce-overhead"}, {"max_images_per_step": None})
+    with pytest.raises(ValueError, match=r"data.batching='tokens' with mask.design='plain' \(got 'tokens', 'decoder'\)"):
+        cfg({"compile_mode": "reduce-overhead"}, mask={"design": "decoder"})
+    with pytest.raises(ValueError, match=r"data.batching='tokens' with mask.design='plain' \(got 'images', 'plain'\)"):
+        cfg({"compile_mode": "reduce-overhead", "batch_size": 4},
+            {"batching": "images", "tokens_per_step": 0, "max_images_per_step": None})
+    # Without CUDA graphs any batching compiles: no shape condition
+    cfg({"compile_mode": "max-autotune-no-cudagraphs", "batch_size": 4},
+        {"batching": "images", "tokens_per_step": 0, "max_images_per_step": None})
+    ok = cfg({"compile_mode": "reduce-overhead"})
+    seen = {}
+
+    def fake_compile(module, mode=None):
+        seen["mode"] = mode
+        return module
+
+    monkeypatch.setattr(runs.torch, "compile", fake_compile)
+    runs.build_training_run(ok, data_channels=3)
+    assert seen["mode"] == "reduce-overhead"

@@ -17,11 +17,13 @@
 #   folder    FiT-B/2 from the image folder: 50 % plain, 50 % decoder, unmasked (40 timed steps)
 #   folder128 the study's folder (Imagenette 128 px, decoded once), MODEL=FiT-B/2 or FiT-B/2-dit: unmasked, 50 %
 #             plain, 50 % decoder; needs .carry/imagenette/train-128 (tools/study.sh carry)
+#   graphs    CUDA graphs in maskfit train (train.compile_mode) on the small pixel model, token batching,
+#             unmasked and 50 % kept, default against reduce-overhead
 #   latents   FiT-B/2 (158.7 M) from a latent cache of random latents at ImageNet-like sizes (written first,
 #             8192 images), unmasked, 50 % plain, 50 % decoder
 # Each writes JSON lines and a log under OUT_DIR (default: $OUT, else ./device_out).
 set -uo pipefail
-stage=${1:?usage: tools/real_path.sh tests|pixels|sampling|latents|rest|workers|folder|folder128 [OUT_DIR]}
+stage=${1:?usage: tools/real_path.sh tests|pixels|sampling|latents|rest|workers|folder|folder128|graphs [OUT_DIR]}
 out=${2:-${OUT:-device_out}}
 mkdir -p "$out"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -93,5 +95,19 @@ case "$stage" in
     bench 180 --data configs/study/base.toml "${img[@]}" --steps 40 --warmup 10
     bench 180 --data configs/study/base.toml "${img[@]}" --set mask.keep_ratio=0.5 --steps 40 --warmup 10
     bench 180 --data configs/study/base.toml "${img[@]}" --set mask.keep_ratio=0.5 --set mask.design='"decoder"' --steps 40 --warmup 10 ;;
+  graphs)
+    # CUDA graphs in the real path (train.compile_mode="reduce-overhead") on the launch-bound small model of the
+    # issue (configs/imagenette_pixels.toml: 6.1 M, 256-token budget) from the synthetic set (no files to carry),
+    # token batching (one shape every step): unmasked (65 536 tokens a step) and 50 % kept (32 768 backbone
+    # tokens a step, the same ~280 images), each with the default compiled step and with CUDA graphs.
+    small=(--data configs/imagenette_pixels.toml --set data.source='"synthetic"' --set data.num_images=16384
+      --set data.num_classes=8 --set model.overrides='{"depth": 6, "hidden_size": 256, "num_heads": 4, "ffn_hidden": 688, "adaln_lora_rank": 64, "patch_size": 4, "num_classes": 8}'
+      --set data.token_budget=256 --set data.batching='"tokens"' --set train.batch_size=null
+      --set data.max_images_per_step=320 --set data.num_workers=10 --set model.attention='"varlen"'
+      --set train.compile=true --steps 60 --warmup 15)
+    for mode in default reduce-overhead; do
+      bench 140 "${small[@]}" --set data.tokens_per_step=65536 --set train.compile_mode="\"$mode\""
+      bench 140 "${small[@]}" --set data.tokens_per_step=32768 --set mask.keep_ratio=0.5 --set train.compile_mode="\"$mode\""
+    done ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -234,6 +234,9 @@ class MaskSection:
         _check_choice("mask.aux_target", self.aux_target, AUX_TARGETS)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/default"
@@ -246,6 +249,10 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU) | "fp32" | "bf16"
     compile: bool = False
+    # torch.compile's mode under compile=true: "default" | "reduce-overhead" (CUDA graphs: for launch-bound
+    # steps such as small models or few kept tokens; needs one shape every step, see RunConfig) |
+    # "max-autotune-no-cudagraphs" (longer compile, searched kernels)
+    compile_mode: str = "default"
     log_every: int = 100
     ckpt_every: int = 10_000
     sample_every: int = 0  # 0: never write sample grids during training
@@ -262,6 +269,12 @@ class TrainConfig:
     def __post_init__(self):
         _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("train.parallel", self.parallel, ("none", "ddp", "fsdp"))
+        _check_choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(
+                f"train.compile_mode={self.compile_mode!r} applies under train.compile=true; set train.compile=true "
+                "or remove train.compile_mode"
+            )
         if self.steps < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise ValueError(f"train.steps={self.steps} and train.batch_size={self.batch_size} must be >= 1")
         if self.max_images is not None and self.max_images < 1:
@@ -351,6 +364,23 @@ class RunConfig:
                 f"{self.data.batching!r}, mask.design={self.mask.design!r}. Set data.batching='tokens' (with "
                 "mask.design='plain'), or use model.attention='varlen' (faster on GPU) or 'dense'"
             )
+        if self.train.compile_mode == "reduce-overhead":
+            # A CUDA graph replays one recording: every step must bring the same shapes (a new stream length or
+            # image count records another graph, each holding its own memory), and DDP/FSDP hooks cannot run
+            # inside a recording.
+            problems = []
+            if not static_stream:
+                problems.append(f"data.batching='tokens' with mask.design='plain' (got {self.data.batching!r}, "
+                                f"{self.mask.design!r})")
+            if self.data.max_images_per_step is None:
+                problems.append("data.max_images_per_step set (the same number of segments every step)")
+            if self.train.parallel != "none":
+                problems.append(f"train.parallel='none' (got {self.train.parallel!r})")
+            if problems:
+                raise ValueError(
+                    "train.compile_mode='reduce-overhead' (CUDA graphs) needs one shape every step: "
+                    + "; ".join(problems) + ". Set those, or use train.compile_mode='default'"
+                )
 
 
 def _check_choice(name: str, value: str, allowed: tuple) -> None:

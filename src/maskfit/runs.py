@@ -149,7 +149,7 @@ def build_training_run(
         load_optimizer(model, optimizer, ckpt_io.load_optimizer_state(checkpoint, map_location=device), parallel)
     forward = wrapped
     if tcfg.compile:
-        compiled = torch.compile(wrapped)
+        compiled = torch.compile(wrapped, mode=None if tcfg.compile_mode == "default" else tcfg.compile_mode)
         forward = _with_dynamic_stream(compiled) if dynamic_stream else compiled
     generator = torch.Generator(device=device).manual_seed(tcfg.seed + 1)
     return TrainingRun(cfg, mcfg, device, model, ema, forward, build_diffusion(cfg), optimizer, generator,
