@@ -424,3 +424,31 @@ def test_an_unwritable_output_folder_is_refused(tmp_path, capsys):
         assert f"no permission to write in {locked}" in capsys.readouterr().err
     finally:
         locked.chmod(0o755)
+
+
+@pytest.mark.parametrize("batching", ["images", "tokens"])
+def test_a_script_that_leaves_the_endless_loader_open_still_exits(tmp_path, batching):
+    """The workers ignore SIGTERM (interrupt.ignore_stop_signals_in_worker), so multiprocessing's exit hook
+    (terminate, then join) would wait on them for ever; the open stream is closed first (close_at_exit)."""
+    data = {"source": "synthetic", "num_images": 32, "num_classes": 4, "token_budget": 64, "autoencoder": "identity",
+            "layout": "packed", "batching": batching, "num_workers": 2}
+    train_cfg = {"out_dir": str(tmp_path / "run"), "steps": 10, "device": "cpu"}
+    if batching == "tokens":
+        data["tokens_per_step"] = 256
+    else:
+        train_cfg["batch_size"] = 4
+    script = f"""
+import torch
+from maskfit.config import config_from_dict
+from maskfit.data.pipeline import build_training_data
+cfg = config_from_dict({{"model": {{"preset": "FiT-tiny", "attention": "dense", "overrides": {{"patch_size": 4, "num_classes": 4}}}},
+                        "data": {data!r}, "mask": {{"keep_ratio": 0.5}}, "train": {train_cfg!r}}})
+data = build_training_data(cfg, 4)
+for step in range(2):
+    data.next_device_batch(step, torch.device("cpu"))
+print("two batches", flush=True)
+"""
+    env = {**os.environ, "PYTHONPATH": SRC}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "two batches" in done.stdout

@@ -10,16 +10,37 @@ start).
 DataLoader workers ignore both signals (:func:`ignore_stop_signals_in_worker`): Ctrl-C reaches the whole
 foreground process group and SLURM signals every process of a job, and a worker that died of it would
 make the main process fail on its next batch instead of saving. The workers still end with the main
-process (torch's worker loop exits when its parent is gone).
+process (torch's worker loop exits when its parent is gone). Because they ignore SIGTERM, an interpreter that
+exits with an endless loader still open (a script that never finishes iterating) would hang in
+multiprocessing's exit hook, which terminates its children and then joins them: :func:`close_at_exit`
+registers such streams, and they are closed first (their workers get the loader's own shutdown).
 """
 from __future__ import annotations
 
+import atexit
+import multiprocessing.util  # noqa: F401  its exit hook is registered on import: ours below then runs before it
 import os
 import signal
 import threading
-from typing import Optional
+import weakref
+from typing import Iterator, Optional
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_ENDLESS_STREAMS: "weakref.WeakSet[Iterator]" = weakref.WeakSet()
+
+
+def close_at_exit(stream: Iterator) -> Iterator:
+    """Register a generator over a DataLoader whose workers ignore SIGTERM; it is closed at interpreter exit
+    (closing it drops the DataLoader iterator, whose shutdown stops the workers). Returns ``stream``."""
+    _ENDLESS_STREAMS.add(stream)
+    return stream
+
+
+@atexit.register
+def _close_endless_streams() -> None:
+    # atexit runs hooks last-registered first: this one before multiprocessing's (registered on its import).
+    for stream in list(_ENDLESS_STREAMS):
+        stream.close()
 
 
 def ignore_stop_signals_in_worker(worker_id: int = 0) -> None:

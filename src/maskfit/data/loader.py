@@ -265,7 +265,13 @@ class ResumableLoader:
 
         With ``step_collate`` the items arrive as ``(key, item)`` with key ``(index, epoch, step)`` and
         the batch of step ``first_step + k`` is built whole in a worker (masks included), then pinned.
+        The stream is closed at interpreter exit if it is still open (maskfit.interrupt.close_at_exit).
         """
+        from maskfit.interrupt import close_at_exit
+
+        return close_at_exit(self._forever(first_step))
+
+    def _forever(self, first_step: int) -> Iterator:
         if self.step_collate is None:
             while True:
                 yield from self

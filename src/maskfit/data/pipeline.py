@@ -552,6 +552,13 @@ class TokenBudgetLoader:
             yield [(i, plan.epoch, plan.step, c, g[0], g[1]) for i, c, g in zip(plan.indices, plan.counts, plan.grids)]
 
     def forever(self) -> Iterator[tuple[TokenBatch, "StepInfo", BinPlan]]:
+        """The endless stream of (batch, step info, plan); closed at interpreter exit if still open
+        (maskfit.interrupt.close_at_exit)."""
+        from maskfit.interrupt import close_at_exit
+
+        return close_at_exit(self._forever())
+
+    def _forever(self) -> Iterator[tuple[TokenBatch, "StepInfo", BinPlan]]:
         self.sampler.load_state_dict(self._state)  # drop whatever an earlier iterator prefetched
         self._planned.clear()
         for batch, info in self.dataloader:  # batches come in sampler order
