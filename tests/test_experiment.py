@@ -531,3 +531,49 @@ def test_config_digest_ignores_decode_once_and_code_digest_follows_the_sources(t
     first = experiment.code_digest()
     (pkg / "a.py").write_text("x = 2\n")
     assert experiment.code_digest() != first and len(first) == 16
+
+
+def test_balanced_indices_take_the_classes_in_turn_without_replacement():
+    from maskfit.study_floor import balanced_indices
+
+    labels = [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    idx = balanced_indices(labels, 6, np.random.default_rng(0))
+    assert [labels[i] for i in idx] == [0, 1, 2, 0, 1, 2] and len(set(idx.tolist())) == 6
+    with pytest.raises(ValueError, match="class 1 has fewer than 3 training images"):
+        balanced_indices(labels, 8, np.random.default_rng(0))
+
+
+def test_real_image_floor_scores_training_images_against_the_holdout_reference(assets, tmp_path):
+    from maskfit.study_floor import main as floor_main
+    from maskfit.study_floor import summarise
+
+    out = tmp_path / "floor.jsonl"
+    assert floor_main([str(assets / "tiny.toml"), "--proxy", str(assets / "proxy.safetensors"), "--resolutions",
+                       "16x16,24x24", "--num-images", "6", "--draws", "2", "--out", str(out)]) == 0
+    lines = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [(l["resolution"], l["draw"]) for l in lines] == [("16x16", 0), ("24x24", 0), ("16x16", 1), ("24x24", 1)]
+    assert all(l["num_samples"] == 6 and l["proxy_fd"] >= 0 and 0 <= l["proxy_class_accuracy"] <= 1 for l in lines)
+    # The same draw at the same size is the same images with the same crops: a second run writes the same numbers
+    again = tmp_path / "again.jsonl"
+    assert floor_main([str(assets / "tiny.toml"), "--proxy", str(assets / "proxy.safetensors"), "--resolutions",
+                       "16x16,24x24", "--num-images", "6", "--draws", "2", "--out", str(again)]) == 0
+    assert again.read_text() == out.read_text()
+    summary = summarise(lines)
+    assert set(summary) == {"16x16", "24x24"} and summary["16x16"]["proxy_fd"][1] >= 0
+    assert floor_main([str(assets / "tiny.toml"), "--proxy", str(assets / "proxy.safetensors"), "--draws", "1",
+                       "--out", str(out)]) == 2
+
+
+def test_report_shows_the_real_image_floor_beside_the_results(tmp_path):
+    from maskfit.study_report import write_report
+
+    study = tmp_path / "study"
+    (study / "results").mkdir(parents=True)
+    (study / "results" / "a.jsonl").write_text(json.dumps(synthetic_line("packed", 0, "64x64", "none", 5.0)) + "\n")
+    floor = [{"resolution": "64x64", "draw": d, "num_samples": 200, "proxy_fd": fd, "proxy_precision": 0.9,
+              "proxy_recall": 0.8, "proxy_class_accuracy": 0.7} for d, fd in enumerate((1.0, 2.0, 3.0))]
+    (study / "floor.jsonl").write_text("".join(json.dumps(l) + "\n" for l in floor))
+    write_report(study / "results", tmp_path / "REPORT.md")
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "### Real-image floor" in text and "3 draws" in text
+    assert "| proxy FD | 2.00 ± 1.00 |" in text  # mean ± sample std of 1, 2, 3

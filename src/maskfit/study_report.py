@@ -11,6 +11,7 @@ findings, is kept; a missing file is created from a template, a file without mar
   (each run's final checkpoint, same budget) and at equal images seen (the ``--eval-at-images`` marks);
 - PNG plots: proxy FD against GPU time and against images seen, FD against resolution per design and RoPE
   method, images/s and peak memory per design;
+- the real-image floor, if ``floor.jsonl`` (:mod:`maskfit.study_floor`) lies beside the results folder;
 - links to the sample sheets beside the results folder (``sheets/RUN.jpg``, made by :mod:`maskfit.study_sheets`
   from the runs' archives; only the runs worth showing get one).
 
@@ -313,7 +314,8 @@ def plot_throughput(lines, labels, row_labels, path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def report_block(lines: Sequence[dict], plots: Path, report: Path, sheets: Optional[Path] = None) -> str:
+def report_block(lines: Sequence[dict], plots: Path, report: Path, sheets: Optional[Path] = None,
+                 floor: Optional[Path] = None) -> str:
     """The generated part of REPORT.md (between the markers), plots written under ``plots``; the sample sheets
     found in ``sheets`` are linked."""
     if not lines:
@@ -357,9 +359,37 @@ def report_block(lines: Sequence[dict], plots: Path, report: Path, sheets: Optio
                        ("resolution", "Proxy FD against resolution per design and RoPE method"),
                        ("throughput", "Images/s and peak memory per design")):
         out += [f"![{title}]({(rel / files[key].name).as_posix()})", ""]
+    out += floor_table(floor)
     out += sample_sheets(sheets, report)
     out.append(END)
     return "\n".join(out)
+
+
+def floor_table(floor: Optional[Path]) -> List[str]:
+    """The real-image floor (:mod:`maskfit.study_floor`): training images scored as samples, per resolution."""
+    if floor is None or not floor.is_file():
+        return []
+    from maskfit.study_floor import METRIC_KEYS, summarise
+
+    lines = [json.loads(l) for l in floor.read_text().splitlines() if l.strip()]
+    if not lines:
+        return []
+    summary = summarise(lines)
+    draws = len({l["draw"] for l in lines})
+    head = ["metric"] + list(summary)
+    out = ["### Real-image floor (training images scored as samples)", "",
+           f"_`python -m maskfit.study_floor`: {lines[0]['num_samples']} training-split images per set brought to each "
+           f"size by the references' rule, against the same held-out references, {draws} draws: mean ± std. What a "
+           "generator of the training images would score at this sample count; the std is one sample set's noise._", "",
+           "| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+    for key in METRIC_KEYS:
+        cells = []
+        for res in summary:
+            mean, std = summary[res].get(key, (None, None))
+            digits = DIGITS.get(key, 2)
+            cells.append("–" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}")
+        out.append(f"| {METRICS[key][0]} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def sample_sheets(sheets: Optional[Path], report: Path) -> List[str]:
@@ -379,7 +409,8 @@ def sample_sheets(sheets: Optional[Path], report: Path) -> List[str]:
 def write_report(results: Path, report: Path, plots: Optional[Path] = None) -> Path:
     lines = read_lines(results)
     plots = plots if plots is not None else Path(results).parent / "plots"
-    block = report_block(lines, plots, report, sheets=Path(results).parent / "sheets")
+    block = report_block(lines, plots, report, sheets=Path(results).parent / "sheets",
+                         floor=Path(results).parent / "floor.jsonl")
     text = report.read_text() if report.exists() else TEMPLATE.format(begin=BEGIN, end=END)
     if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
         text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
