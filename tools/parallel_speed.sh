@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Issue 11 item 5: one GPU under torchrun with DDP and with FSDP2 against the plain loop (target >= 0.97x).
+# Issue 11 item 5: one GPU under torchrun with DDP and with FSDP2 against the plain loop (target >= 0.97x), and
+# torchrun without a wrapper (the launcher's own cost).
 #
-#   tools/parallel_speed.sh [OUT_DIR]        (repository root, on the GPU machine; about 6 minutes)
+#   tools/parallel_speed.sh [OUT_DIR]        (repository root, on the GPU machine; about 7 minutes)
 #
 # Each run is `maskfit bench --data` (the real `maskfit train` loop: loader workers, compiled varlen step)
-# on FiT-B/2 at 256 tokens, batch 256, in pixel space from the synthetic set (no files needed); the three
-# "real" rows are compared at the end. Writes OUT_DIR/parallel_speed.jsonl and .log (default: $OUT, else ./device_out).
+# on FiT-B/2 at 256 tokens, batch 256, in pixel space from the synthetic set (no files needed); the four
+# "real" rows are compared at the end (all four). Writes OUT_DIR/parallel_speed.jsonl and .log (default: $OUT, else ./device_out).
 set -uo pipefail
 out=${1:-${OUT:-device_out}}
 mkdir -p "$out"
@@ -18,11 +19,14 @@ common=(--data configs/fit_b2_imagenet.toml --steps 40 --set data.source='"synth
   --set data.autoencoder='"identity"' --set data.num_workers=10 --set train.batch_size=256
   --set model.overrides='{"patch_size": 4, "in_channels": 3, "num_classes": 8}' --set data.num_classes=8
   --set model.attention='"varlen"' --set train.compile=true)
-for mode in none ddp fsdp; do
+# "launcher": train.parallel="none" started by torchrun (no process group, no wrapper): what the launcher alone
+# costs, so the ddp and fsdp rows separate the wrapper's cost from the environment's.
+for mode in none launcher ddp fsdp; do
   if [ "$mode" = none ]; then launch=(python3 -m maskfit.cli)
   else launch=(torchrun --nproc-per-node 1 --master-port 29517 -m maskfit.cli); fi
-  echo "== train.parallel=$mode" | tee -a "$log"
-  timeout 170 "${launch[@]}" bench "${common[@]}" --set train.parallel="\"$mode\"" --out "$out/parallel_$mode.jsonl" \
+  parallel=$mode; [ "$mode" = launcher ] && parallel=none
+  echo "== $mode: train.parallel=$parallel" | tee -a "$log"
+  timeout 170 "${launch[@]}" bench "${common[@]}" --set train.parallel="\"$parallel\"" --out "$out/parallel_$mode.jsonl" \
     2>&1 | tee -a "$log"
   python3 - "$out/parallel_$mode.jsonl" "$mode" >>"$jsonl" <<'PY'
 import json, sys
@@ -35,7 +39,7 @@ python3 - "$jsonl" <<'PY' | tee -a "$log"
 import json, sys
 rows = {r["parallel"]: r for r in map(json.loads, open(sys.argv[1]))}
 base = rows["none"]["images_per_s"]
-for mode in ("ddp", "fsdp"):
+for mode in ("launcher", "ddp", "fsdp"):
     if mode in rows:
         ratio = rows[mode]["images_per_s"] / base
         print(f"{mode}: {rows[mode]['images_per_s']:.1f} img/s = {ratio:.3f} x none ({base:.1f}); target >= 0.97: "
