@@ -6,7 +6,7 @@
 #
 # Each run is `maskfit bench --data` (the real `maskfit train` loop: loader workers, compiled varlen step)
 # on FiT-B/2 at 256 tokens, batch 256, in pixel space from the synthetic set (no files needed); the four
-# "real" rows are compared at the end (all four). Writes OUT_DIR/parallel_speed.jsonl and .log (default: $OUT, else ./device_out).
+# "real" rows are compared at the end. Writes OUT_DIR/parallel_speed.jsonl and .log (default: $OUT, else ./device_out).
 set -uo pipefail
 out=${1:-${OUT:-device_out}}
 mkdir -p "$out"
