@@ -194,3 +194,36 @@ def test_pad_stream_errors():
         pad_stream_to_budget(batch, 40)
     with pytest.raises(ValueError, match="3 images, more than max_images=2"):
         pad_stream_to_budget(batch, 100, max_images=2)
+
+
+def test_dummy_lengths_split_the_padding_at_the_cap():
+    from maskfit.packing import dummy_lengths, max_dummy_segments
+
+    assert dummy_lengths(0, 8) == [0] and dummy_lengths(8, 8) == [8] and dummy_lengths(20, None) == [20]
+    assert dummy_lengths(20, 8) == [8, 8, 4] and dummy_lengths(16, 8) == [8, 8]
+    assert max_dummy_segments(512, 64) == 8 and max_dummy_segments(512, None) == 1
+
+
+@pytest.mark.parametrize("real_grids", [[(16, 16), (12, 20), (9, 7)], [(4, 4)], [(16, 16), (16, 16), (15, 17)]])
+def test_capped_dummies_keep_max_seqlen_and_the_segment_count_fixed(real_grids):
+    """With segment_cap the padding is split into segments no longer than the cap, so max_seqlen and (with
+    max_images) the segment count are the same whatever the real images: one compiled graph, one CUDA graph."""
+    batch = _masked_batch(real_grids)
+    lay = batch.layout
+    T, B, budget, cap, max_images = lay.num_tokens, lay.num_images, 1024, 256, 5
+    out = pad_stream_to_budget(batch, budget, max_images, segment_cap=cap)
+    o = out.layout
+    assert o.num_tokens == budget and o.max_seqlen == 256  # the real bound: no dummy is longer
+    assert o.num_images == max_images + budget // cap and out.y.shape == (max_images + budget // cap,)
+    lengths = o.seqlens()[B:].tolist()
+    assert sum(lengths) == budget - T and max(lengths) <= cap
+    assert torch.equal(out.tokens[:T], batch.tokens) and torch.equal(o.cu_seqlens[: B + 1], lay.cu_seqlens)
+    assert not bool(o.valid[T:].any()) and real_image_mask(o).tolist() == [True] * B + [False] * (o.num_images - B)
+    for j, n in enumerate(lengths):  # each dummy: its own index, ordinary grid, positions inside it
+        start = int(o.cu_seqlens[B + j])
+        gh, gw = o.grid[B + j].tolist()
+        assert (gh, gw) == dummy_grid(n)
+        assert bool((o.seq_id[start:start + n] == B + j).all())
+        assert bool((o.pos[start:start + n, 0] < gh).all()) and bool((o.pos[start:start + n, 1] < gw).all())
+    with pytest.raises(ValueError, match="more than most_padding=10"):
+        pad_stream_to_budget(batch, budget, max_images, segment_cap=cap, most_padding=10)

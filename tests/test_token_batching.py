@@ -12,7 +12,7 @@ from maskfit.data.datasets import SyntheticDataset
 from maskfit.data.pipeline import TokenBudgetSampler, build_training_data, token_grids
 from maskfit.data.synthetic import SyntheticSizes
 from maskfit.masking import MaskConfig
-from maskfit.packing import dummy_grid
+from maskfit.packing import dummy_grid, dummy_lengths
 from maskfit.tokens import patchify
 
 PATCH = 4
@@ -60,17 +60,20 @@ def test_every_step_has_exactly_the_budget_and_whole_images_once_per_epoch(mask)
     seen = defaultdict(list)  # epoch -> dataset indices in the order trained
     real = 0
     masked_steps = 0
+    max_seqlens = {}
     for step in range(steps):
         batch = data.next_batch(step)
         plan = data.last_plan
         tokens, layout = backbone(batch)
         assert tokens.shape[0] == layout.num_tokens == BUDGET
-        # Real images first, then one dummy segment holding exactly the rest, all of it padding.
+        # Real images first, then dummy segments holding exactly the rest, all of it padding, none longer than
+        # the per-image bound: max_seqlen is one value every step (a new one would recompile the model).
         counts = real_counts(layout)
         B = len(plan.indices)
-        assert layout.num_images == B + 1 and int(counts[B]) == 0
+        assert layout.num_images > B and int(counts[B:].sum()) == 0
         assert counts[:B].tolist() == list(plan.counts)
-        assert int(layout.seqlens()[B]) == BUDGET - sum(plan.counts)
+        assert int(layout.seqlens()[B:].sum()) == BUDGET - sum(plan.counts)
+        assert int(layout.seqlens().max()) <= layout.max_seqlen == max_seqlens.setdefault("all", layout.max_seqlen)
         seen[plan.epoch].extend(plan.indices)
         real += sum(plan.counts)
         masked_steps += batch.mask is not None
@@ -116,14 +119,18 @@ def test_masked_budget_batches_give_valid_masked_views():
             assert plan.counts[b] == max(1, math.floor(h * w * 0.5 + 0.5))
             segment = kept.keep[int(kept.cu_seqlens[b]) : int(kept.cu_seqlens[b + 1])]
             assert torch.equal(segment, segment.sort().values) and int(segment.max()) < h * w
-        # The dummy: all of it kept, padding in both streams, zero tokens, an ordinary grid.
+        # The dummies: all of them kept, padding in both streams, zero tokens, ordinary grids, none longer than
+        # the per-image bound; their count, and so the segment count, does not depend on the step.
         remaining = BUDGET - sum(plan.counts)
-        dummy = kept.seq_id == B
+        dummy = kept.seq_id >= B
         assert int(dummy.sum()) == remaining
-        assert torch.equal(~kept.valid, dummy) and torch.equal(~full.valid, full.seq_id == B)
+        assert torch.equal(~kept.valid, dummy) and torch.equal(~full.valid, full.seq_id >= B)
         assert torch.count_nonzero(batch.tokens[index[dummy]]) == 0
-        assert tuple(full.grid[B].tolist()) == dummy_grid(remaining)
-        assert batch.y.shape == (B + 1,)
+        lengths = kept.seqlens()[B:].tolist()
+        assert lengths == dummy_lengths(remaining, kept.max_seqlen) and max(lengths) <= kept.max_seqlen
+        for j, n in enumerate(lengths):
+            assert tuple(full.grid[B + j].tolist()) == dummy_grid(n)
+        assert batch.y.shape == (B + len(lengths),)
 
 
 @pytest.mark.parametrize("mask", [None, MaskConfig(keep_ratio=0.5), MaskConfig(keep_ratio=0.5, ratio_distribution="beta")],

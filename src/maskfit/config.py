@@ -55,8 +55,8 @@ class DataConfig:
     layout: str = "padded"  # "padded" (FiT) | "packed" (no padding)
     num_workers: int = 0
     # What is constant per step: "images" = train.batch_size images (FiT) | "tokens" = tokens_per_step
-    # backbone tokens (the kept tokens when masking), as many whole images as fit plus one dummy
-    # padding segment, so every step has the same shape (NaViT packing; needs layout="packed").
+    # backbone tokens (the kept tokens when masking), as many whole images as fit plus padding segments
+    # (each at most token_budget long), so every step has the same shape (NaViT packing; needs layout="packed").
     batching: str = "images"
     tokens_per_step: int = 0  # batching="tokens": backbone tokens per step (e.g. 16 x token_budget)
     max_images_per_step: Optional[int] = None  # batching="tokens": cap on images per step (static segment count)

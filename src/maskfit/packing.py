@@ -3,7 +3,7 @@
 NaViT (Dehghani et al. 2023, §2.3 and App. A.3) packs several variable-length examples into each
 fixed-length sequence with a greedy first-fit rule and reports "typically less than 2 %" padding. Here the
 sequence is the whole step's token stream (``TokenBatch``): every step carries ``budget`` tokens, the
-real ones of several images plus one dummy segment for the rest, so every dense op has a static shape for
+real ones of several images plus dummy segments for the rest, so every dense op has a static shape for
 ``torch.compile`` (reference/masked.md §6.4).
 
 - :func:`first_fit_pack`: offline first-fit decreasing over a list of lengths.
@@ -12,11 +12,11 @@ real ones of several images plus one dummy segment for the rest, so every dense 
 - the training's sampler, seeded, resumable and split across ranks, is
   :class:`maskfit.data.pipeline.TokenBudgetSampler` (the one sampler: it re-reads each image's kept count
   at the step its bin trains on, which a packer of fixed lengths cannot).
-- :func:`pad_stream_to_budget`: the dummy tail segment (and empty segments up to a fixed image count).
+- :func:`pad_stream_to_budget`: the dummy tail segments (and empty segments up to a fixed image count).
 
 Contract for consumers of a padded stream: tokens with ``layout.valid`` False are padding. The loss must
 ignore them (``maskfit.objective`` counts real tokens only) and the mean over images must skip the
-images with no real token (:func:`real_image_mask`): the dummy segment and any zero-length segments.
+images with no real token (:func:`real_image_mask`): the dummy segments and any zero-length segments.
 """
 from __future__ import annotations
 
@@ -212,21 +212,40 @@ def real_image_mask(layout: TokenLayout) -> Tensor:
     return count > 0
 
 
-def pad_stream_to_budget(batch: TokenBatch, budget: int, max_images: Optional[int] = None) -> TokenBatch:
-    """Make a packed stream exactly ``budget`` tokens long (and ``max_images + 1`` segments) for static shapes.
+def dummy_lengths(remaining: int, segment_cap: Optional[int]) -> list[int]:
+    """Lengths of the dummy segments that hold ``remaining`` padding tokens: one segment (even of 0 tokens), or
+    with ``segment_cap`` as many segments of at most ``segment_cap`` tokens as it takes."""
+    if segment_cap is None or remaining <= segment_cap:
+        return [remaining]
+    full, rest = divmod(remaining, segment_cap)
+    return [segment_cap] * full + ([rest] if rest else [])
 
-    Appends ONE dummy segment, image index B (right after the B real images), holding the budget - T
-    remaining tokens, even when that is 0, so the layout is always "real images, then padding segments".
-    Its tokens are zeros with ``valid`` False; its label is 0 (always a valid class index, unlike the
-    null class whose index depends on the model); its grid is :func:`dummy_grid` and its positions the
-    raster cells of that grid, so per-image conditioning gathered with ``seq_id`` and RoPE read ordinary,
-    finite values. With ``max_images``, zero-length segments (label 0, grid (1, 1)) follow the dummy until
-    there are max_images + 1 segments, i.e. ``cu_seqlens`` has max_images + 2 entries (its last offset
-    repeated), and ``y`` and ``grid`` have max_images + 1 rows.
 
-    ``max_seqlen`` becomes max(old max_seqlen, budget - T): the dummy is one segment, and the attention
-    kernel must see its true length. With NaViT-level packing the remainder is < 2 % of the budget,
-    below a 256-token max_seqlen, so it stays at its static value except on rare tail batches.
+def max_dummy_segments(budget: int, segment_cap: Optional[int]) -> int:
+    """The most dummy segments a stream padded to ``budget`` can need (:func:`dummy_lengths` of the whole budget)."""
+    return len(dummy_lengths(budget, segment_cap))
+
+
+def pad_stream_to_budget(batch: TokenBatch, budget: int, max_images: Optional[int] = None,
+                         segment_cap: Optional[int] = None, most_padding: Optional[int] = None) -> TokenBatch:
+    """Make a packed stream exactly ``budget`` tokens long (and, with ``max_images``, a fixed number of segments)
+    for static shapes.
+
+    Appends the budget - T remaining tokens as dummy segments, image indices B, B+1, ... (right after the B real
+    images): ONE segment, even of 0 tokens, or with ``segment_cap`` as many as it takes so that none is longer
+    than ``segment_cap`` (:func:`dummy_lengths`). The layout is always "real images, then padding segments".
+    Dummy tokens are zeros with ``valid`` False; their label is 0 (always a valid class index, unlike the
+    null class whose index depends on the model); each dummy's grid is :func:`dummy_grid` of its length and its
+    positions the raster cells of that grid, so per-image conditioning gathered with ``seq_id`` and RoPE read
+    ordinary, finite values. With ``max_images``, zero-length segments (label 0, grid (1, 1)) follow until there
+    are ``max_images + max_dummy_segments(most_padding, segment_cap)`` segments (max_images + 1 without a cap;
+    ``most_padding``, the most padding tokens a stream of this kind can get, defaults to ``budget``), i.e.
+    ``cu_seqlens`` has one entry more (its last offset repeated), and ``y`` and ``grid`` have that many rows.
+
+    ``max_seqlen`` becomes max(old max_seqlen, longest dummy): the attention kernel must see the true segment
+    lengths. Without a cap one dummy can exceed a real image's bound whenever a bin closes early (an epoch's
+    tail, ``max_images`` reached), and each new value of that Python int recompiles a compiled model (or
+    records another CUDA graph). ``segment_cap`` = the stream's static bound keeps ``max_seqlen`` at that bound.
 
     Consumers: the loss ignores tokens with ``valid`` False and the per-image mean skips the images of
     :func:`real_image_mask`. The real tokens, their order and their layout fields are unchanged.
@@ -243,27 +262,40 @@ def pad_stream_to_budget(batch: TokenBatch, budget: int, max_images: Optional[in
             f"the stream has {num_real} images, more than max_images={max_images}; pass max_images to the "
             "packer too, or raise max_images"
         )
+    if segment_cap is not None and segment_cap < 1:
+        raise ValueError(f"segment_cap={segment_cap} must be a positive number of tokens (or None)")
     remaining = budget - total
-    num_segments = num_real + 1 if max_images is None else max_images + 1
-    num_empty = num_segments - num_real - 1  # zero-length segments after the dummy
+    dummies = dummy_lengths(remaining, segment_cap)
+    most_padding = budget if most_padding is None else most_padding
+    if remaining > most_padding:
+        raise ValueError(f"the stream needs {remaining} padding tokens, more than most_padding={most_padding}")
+    num_segments = (num_real + len(dummies) if max_images is None
+                    else max_images + max_dummy_segments(most_padding, segment_cap))
+    num_empty = num_segments - num_real - len(dummies)  # zero-length segments after the dummies
     device = batch.tokens.device
 
-    grid_rows, grid_cols = dummy_grid(remaining)
-    raster = torch.arange(remaining, device=device)  # (r,) the dummy's tokens fill its grid in raster order
-    dummy_pos = torch.stack([raster // grid_cols, raster % grid_cols], dim=1)  # (r, 2)
+    grids, pos, raster_all, seq_ids = [], [], [], []
+    for j, n in enumerate(dummies):
+        rows, cols = dummy_grid(n)
+        raster = torch.arange(n, device=device)  # (n,) each dummy's tokens fill its own grid in raster order
+        grids.append([rows, cols])
+        pos.append(torch.stack([raster // cols, raster % cols], dim=1))  # (n, 2)
+        raster_all.append(raster)
+        seq_ids.append(torch.full((n,), num_real + j, dtype=lay.seq_id.dtype, device=device))
     real_valid = lay.valid if lay.valid is not None else torch.ones(total, dtype=torch.bool, device=device)
-    grids = [lay.grid, torch.tensor([[grid_rows, grid_cols]] + [[1, 1]] * num_empty, dtype=lay.grid.dtype)]
-    end = lay.cu_seqlens[-1:]  # (1,) the offset where the dummy starts
-    cu_tail = torch.cat([end + remaining] * (num_empty + 1))  # (num_empty + 1,)
-    lengths = torch.cat([lay.seqlens(), torch.tensor([remaining] + [0] * num_empty, device=device)])
+    grid_tail = torch.tensor(grids + [[1, 1]] * num_empty, dtype=lay.grid.dtype, device=lay.grid.device)
+    lengths_tail = torch.tensor(dummies + [0] * num_empty, dtype=lay.cu_seqlens.dtype, device=lay.cu_seqlens.device)
+    cu_tail = (lay.cu_seqlens[-1:] + torch.cumsum(lengths_tail, 0)).to(lay.cu_seqlens.dtype)  # (dummies + empty,)
+    lengths = torch.cat([lay.seqlens(), lengths_tail.long().to(device)])
     uniform = int(lengths[0]) if bool((lengths == lengths[0]).all()) else None
+    raster = torch.cat(raster_all)  # (remaining,)
 
     layout = TokenLayout(
-        pos=torch.cat([lay.pos, dummy_pos.to(lay.pos.dtype)]),
-        seq_id=torch.cat([lay.seq_id, torch.full((remaining,), num_real, dtype=lay.seq_id.dtype, device=device)]),
-        cu_seqlens=torch.cat([lay.cu_seqlens, cu_tail.to(lay.cu_seqlens.dtype)]),
-        grid=torch.cat([g.to(lay.grid.device) for g in grids]),
-        max_seqlen=max(lay.max_seqlen, remaining),
+        pos=torch.cat([lay.pos, *(p.to(lay.pos.dtype) for p in pos)]),
+        seq_id=torch.cat([lay.seq_id, *seq_ids]),
+        cu_seqlens=torch.cat([lay.cu_seqlens, cu_tail]),
+        grid=torch.cat([lay.grid, grid_tail]),
+        max_seqlen=max(lay.max_seqlen, max(dummies)),
         valid=torch.cat([real_valid, torch.zeros(remaining, dtype=torch.bool, device=device)]),
         uniform_len=uniform,
         keep=None if lay.keep is None else torch.cat([lay.keep, raster.to(lay.keep.dtype)]),

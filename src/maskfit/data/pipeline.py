@@ -13,7 +13,8 @@ per-image work, so the real step runs at the speed of the benchmarked one.
 - ``"tokens"``: a constant budget of ``data.tokens_per_step`` *backbone* tokens per step (the kept
   tokens when masking; NaViT packing). :class:`TokenBudgetSampler` packs whole images by their token
   counts, read without decoding where the dataset allows (:func:`token_grids`), and
-  :func:`pad_to_budget` appends one dummy segment so every step's backbone stream is exactly
+  :func:`pad_to_budget` appends dummy segments (each at most one image's token budget long, so
+  ``max_seqlen`` is one value) so every step's backbone stream is exactly
   ``tokens_per_step`` tokens long (static shapes for ``torch.compile``).
 
 Masking with a token budget: the sampler packs each image by the kept count it WILL have at the step
@@ -22,10 +23,10 @@ never by position in a batch) and the step's schedule factor, and :meth:`Trainin
 draws the mask of that image from a fresh generator with the same seed at the same step, so
 ``choose_keep`` reproduces the count exactly: the bin fits by construction, never by luck, and a
 mismatch would be a loud error, not a silent overflow. (Packing by the *expected* count instead would
-need slack in every bin or dropping images when a Beta draw overshoots.) The dummy segment then sits in
-the KEPT stream (all of it kept), so only the backbone stream has the constant length; the full stream
-(whole grids + dummy) varies, which the plain design never feeds to a layer. The full-grid designs run
-their decoder or mixer on the full stream; the dummy is invalid there and is left out of their loss
+need slack in every bin or dropping images when a Beta draw overshoots.) The dummy segments then sit in
+the KEPT stream (all of them kept), so only the backbone stream has the constant length; the full stream
+(whole grids + dummies) varies, which the plain design never feeds to a layer. The full-grid designs run
+their decoder or mixer on the full stream; the dummies are invalid there and are left out of their loss
 (``maskfit.objective.token_weights`` counts real tokens only).
 """
 from __future__ import annotations
@@ -574,23 +575,27 @@ class TokenBudgetLoader:
 
 
 def pad_to_budget(
-    batch: TokenBatch, keep: Optional[Sequence[torch.Tensor]], budget: int, max_images: Optional[int] = None
+    batch: TokenBatch, keep: Optional[Sequence[torch.Tensor]], budget: int, max_images: Optional[int] = None,
+    segment_cap: Optional[int] = None,
 ) -> TokenBatch:
-    """Make the BACKBONE stream exactly ``budget`` tokens: one dummy segment, with every token of it kept.
+    """Make the BACKBONE stream exactly ``budget`` tokens: dummy segments, with every token of them kept.
+
+    segment_cap: no dummy segment longer than this (the stream's static segment bound, so ``max_seqlen``
+    stays one value every step; :func:`maskfit.packing.pad_stream_to_budget`); None: one dummy segment.
 
     Unmasked (``keep`` None): :func:`pad_stream_to_budget` on the stream itself.
 
     Masked (``keep[b]``: raster indices of image b's kept tokens): the backbone sees the kept tokens, so
-    the kept stream is what must total ``budget``. The full stream gets a dummy segment of
-    R = budget - (kept tokens) zero tokens (``valid`` False), and the masked view keeps ALL of it:
+    the kept stream is what must total ``budget``. The full stream gets dummy segments of
+    R = budget - (kept tokens) zero tokens in all (``valid`` False), and the masked view keeps ALL of them:
     ``tokens[mask.index]`` then holds the real kept tokens followed by the R dummy tokens, matching
     ``mask.layout`` segment for segment. The plain design trains on exactly that pair; the full stream
     (real grids + R) varies in length, but only the kept stream reaches the backbone. ``mask.layout``
-    carries ``valid`` (False on the dummy), so attention keeps the dummy to itself and the loss counts no
+    carries ``valid`` (False on the dummies), so attention keeps each dummy to itself and the loss counts no
     dummy token; zero-length segments up to ``max_images`` keep nothing.
     """
     if keep is None:
-        return pad_stream_to_budget(batch, budget, max_images)
+        return pad_stream_to_budget(batch, budget, max_images, segment_cap)
     lay = batch.layout
     if len(keep) != lay.num_images:
         raise ValueError(f"pad_to_budget got keep indices for {len(keep)} images, the stream has {lay.num_images}")
@@ -601,10 +606,11 @@ def pad_to_budget(
             "(TokenBudgetSampler) or raise data.tokens_per_step"
         )
     remaining = budget - kept_total
-    full = pad_stream_to_budget(batch, lay.num_tokens + remaining, max_images)  # dummy of `remaining` tokens
-    num_extra = full.layout.num_images - lay.num_images  # the dummy, then zero-length segments
-    # The dummy's tokens fill its grid in raster order, so raster index r is its r-th token.
-    extra = [torch.arange(remaining)] + [torch.zeros(0, dtype=torch.long)] * (num_extra - 1)
+    # Dummies of `remaining` tokens in all. The full stream's length varies, so the segment count is fixed by
+    # the backbone budget (no step pads more than that), not by the full stream.
+    full = pad_stream_to_budget(batch, lay.num_tokens + remaining, max_images, segment_cap, most_padding=budget)
+    # Each dummy's tokens fill its grid in raster order, so raster index r is its r-th token: keep them all.
+    extra = [torch.arange(int(n)) for n in full.layout.seqlens()[lay.num_images:].tolist()]
     view = masked_view(full.layout, list(keep) + extra, max_seqlen=full.layout.max_seqlen)
     kept_layout = dataclasses.replace(view.layout, valid=full.layout.valid[view.index])  # (budget,)
     return TokenBatch(full.tokens, full.y, full.layout, mask=MaskedView(view.index, kept_layout))
@@ -696,7 +702,7 @@ class StepBatchBuilder:
                 )
             if all(c == h * w for c, (h, w) in zip(counts, grids)):
                 keep = None  # unmasked step (e.g. the final fine-tune): the backbone runs the full grids
-        return pad_to_budget(batch, keep, self.tokens_per_step, self.max_images)
+        return pad_to_budget(batch, keep, self.tokens_per_step, self.max_images, segment_cap=self.max_seqlen or None)
 
 
 @dataclass
