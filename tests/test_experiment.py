@@ -577,3 +577,21 @@ def test_report_shows_the_real_image_floor_beside_the_results(tmp_path):
     text = (tmp_path / "REPORT.md").read_text()
     assert "### Real-image floor" in text and "3 draws" in text
     assert "| proxy FD | 2.00 ± 1.00 |" in text  # mean ± sample std of 1, 2, 3
+
+
+def test_study_queue_names_known_variants_and_next_skips_the_runs_with_results():
+    import subprocess
+    from pathlib import Path
+
+    from maskfit.experiment import load_variants
+
+    root = Path(__file__).resolve().parents[1]
+    variants = load_variants(root / "configs/study/variants.toml")
+    queue = [l.strip() for l in (root / "study/queue.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    assert len(queue) == len(set(queue))
+    for spec in queue:
+        name, seed = spec.split(":")
+        assert name in variants and seed.isdigit(), spec
+    done = subprocess.run(["bash", "tools/study.sh", "next", "100"], cwd=root, capture_output=True, text=True, check=True)
+    pending = done.stdout.split()
+    assert pending == [s for s in queue if not (root / "study/results" / f"{s.replace(':', '_s')}.jsonl").exists()]

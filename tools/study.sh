@@ -11,6 +11,7 @@
 #                                              device: each experiment in turn; results to OUT_DIR as NAME_sSEED.jsonl
 #                                              (commit under study/results/) and NAME_sSEED.tar.gz (log, training
 #                                              record, sample grids); pass the device call carry=[".carry"]
+#   tools/study.sh next [N]                    the next N runs of study/queue.txt not yet in study/results/
 #   tools/study.sh list                        the variants
 #
 # A first GPU session (no committed proxy yet), in one device command with carry=[".carry"]:
@@ -31,7 +32,7 @@
 # quality 85 with optimised tables (~48 MiB; mean pixel change ~2.4 of 255; MANIFEST.json says exactly), same
 # file names, so maskfit.data.split gives the same held-out split. Training, proxy and references all use this copy.
 set -uo pipefail
-cmd=${1:?usage: tools/study.sh carry|proxy|run|list}
+cmd=${1:?usage: tools/study.sh carry|proxy|run|next|list}
 shift
 PY=${PYTHON:-python3}
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -74,9 +75,17 @@ case "$cmd" in
       (cd "$work" && tar czf "$out/$tag.tar.gz" "$tag.log" $(find "$tag" -maxdepth 1 -name '*.json') \
         $(find "$tag/run" -maxdepth 1 -name log.jsonl 2>/dev/null) $(find "$tag/eval" -name 'grid_*.png' 2>/dev/null))
     done ;;
+  next)
+    # The first N runs of study/queue.txt with no study/results/NAME_sSEED.jsonl yet (a device command:
+    # tools/study.sh run $(tools/study.sh next)).
+    n=${1:-1}
+    grep -v '^\s*#' study/queue.txt | grep -v '^\s*$' | while read -r spec; do
+      name=${spec%%:*}; seed=${spec#*:}
+      [ -f "study/results/${name}_s${seed}.jsonl" ] || echo "$spec"
+    done | head -n "$n" ;;
   list)
     $PY -c 'from maskfit.experiment import load_variants
 for name, v in load_variants("configs/study/variants.toml").items():
     print(name.ljust(15), v.get("description", ""))' ;;
-  *) echo "unknown command $cmd: use carry, proxy, run or list" >&2; exit 2 ;;
+  *) echo "unknown command $cmd: use carry, proxy, run, next or list" >&2; exit 2 ;;
 esac
