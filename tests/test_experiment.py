@@ -595,3 +595,29 @@ def test_study_queue_names_known_variants_and_next_skips_the_runs_with_results()
     done = subprocess.run(["bash", "tools/study.sh", "next", "100"], cwd=root, capture_output=True, text=True, check=True)
     pending = done.stdout.split()
     assert pending == [s for s in queue if not (root / "study/results" / f"{s.replace(':', '_s')}.jsonl").exists()]
+
+
+def test_differences_are_called_only_beyond_both_spreads():
+    from maskfit.study_report import difference_cell, welch_p
+
+    assert difference_cell([9.0], [6.0], 2) == "+3.00 (n=1/1)"
+    assert difference_cell([9.0, 9.2, 8.8], [6.0, 6.2, 5.8], 2).endswith("**called**")  # |3| > 0.2 + 0.2
+    near = difference_cell([6.5, 7.5, 6.0], [6.0, 7.0, 6.4], 2)  # Δ 0.2 against spreads of ~0.76 + ~0.50
+    assert near.startswith("+0.20") and "called" not in near
+    assert welch_p([1.0, 1.1, 0.9], [5.0, 5.1, 4.9]) < 0.001 and welch_p([1.0], [2.0, 3.0]) is None
+    assert difference_cell([], [1.0], 2) == "–"
+
+
+def test_report_reads_every_run_against_the_reference_runs(tmp_path):
+    from maskfit.study_report import write_report
+
+    results = tmp_path / "study" / "results"
+    results.mkdir(parents=True)
+    lines = []
+    for seed, (packed, plain) in enumerate(((6.0, 9.0), (6.2, 9.2), (5.8, 8.8))):
+        lines += [synthetic_line("packed", seed, "64x64", "none", packed), synthetic_line("plain50", seed, "64x64", "none", plain)]
+    (results / "a.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    write_report(results, tmp_path / "REPORT.md")
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "### Differences at equal GPU time" in text and "proxy FD minus packed's" in text
+    assert "| plain50 | +3.00 (p=0.00) **called** |" in text

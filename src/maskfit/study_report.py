@@ -41,6 +41,8 @@ METRICS = OrderedDict([
 ])
 # Decimals per quantity (metrics and the runs table's columns); others get 2.
 DIGITS = {"proxy_class_accuracy": 3, "proxy_precision": 3, "proxy_recall": 3, "count": 0, "rate": 0, "mem": 1, "sec": 1}
+# The decisive comparison's baselines (issue 12): every other run is read against them where they have results.
+REFERENCE_RUNS = ("packed", "fit_padded")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 
 TEMPLATE = """# The study: does masked flexible training reach FiT's quality for less compute, at every resolution?
@@ -171,6 +173,58 @@ def metric_table(cells, row_labels: Sequence[str], point: str, columns, key: str
         if all(c == "–" for c in cells_row):
             continue
         out.append(f"| {label} | " + " | ".join(cells_row) + " |")
+    return out
+
+
+def welch_p(a: Sequence[float], b: Sequence[float]) -> Optional[float]:
+    """Two-sided p-value of Welch's t-test (unequal variances); None without scipy or with fewer than 2 values."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    try:
+        from scipy.stats import ttest_ind
+    except ImportError:
+        return None
+    p = float(ttest_ind(a, b, equal_var=False).pvalue)
+    return p if math.isfinite(p) else None
+
+
+def difference_cell(run: Sequence[float], ref: Sequence[float], digits: int) -> str:
+    """Δ = mean(run) - mean(ref), called only when both have seeds and |Δ| exceeds the two spreads together
+    (their mean ± std intervals do not overlap); Welch's p beside it."""
+    if not run or not ref:
+        return "–"
+    delta = statistics.fmean(run) - statistics.fmean(ref)
+    if len(run) < 2 or len(ref) < 2:
+        return f"{delta:+.{digits}f} (n={len(run)}/{len(ref)})"
+    spread = statistics.stdev(run) + statistics.stdev(ref)
+    p = welch_p(run, ref)
+    called = abs(delta) > spread
+    return f"{delta:+.{digits}f}" + (f" (p={p:.2f})" if p is not None else "") + (" **called**" if called else "")
+
+
+def difference_tables(cells, row_labels: Sequence[str], columns, key: str = "proxy_fd") -> List[str]:
+    """Every run against each reference run of the decisive comparison that has results (final checkpoints)."""
+    out = []
+    digits = DIGITS.get(key, 2)
+    name, better = METRICS[key]
+    for ref in (r for r in REFERENCE_RUNS if r in row_labels):
+        rows = []
+        for label in row_labels:
+            if label == ref:
+                continue
+            row = []
+            for r, m in columns:
+                vals = [float(l[key]) for l in cells.get((label, "final", r, m), []) if l.get(key) is not None]
+                base = [float(l[key]) for l in cells.get((ref, "final", r, m), []) if l.get(key) is not None]
+                row.append(difference_cell(vals, base, digits))
+            if any(c != "–" for c in row):
+                rows.append(f"| {label} | " + " | ".join(row) + " |")
+        if rows:
+            out += [f"**{name} minus {ref}'s** ({better} is better; **called** = the difference exceeds the two "
+                    "runs' spreads together, i.e. their mean ± std intervals do not overlap; p = Welch's t-test; "
+                    "(n=a/b) = seeds, too few to call anything)", "",
+                    "| run | " + " | ".join(f"{r} {m}" for r, m in columns) + " |",
+                    "| --- | " + " | ".join("---:" for _ in columns) + " |"] + rows + [""]
     return out
 
 
@@ -348,6 +402,9 @@ def report_block(lines: Sequence[dict], plots: Path, report: Path, sheets: Optio
     out += ["### At equal GPU time (final checkpoints, equal training budget)", ""]
     for key in METRICS:
         out += metric_table(cells, row_labels, "final", columns, key) + [""]
+    differences = difference_tables(cells, row_labels, columns)
+    if differences:
+        out += ["### Differences at equal GPU time", ""] + differences
     marks = sorted({int(p) for l in lines for p in points_of(l) if p != "final"})
     if marks:
         out += ["### At equal images seen (first checkpoint at or past each mark)", ""]
