@@ -9,7 +9,7 @@ samples per CFG scale (1, 1.5, 3; DDIM 25, the demo's five aspect ratios) scored
 class-accuracy rule. Prints one JSON line. Written to test one reading of the study's decoder50 run (its samples
 degraded under CFG 1.5 on the GPU); see the session note of 2026-12-01.
 """
-import json, sys, time, torch
+import json, sys, torch
 from pathlib import Path
 from maskfit.config import config_from_dict
 from maskfit.demo import demo_config, DEMO_RESOLUTIONS, PATCH
