@@ -120,3 +120,21 @@ def test_training_batches_are_the_same_with_decode_once(tmp_path, workers, split
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.y, b.y)
         assert torch.equal(a.layout.cu_seqlens, b.layout.cu_seqlens)
         assert torch.equal(a.mask.index, b.mask.index)
+
+
+def test_workers_of_a_decoded_folder_are_forked_and_a_platform_without_fork_is_refused(tmp_path, monkeypatch):
+    """Forked workers share the decoded pages; spawn or forkserver (Python 3.14's Linux default) would pickle
+    every image into every worker, so the loader asks for fork, and refuses where there is none."""
+    import multiprocessing
+
+    from maskfit.data.datasets import ImageFolderDataset
+    from maskfit.data.loader import worker_start_method
+
+    root = make_folder(tmp_path / "imgs")
+    decoded = ImageFolderDataset(root, decode_once=True)
+    assert worker_start_method(decoded, num_workers=2) == "fork"
+    assert worker_start_method(decoded, num_workers=0) is None  # no workers, nothing to share
+    assert worker_start_method(ImageFolderDataset(root), num_workers=2) is None  # files: the default method
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn", "forkserver"])
+    with pytest.raises(ValueError, match="this platform cannot fork; set data.decode_once=false"):
+        worker_start_method(decoded, num_workers=2)

@@ -303,9 +303,9 @@ class ImageFolderDataset(_EpochDataset):
     def decode_all(self) -> None:
         """Decode every file of ``samples`` now and keep it in memory; call it again after changing ``samples``
         (e.g. after :func:`maskfit.data.split.restrict_to_split`). Refuses more than DECODE_ONCE_MAX_BYTES."""
-        # Arrays made before the DataLoader forks its workers (fork: Linux's default start method) are shared
-        # with them copy-on-write; only the small object headers get copied as refcounts change, so the pixel
-        # memory is paid once, not per worker.
+        # Arrays made before the DataLoader forks its workers (the loader asks for fork whatever the default:
+        # maskfit.data.loader.worker_start_method) are shared with them copy-on-write; only the small object
+        # headers get copied as refcounts change, so the pixel memory is paid once, not per worker.
         decoded: list[tuple[Path, np.ndarray]] = []
         total = 0
         for path, _ in self.samples:
@@ -320,6 +320,11 @@ class ImageFolderDataset(_EpochDataset):
             total += arr.nbytes
             decoded.append((path, arr))
         self._decoded = decoded
+
+    @property
+    def decoded_in_memory(self) -> bool:
+        """Whether :meth:`decode_all` holds the images (the loader then forks its workers: maskfit.data.loader)."""
+        return self._decoded is not None
 
     def __len__(self) -> int:
         return len(self.samples)

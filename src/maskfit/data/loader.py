@@ -182,6 +182,23 @@ class ResumableBatchSampler(Sampler):
         }
 
 
+def worker_start_method(dataset: Dataset, num_workers: int) -> Optional[str]:
+    """The DataLoader's ``multiprocessing_context``: "fork" for a dataset that holds its images decoded in memory
+    (``data.decode_once``), whose forked workers share those pages copy-on-write, where any other start method
+    (spawn, forkserver: Python 3.14's Linux default) would pickle every image into every worker; None otherwise."""
+    inner = getattr(dataset, "dataset", dataset)  # _KeyedDataset wraps the run's dataset
+    if num_workers == 0 or not getattr(inner, "decoded_in_memory", False):
+        return None
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        raise ValueError(
+            f"data.decode_once=true shares the decoded images with {num_workers} loader workers by forking them, and "
+            "this platform cannot fork; set data.decode_once=false (each worker then reads the files)"
+        )
+    return "fork"
+
+
 class _KeyedDataset(Dataset):
     """Reads ``(index, epoch)`` keys: per-item randomness follows the epoch the sampler is in.
 
@@ -250,6 +267,7 @@ class ResumableLoader:
         return DataLoader(
             self.dataset, batch_sampler=batch_sampler, num_workers=self.num_workers, collate_fn=collate,
             pin_memory=self.pin_memory, persistent_workers=False,
+            multiprocessing_context=worker_start_method(self.dataset, self.num_workers),
             worker_init_fn=ignore_stop_signals_in_worker,  # Ctrl-C / SIGTERM are the main process's to handle
         )
 

@@ -528,7 +528,7 @@ class TokenBudgetLoader:
                  pin_memory: bool = False):
         from torch.utils.data import DataLoader
 
-        from maskfit.data.loader import _KeyedDataset
+        from maskfit.data.loader import _KeyedDataset, worker_start_method
         from maskfit.interrupt import ignore_stop_signals_in_worker
 
         self.sampler = sampler
@@ -542,6 +542,7 @@ class TokenBudgetLoader:
             pin_memory=pin_memory,
             persistent_workers=False,  # one endless iteration: the workers start once per forever()
             worker_init_fn=ignore_stop_signals_in_worker,  # Ctrl-C / SIGTERM are the main process's to handle
+            multiprocessing_context=worker_start_method(dataset, num_workers),
         )
 
     def _plan_bins(self) -> Iterator[list[tuple]]:
