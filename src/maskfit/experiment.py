@@ -145,6 +145,13 @@ def _reference_dataset(cfg: RunConfig, eval_data: Path, eval_split: str):
     return build_dataset(data, run_patch_size(cfg), seed=0, train=False)
 
 
+def reference_crop_min_area(dataset) -> float:
+    """The smallest crop area the references take, as training crops do (without random crops training keeps
+    whole images)."""
+    t = dataset.transform
+    return t.crop_min_area if t.random_crop else 1.0
+
+
 def check_eval_data(cfg: RunConfig, eval_data: Path, eval_split: str) -> None:
     """The reference must be images the run never trained on: refuse the training folder's training side."""
     if cfg.data.source != "folder" or not cfg.data.root:
@@ -167,8 +174,7 @@ def ensure_references(cfg: RunConfig, resolutions: Sequence, eval_data: Path, ev
     from maskfit.evaluate.adm_npz import write_sample_npz
 
     dataset = _reference_dataset(cfg, eval_data, eval_split)
-    t = dataset.transform
-    min_area = t.crop_min_area if t.random_crop else 1.0  # without random crops training keeps whole images
+    min_area = reference_crop_min_area(dataset)
     rel = [p.relative_to(dataset.root).as_posix() for p, _ in dataset.samples]
     files_digest = hashlib.sha256("\n".join(rel).encode()).hexdigest()
     cache.mkdir(parents=True, exist_ok=True)

@@ -46,11 +46,11 @@ def balanced_indices(labels: Sequence[int], count: int, rng: np.random.Generator
 def floor_lines(cfg, proxy_path: Path, data: Path, resolutions: Sequence[str], num_images: int, draws: int,
                 device: str = "cpu", reference_cache: Optional[Path] = None, log=print) -> List[dict]:
     from maskfit.data.datasets import item_rng, load_rgb
-    from maskfit.data.pipeline import build_dataset
     from maskfit.evaluate.inception import sha256_file
     from maskfit.evaluate.proxy import load_proxy
     from maskfit.evaluate.report import evaluate_samples
-    from maskfit.experiment import REFERENCE_RULE_VERSION, _reference_dataset, ensure_references, reference_image
+    from maskfit.experiment import (REFERENCE_RULE_VERSION, _reference_dataset, ensure_references,
+                                    reference_crop_min_area, reference_image)
     from maskfit.runs import run_patch_size
     from maskfit.sweep import parse_resolutions
 
@@ -58,9 +58,8 @@ def floor_lines(cfg, proxy_path: Path, data: Path, resolutions: Sequence[str], n
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(reference_cache) if reference_cache else Path(tmp) / "reference"
         template = ensure_references(cfg, res_list, data, "holdout", cache, log=log)
-        train_side = build_dataset(_with_root(cfg.data, data, "train"), run_patch_size(cfg), seed=0, train=False)
-        t = _reference_dataset(cfg, data, "holdout").transform
-        min_area = t.crop_min_area if t.random_crop else 1.0
+        train_side = _reference_dataset(cfg, data, "train")  # the references' dataset, other side of the split
+        min_area = reference_crop_min_area(train_side)
         labels = [label for _, label in train_side.samples]
         network = load_proxy(proxy_path, device)
         digest = sha256_file(proxy_path)  # as the runs' lines name it
@@ -80,13 +79,6 @@ def floor_lines(cfg, proxy_path: Path, data: Path, resolutions: Sequence[str], n
                               "data": str(data), **metrics})
                 log(f"floor: draw {draw} {res.label}: proxy FD {metrics['proxy_fd']:.2f}")
     return lines
-
-
-def _with_root(data_cfg, root: Path, split: str):
-    import dataclasses
-
-    return dataclasses.replace(data_cfg, source="folder", root=str(root), split=split, autoencoder="identity",
-                               batching="images", tokens_per_step=0, max_images_per_step=None, decode_once=False)
 
 
 def summarise(lines: Sequence[dict]) -> Dict[str, dict]:

@@ -152,7 +152,7 @@ def train_step(run: TrainingRun, batch: TokenBatch, step: int,
     the step's loss). The finite flag is the same on every rank (one all-reduce), so ranks skip together.
     """
     cfg = run.cfg
-    if cfg.train.compile and cfg.train.compile_mode == "reduce-overhead":
+    if cfg.train.compile_mode == "reduce-overhead":  # the config allows it only under train.compile
         # A new iteration: the CUDA graphs may reuse the memory of the last step's outputs (all consumed by now).
         torch.compiler.cudagraph_mark_step_begin()
     for group in run.optimizer.param_groups:
