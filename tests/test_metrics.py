@@ -318,3 +318,19 @@ def test_reference_activations_are_computed_once_with_a_cache(toy_proxy, tmp_pat
     second = evaluate_samples(path, reference, model, batch_size=16, pr_precision="float32", reference_cache=cache)
     assert len(calls) == 3  # reference + samples, then samples only
     assert first["metrics"] == second["metrics"]
+
+
+def test_a_reference_cache_never_serves_another_references_activations(toy_proxy, tmp_path):
+    """References given as paths are read anew on every call; a cache keyed by id() alone handed the freed first
+    reference's activations to the next one that reused its id (it corrupted the study's real-image floor)."""
+    model, _ = toy_proxy
+    samples = _toy_colour_set(6, 16, seed=3)
+    path = write_sample_npz(tmp_path / "samples.npz", samples.images, samples.labels)
+    refs = [write_sample_npz(tmp_path / f"ref{i}.npz", _toy_colour_set(4, 16, seed=10 + i).images) for i in range(6)]
+    fresh = [evaluate_samples(path, r, model, batch_size=16, pr_precision="float32")["metrics"] for r in refs]
+    cache: dict = {}
+    for _ in range(3):  # as the floor's draws: every reference again, each read anew from its path
+        cached = [evaluate_samples(path, r, model, batch_size=16, pr_precision="float32",
+                                   reference_cache=cache)["metrics"] for r in refs]
+        assert cached == fresh
+    assert len({m["proxy_fd"] for m in fresh}) == len(refs)  # the references differ, so must their distances

@@ -48,6 +48,7 @@ def floor_lines(cfg, proxy_path: Path, data: Path, resolutions: Sequence[str], n
     from maskfit.data.datasets import item_rng, load_rgb
     from maskfit.evaluate.inception import sha256_file
     from maskfit.evaluate.proxy import load_proxy
+    from maskfit.evaluate.adm_npz import read_reference
     from maskfit.evaluate.report import evaluate_samples
     from maskfit.experiment import (REFERENCE_RULE_VERSION, _reference_dataset, ensure_references,
                                     reference_crop_min_area, reference_image)
@@ -63,15 +64,16 @@ def floor_lines(cfg, proxy_path: Path, data: Path, resolutions: Sequence[str], n
         labels = [label for _, label in train_side.samples]
         network = load_proxy(proxy_path, device)
         digest = sha256_file(proxy_path)  # as the runs' lines name it
+        references = {res.label: read_reference(template.format(resolution=res.label)) for res in res_list}
+        ref_cache: Dict = {}  # each reference's activations, computed at its first draw only
         lines = []
         for draw in range(draws):
             chosen = balanced_indices(labels, num_images, np.random.default_rng([FLOOR_SEED_OFFSET, draw]))
             images = {int(i): load_rgb(train_side.samples[i][0]) for i in chosen}
-            ref_cache: Dict = {}
             for res in res_list:
                 batch = np.stack([reference_image(images[int(i)], res.height, res.width,
                                                   item_rng(FLOOR_SEED_OFFSET + draw, 0, int(i)), min_area) for i in chosen])
-                result = evaluate_samples(batch, template.format(resolution=res.label), network, device=device,
+                result = evaluate_samples(batch, references[res.label], network, device=device,
                                           labels=np.asarray([labels[i] for i in chosen]), reference_cache=ref_cache)
                 metrics = {k: result["metrics"].get(k) for k in METRIC_KEYS}
                 lines.append({"kind": "real-image floor", "resolution": res.label, "split": res.split, "draw": draw,

@@ -180,7 +180,7 @@ def evaluate_samples(
 
     ``reference_cache``: a dict kept by a caller that evaluates many sample batches against the same
     reference with the same network (the resolution sweep); the reference's activations are computed
-    once and reused from it.
+    once and reused from it, for the same reference object only (a path or array read anew is a new one).
 
     ``samples``: an ADM sample ``.npz`` (``arr_0`` uint8 NHWC, optional ``arr_1`` labels) or an array.
     ``reference``: an ADM reference ``.npz`` (stored ``mu, sigma, mu_s, sigma_s`` and/or ``arr_0``
@@ -198,8 +198,9 @@ def evaluate_samples(
     # 1. Reference activations (ADM computes them even when statistics are stored: P/R needs them).
     t0 = time.perf_counter()
     cache_key = (id(reference), id(network))
-    if reference_cache is not None and cache_key in reference_cache:
-        ref_features = reference_cache[cache_key]
+    cached = reference_cache.get(cache_key) if reference_cache is not None else None
+    if cached is not None and cached[0] is reference and cached[1] is network:
+        ref_features = cached[2]
     else:
         ref_features = (
             extract_features(network, reference.image_batches(batch_size), device) if reference.num_images else None
@@ -207,7 +208,9 @@ def evaluate_samples(
         if ref_features is not None:
             check_features(ref_features, f"the reference images ({reference.path or 'in-memory array'})", network)
         if reference_cache is not None:
-            reference_cache[cache_key] = ref_features
+            # The entry holds the reference and network themselves: ids are only unique among live objects, and a
+            # reference read from a path per call would otherwise free its id for the next one to reuse.
+            reference_cache[cache_key] = (reference, network, ref_features)
     timings["reference_features_s"] = time.perf_counter() - t0
     ref_pool, ref_spatial, ref_source = _reference_stats(reference, ref_features, network)
 
