@@ -121,3 +121,25 @@ def test_two_ranks_train_with_token_batching_and_resume_on_one(tmp_path):
     state = lambda run, step: torch.load(run / "checkpoints" / f"step_{step:07d}" / "state.pt", weights_only=True)["data"]
     a, b = state(two, 4), state(one, 6)
     assert (a["epoch"], a["cursor"], a["pending"]) == (b["epoch"], b["cursor"], b["pending"])
+
+
+def test_ddp_wrapper_takes_the_configured_bucket_size(tmp_path):
+    """train.ddp_bucket_mb reaches DDP (100 MB by default, not PyTorch's 25: config.py says why); 0 is refused."""
+    import torch.distributed as dist
+
+    from maskfit.config import TrainConfig
+    from maskfit.distributed import Parallel, parallelize
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        layer = torch.nn.Linear(4, 4)
+        ddp = parallelize(layer, Parallel(mode="ddp"), torch.device("cpu"), bf16=False,
+                          ddp_bucket_mb=TrainConfig().ddp_bucket_mb)
+        assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
+        assert ddp.bucket_bytes_cap == 100 * 1024 * 1024
+        assert parallelize(torch.nn.Linear(4, 4), Parallel(mode="ddp"), torch.device("cpu"), bf16=False,
+                           ddp_bucket_mb=7).bucket_bytes_cap == 7 * 1024 * 1024
+    finally:
+        dist.destroy_process_group()
+    with pytest.raises(ValueError, match=r"train.ddp_bucket_mb=0 must be a size in MB >= 1"):
+        TrainConfig(ddp_bucket_mb=0)

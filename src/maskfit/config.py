@@ -265,6 +265,11 @@ class TrainConfig:
     # Many GPUs (maskfit.distributed; start with torchrun): "none" | "ddp" (DistributedDataParallel) | "fsdp"
     # (FSDP2 fully_shard). batch_size stays the global batch; each rank trains on batch_size / world size.
     parallel: str = "none"
+    # DDP's all-reduce bucket size. Under train.compile Dynamo splits the compiled graph at every bucket boundary
+    # (so the all-reduces overlap the backward), and each split costs fusion: FiT-B/2 on one H200 under torchrun
+    # trained at 0.946x the plain loop with PyTorch's 25 MB, 0.978x with 100 MB (torchtitan's choice), and 0.991x
+    # with no splitting at all, which gives up the overlap that many GPUs need (BENCHMARKS.md, 2026-12-01).
+    ddp_bucket_mb: int = 100
 
     def __post_init__(self):
         _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
@@ -275,6 +280,8 @@ class TrainConfig:
                 f"train.compile_mode={self.compile_mode!r} applies under train.compile=true; set train.compile=true "
                 "or remove train.compile_mode"
             )
+        if self.ddp_bucket_mb < 1:
+            raise ValueError(f"train.ddp_bucket_mb={self.ddp_bucket_mb} must be a size in MB >= 1 (default 100)")
         if self.steps < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise ValueError(f"train.steps={self.steps} and train.batch_size={self.batch_size} must be >= 1")
         if self.max_images is not None and self.max_images < 1:

@@ -141,12 +141,13 @@ def shutdown(parallel: Parallel) -> None:
 
 
 def parallelize(model: torch.nn.Module, parallel: Parallel, device: torch.device, bf16: bool,
-                shard_only: bool = False) -> torch.nn.Module:
+                shard_only: bool = False, ddp_bucket_mb: int = 100) -> torch.nn.Module:
     """The module the step calls: ``model`` itself, DDP around it, or ``model`` sharded in place (FSDP2).
 
     FSDP2 shards every transformer block and then the root (the blocks' all-gathers overlap compute);
     with ``bf16`` its MixedPrecisionPolicy computes in bf16 and reduces gradients in fp32.
     shard_only: shard (FSDP) but never wrap in DDP, for the EMA copy, which is never trained.
+    ddp_bucket_mb: DDP's all-reduce bucket size (train.ddp_bucket_mb says why it is not PyTorch's 25).
     """
     if parallel.mode == "none":
         return model
@@ -158,7 +159,8 @@ def parallelize(model: torch.nn.Module, parallel: Parallel, device: torch.device
         ids = [device.index] if device.type == "cuda" else None
         # Gradients live in DDP's all-reduce buckets instead of beside them: one copy of the gradients fewer
         # (7.4 GiB for FiT-B/2 at batch 256 on the H200, BENCHMARKS.md) and no copy into the buckets per step.
-        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
+                                       bucket_cap_mb=ddp_bucket_mb)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)

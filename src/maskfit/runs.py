@@ -137,7 +137,7 @@ def build_training_run(
         ckpt_io.load_weights(model, checkpoint / "model.safetensors")
         ckpt_io.load_weights(ema, checkpoint / "ema.safetensors")
     bf16 = not isinstance(autocast_for(tcfg.precision, device), contextlib.nullcontext)
-    wrapped = parallelize(model, parallel, device, bf16)
+    wrapped = parallelize(model, parallel, device, bf16, ddp_bucket_mb=tcfg.ddp_bucket_mb)
     parallelize(ema, parallel, device, bf16, shard_only=True)
     if parallel.mode == "fsdp":  # fully_shard replaced the parameters: hand the optimizer the new ones
         trainable = [p for p in model.parameters() if p.requires_grad]
