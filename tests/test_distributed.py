@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from maskfit import checkpoint as ckpt_io
 from maskfit.data.pipeline import TokenBudgetSampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,11 @@ def _train(tmp: Path, name: str, nproc: int, parallel: str, extra=(), **sections
 
 
 def _weights(run: Path, step: int, name="model") -> dict:
-    return load_file(str(run / "checkpoints" / f"step_{step:07d}" / f"{name}.safetensors"))
+    """A checkpoint's whole weights, from its safetensors file or its shards (FSDP writes sharded)."""
+    folder = run / "checkpoints" / f"step_{step:07d}"
+    if ckpt_io.is_sharded(folder):
+        return ckpt_io.read_sharded_weights(folder, name)
+    return load_file(str(folder / f"{name}.safetensors"))
 
 
 def _assert_same_run(a: Path, b: Path, step: int) -> None:
@@ -81,6 +86,8 @@ def test_two_ranks_of_b_images_train_the_model_one_process_trains_with_2b(tmp_pa
     one = _train(tmp_path, "one", 0, "none", mask=MASKED)
     two = _train(tmp_path, "two", 2, parallel, mask=MASKED)
     _assert_same_run(one, two, 4)
+    # FSDP writes every rank's shards (train.checkpoint_format "auto"), DDP rank 0's one-process files
+    assert ckpt_io.is_sharded(two / "checkpoints" / "step_0000004") == (parallel == "fsdp")
     assert (two / "log.jsonl").read_text().count("\n") == 2  # steps 2 and 4, written by rank 0 alone
 
 
@@ -92,6 +99,25 @@ def test_a_two_rank_run_resumes_on_one_rank_and_a_one_rank_run_on_two(tmp_path):
     up = _train(tmp_path, "up", 0, "none", train={"steps": 6}, extra=["--set", "train.steps=4"])
     _train(tmp_path, "up", 2, "fsdp", train={"steps": 6})  # FSDP loads the single-process checkpoint
     _assert_same_run(straight, up, 6)
+
+
+def test_sharded_fsdp_checkpoints_reshard_two_to_one_to_two_ranks_and_load_in_one_process(tmp_path):
+    """FSDP's sharded checkpoints (torch.distributed.checkpoint): 2 ranks write, 1 rank resumes (resharded),
+    2 ranks resume that one's shards, and the whole is the uninterrupted one-process run; a plain process
+    (no process group) samples from the shards."""
+    straight = _train(tmp_path, "straight", 0, "none", train={"steps": 6})
+    run = _train(tmp_path, "run", 2, "fsdp", train={"steps": 6}, extra=["--set", "train.steps=2"])
+    _train(tmp_path, "run", 1, "fsdp", train={"steps": 6}, extra=["--set", "train.steps=4"])
+    _train(tmp_path, "run", 2, "fsdp", train={"steps": 6})
+    for step in (2, 4, 6):
+        assert ckpt_io.is_sharded(run / "checkpoints" / f"step_{step:07d}")
+        assert not (run / "checkpoints" / f"step_{step:07d}" / "model.safetensors").exists()
+    _assert_same_run(straight, run, 6)
+    from maskfit.runs import load_model_from_checkpoint
+
+    model, _ = load_model_from_checkpoint(run)
+    for k, v in _weights(straight, 6, "ema").items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-5, atol=2e-6)
 
 
 def test_two_ranks_with_token_batching_take_alternate_bins_of_one_stream():

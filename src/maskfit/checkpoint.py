@@ -5,6 +5,9 @@ A checkpoint is a folder ``step_XXXXXXX`` holding
   optimizer.pt                         optimizer state
   state.pt                             step, RNG states, data-order state
   config.json                          the resolved run config
+or, written sharded (train.checkpoint_format; FSDP's default), ``sharded/`` in place of the first three: a
+``torch.distributed.checkpoint`` folder where every rank wrote its own shards of ``model``, ``ema`` and
+``optimizer`` (no rank gathers the whole model); any number of processes reads it back, resharding as it loads.
 It is written to a temporary folder and renamed into place, and ``latest`` (a text file naming the
 folder) is replaced atomically afterwards: a crash at any moment leaves the previous checkpoint intact.
 A missing, empty or dangling ``latest`` falls back to the newest complete folder; weights with NaN/inf are
@@ -12,6 +15,7 @@ never written; a failed write (e.g. a full disk) removes its temporary folder an
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -21,6 +25,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,8 +34,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-# Every file of a checkpoint that ``maskfit train`` needs to resume.
+# Every file of a checkpoint that ``maskfit train`` needs to resume (a sharded one: SHARDED_DIR and the last two).
 RESUME_FILES = ("model.safetensors", "ema.safetensors", "optimizer.pt", "state.pt", "config.json")
+SHARDED_DIR = "sharded"  # torch.distributed.checkpoint's folder in a sharded checkpoint
 
 
 def process_umask() -> int:
@@ -144,8 +150,14 @@ def save_checkpoint(
         if isinstance(exc, (OSError, RuntimeError, SafetensorError)):
             raise CheckpointWriteError(_write_error_message(exc, ckpt_root, final)) from exc
         raise
+    _point_latest_and_prune(run_dir, final, step, keep_last)
+    return final
+
+
+def _point_latest_and_prune(run_dir: Path, final: Path, step: int, keep_last: int) -> None:
+    """``latest`` names ``final``; keep it and the ``keep_last - 1`` newest below it (0: keep all)."""
     try:
-        atomic_write_text(ckpt_root / "latest", final.name)
+        atomic_write_text(final.parent / "latest", final.name)
     except OSError as exc:
         raise CheckpointWriteError(
             f"checkpoint {final} was written but `latest` could not be updated ({exc}); the next start resumes "
@@ -155,13 +167,13 @@ def save_checkpoint(
         older = [p for p in complete_checkpoints(run_dir) if _step_of(p) < step]
         for p in older[: max(len(older) - (keep_last - 1), 0)]:
             shutil.rmtree(p, ignore_errors=True)
-    return final
 
 
 TMP_PREFIX = ".tmp_step_"  # save_checkpoint's temporary folders: .tmp_step_XXXXXXX_<random>
 _STEP_DIR = re.compile(r"step_(\d+)")
 _TMP_DIR = re.compile(re.escape(TMP_PREFIX) + r"\d{7}_")
-# The files every checkpoint holds (optimizer.pt and ema.safetensors are optional: imported weights).
+# The files every checkpoint holds (optimizer.pt and ema.safetensors are optional: imported weights); a sharded
+# checkpoint holds SHARDED_DIR/.metadata in place of model.safetensors.
 REQUIRED_FILES = ("model.safetensors", "state.pt", "config.json")
 
 
@@ -215,7 +227,21 @@ def is_complete_checkpoint(folder: Path) -> bool:
     """A ``step_*`` folder holding every file a checkpoint always has, none of them empty."""
     if not (folder.is_dir() and _STEP_DIR.fullmatch(folder.name)):
         return False
-    return all((folder / f).is_file() and (folder / f).stat().st_size > 0 for f in REQUIRED_FILES)
+    files = REQUIRED_FILES if not is_sharded(folder) else (f"{SHARDED_DIR}/.metadata", *REQUIRED_FILES[1:])
+    return all((folder / f).is_file() and (folder / f).stat().st_size > 0 for f in files)
+
+
+def is_sharded(folder: Path) -> bool:
+    """A checkpoint written sharded (torch.distributed.checkpoint), not as one-process files."""
+    return (Path(folder) / SHARDED_DIR / ".metadata").is_file()
+
+
+def has_weights(folder: Path, name: str) -> bool:
+    """Whether checkpoint ``folder`` holds the weights ``name`` ("model" or "ema"), in either format."""
+    folder = Path(folder)
+    if (folder / f"{name}.safetensors").is_file():
+        return True
+    return is_sharded(folder) and any(k.startswith(name + ".") for k in sharded_metadata(folder).state_dict_metadata)
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -298,7 +324,7 @@ def set_aside_run(run_dir: Path) -> Optional[Path]:
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint folder, or a run folder (its latest checkpoint)."""
     path = Path(path)
-    if (path / "model.safetensors").exists():
+    if (path / "model.safetensors").exists() or is_sharded(path):
         return path
     latest = latest_checkpoint(path)
     if latest is None:
@@ -309,11 +335,9 @@ def resolve_checkpoint(path: Path) -> Path:
 def older_complete_checkpoints(ckpt: Path) -> list[Path]:
     """The checkpoints of ``ckpt``'s run older than it with every file a resume needs, newest first."""
     ckpt = Path(ckpt)
-    return sorted(
-        (p for p in ckpt.parent.glob("step_*") if p.is_dir() and p.name < ckpt.name
-         and all((p / f).is_file() for f in RESUME_FILES)),
-        reverse=True,
-    )
+    resumable = lambda p: (is_complete_checkpoint(p) and is_sharded(p)) or all((p / f).is_file() for f in RESUME_FILES)
+    return sorted((p for p in ckpt.parent.glob("step_*") if p.is_dir() and p.name < ckpt.name and resumable(p)),
+                  reverse=True)
 
 
 def _short_reason(err: BaseException) -> str:
@@ -382,14 +406,20 @@ def load_optimizer_state(ckpt: Path, map_location: Any = "cpu") -> dict:
 
 
 def load_weights(module: torch.nn.Module, file: Path) -> None:
-    """Load safetensors weights; an architecture mismatch names the differing keys and shapes."""
+    """Load safetensors weights (or, where ``file`` is a sharded checkpoint's ``model.safetensors`` or
+    ``ema.safetensors``, the same weights from its shards); an architecture mismatch names the differing keys
+    and shapes."""
     file = Path(file)
-    if not file.is_file():
+    name = file.name.removesuffix(".safetensors")
+    if not file.is_file() and name in ("model", "ema") and is_sharded(file.parent):
+        state = read_sharded_weights(file.parent, name)
+    elif not file.is_file():
         raise FileNotFoundError(f"checkpoint file {file} is missing; the checkpoint is incomplete")
-    try:
-        state = load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise unreadable_file_error(file, err) from err
+    else:
+        try:
+            state = load_file(str(file))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise unreadable_file_error(file, err) from err
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -424,3 +454,143 @@ def load_config_of(ckpt: Path) -> dict:
     if not isinstance(config, dict):
         raise unreadable_file_error(file, ValueError(f"holds a {type(config).__name__}, not a JSON object"))
     return config
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sharded checkpoints (torch.distributed.checkpoint)
+# ----------------------------------------------------------------------------------------------------
+
+
+# What torch.distributed.checkpoint's .metadata pickle may name: its own metadata records, torch's sizes, dtypes
+# and layouts, and paths. Anything else is refused before it is unpickled (torch itself reads the file with
+# plain pickle.load, which would call whatever the file names).
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata",)
+_METADATA_GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+                     ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if module in _METADATA_MODULES or (module, name) in _METADATA_GLOBALS or dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not torch.distributed.checkpoint metadata")
+
+
+def sharded_metadata(folder: Path):
+    """A sharded checkpoint's metadata, read with :class:`_MetadataUnpickler`, and checked to hold tensors
+    only: our writer stores nothing else there, and torch would unpickle any other entry without
+    restriction (``torch.load(weights_only=False)``). Call it before torch.distributed.checkpoint reads the
+    folder."""
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+    file = Path(folder) / SHARDED_DIR / ".metadata"
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint file {file} is missing; the checkpoint is incomplete")
+    try:
+        with open(file, "rb") as f:
+            meta = _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as err:
+        if "GLOBAL" in str(err):
+            raise ValueError(
+                f"refusing to load {file}: {err}, and unpickling it could run any code; maskfit never writes "
+                "such objects, so the file was made or changed by something else: check who can write to this "
+                "run folder, and resume from a checkpoint you trust"
+            ) from None
+        raise unreadable_file_error(file, err) from None
+    except (OSError, EOFError, ValueError, AttributeError, TypeError) as err:
+        raise unreadable_file_error(file, err) from err
+    if not isinstance(meta, Metadata):
+        raise unreadable_file_error(file, ValueError(f"holds a {type(meta).__name__}, not checkpoint metadata"))
+    other = sorted(k for k, m in meta.state_dict_metadata.items() if not isinstance(m, TensorStorageMetadata))
+    if other:
+        raise ValueError(
+            f"refusing to load {file.parent}: it stores {len(other)} entries that are not tensors (first: "
+            f"{other[:3]}), which torch would unpickle without restriction; maskfit writes tensors only there "
+            "(the optimizer's hyperparameters go to state.pt), so the folder was not written by maskfit"
+        )
+    return meta
+
+
+def read_sharded_weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    """The whole fp32 state dict ``name`` ("model" or "ema") of a sharded checkpoint, read by this process
+    alone (no collective: any process, inside a process group or not, may call it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    prefix = name + "."
+    meta = sharded_metadata(folder).state_dict_metadata
+    template = {k[len(prefix):]: torch.empty(m.size, dtype=m.properties.dtype)
+                for k, m in meta.items() if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+    if not template:
+        raise FileNotFoundError(f"{Path(folder) / SHARDED_DIR} holds no {name!r} weights; the checkpoint is incomplete")
+    with one_process_quietly():
+        dcp.load({name: template}, checkpoint_id=str(Path(folder) / SHARDED_DIR), no_dist=True)
+    return template
+
+
+@contextlib.contextmanager
+def one_process_quietly():
+    """torch.distributed.checkpoint warns on every one-process (no_dist) call that it assumes one process,
+    which is what we asked for; the warning would otherwise print at every checkpoint of a one-process run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def save_sharded_checkpoint(run_dir: Path, step: int, states: dict[str, dict], extra_state: dict[str, Any],
+                            config: dict, parallel, keep_last: int = 3) -> Path:
+    """:func:`save_checkpoint` for sharded state: every rank calls it with its own shards.
+
+    ``states``: {"model": ..., "ema": ..., "optimizer": ...} as torch.distributed.checkpoint's
+    get_model_state_dict / get_optimizer_state_dict return them (DTensor shards under FSDP), tensors only
+    (:func:`sharded_metadata` refuses anything else on reading: plain values go into ``extra_state``).
+    The same promises:
+    non-finite weights are refused before anything is written (on every rank, with the same message), the
+    folder is written under a temporary name (rank 0 makes it, every rank writes its shards into it) and
+    renamed into place by rank 0 once every rank has written, then ``latest`` and pruning as usual.
+    ``parallel``: the run's :class:`maskfit.distributed.Parallel` (rank, barrier, object gather, finite flag).
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    run_dir = Path(run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    final = ckpt_root / f"step_{step:07d}"
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731  a DTensor's own shard
+    weights = [local(v) for key in ("model", "ema") for v in states[key].values() if v.is_floating_point()]
+    finite = torch.stack([torch.isfinite(w).all() for w in weights]).all() if weights else torch.tensor(True)
+    if not bool(parallel.all_finite(finite)):
+        _check_finite_weights({f"{k} (this rank's shards)": {n: local(v) for n, v in states[k].items()}
+                               for k in ("model", "ema")}, final)
+        raise ValueError(f"refusing to write checkpoint {final}: another rank's shards hold NaN or inf; the "
+                         "training diverged. The earlier checkpoints are kept; lower optim.lr, then resume")
+    tmp = None
+    if parallel.is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f"{TMP_PREFIX}{step:07d}_"))
+        os.chmod(tmp, shared_mode(directory=True))
+    tmp = Path(parallel.gather_objects(str(tmp) if tmp else None)[0])
+    try:
+        with one_process_quietly():
+            dcp.save(states, checkpoint_id=str(tmp / SHARDED_DIR), no_dist=not dist.is_initialized())
+        parallel.barrier()  # every rank's shards are on disk before rank 0 finishes the folder
+        if parallel.is_main:
+            torch.save({"step": step, "rng": rng_state(), **extra_state}, tmp / "state.pt")
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+            for f in tmp.rglob("*"):
+                os.chmod(f, shared_mode(directory=f.is_dir()))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except BaseException as exc:
+        if parallel.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, (OSError, RuntimeError)):
+            raise CheckpointWriteError(_write_error_message(exc, ckpt_root, final)) from exc
+        raise
+    if parallel.is_main:
+        _point_latest_and_prune(run_dir, final, step, keep_last)
+    parallel.barrier()
+    return final

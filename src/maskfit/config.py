@@ -270,11 +270,16 @@ class TrainConfig:
     # trained at 0.946x the plain loop with PyTorch's 25 MB, 0.978x with 100 MB (torchtitan's choice), and 0.991x
     # with no splitting at all, which gives up the overlap that many GPUs need (BENCHMARKS.md, 2026-12-01).
     ddp_bucket_mb: int = 100
+    # "full": rank 0 writes the one-process files (FSDP gathers the whole model and optimizer onto it);
+    # "sharded": every rank writes its own shards with torch.distributed.checkpoint (nothing gathered; read back
+    # by any number of processes); "auto": sharded under FSDP, full otherwise. Both resume on any world size.
+    checkpoint_format: str = "auto"
 
     def __post_init__(self):
         _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("train.parallel", self.parallel, ("none", "ddp", "fsdp"))
         _check_choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
+        _check_choice("train.checkpoint_format", self.checkpoint_format, ("auto", "full", "sharded"))
         if self.compile_mode != "default" and not self.compile:
             raise ValueError(
                 f"train.compile_mode={self.compile_mode!r} applies under train.compile=true; set train.compile=true "

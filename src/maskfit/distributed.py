@@ -23,6 +23,7 @@ import contextlib
 import contextvars
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -248,8 +249,47 @@ def draw(fn, shape: Sequence[int], per: str, **kwargs) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoint state (the file format stays the single-process one: any world size resumes any checkpoint)
+# Checkpoint state: the single-process files (gathered) or torch.distributed.checkpoint shards; any world
+# size resumes either
 # ----------------------------------------------------------------------------------------------------
+
+
+def writes_sharded(checkpoint_format: str, parallel: Parallel) -> bool:
+    """train.checkpoint_format resolved: "auto" is sharded under FSDP only."""
+    return checkpoint_format == "sharded" or (checkpoint_format == "auto" and parallel.mode == "fsdp")
+
+
+def sharded_states(model: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
+    """This rank's {"model", "ema", "optimizer"} tensors, keyed by parameter name (DTensor shards under FSDP,
+    whole tensors otherwise), for ckpt_io.save_sharded_checkpoint; and the optimizer's param groups (plain
+    values: they go to state.pt, which is read with weights_only, not into the shards)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    optim = get_optimizer_state_dict(model, optimizer)
+    return ({"model": get_model_state_dict(model), "ema": get_model_state_dict(ema),
+             "optimizer": {"state": optim["state"]}}, optim["param_groups"])
+
+
+def load_sharded_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder, param_groups: list,
+                           parallel: Parallel) -> None:
+    """The optimizer state of a sharded checkpoint (its tensors from ``folder``, its ``param_groups`` from
+    state.pt), resharded onto this run's wrapping and world size.
+
+    The template is this run's own (name-keyed) optimizer state, so torch.distributed.checkpoint reads just
+    the pieces each rank holds; every rank must call it (a collective where there is a process group)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    from maskfit.checkpoint import sharded_metadata, one_process_quietly
+
+    sharded_metadata(Path(folder).parent)  # refuses what torch would unpickle unrestricted
+    template = get_optimizer_state_dict(model, optimizer)
+    tensors = {"optimizer": {"state": template["state"]}}
+    # Loads the tensors in place (the template's tensors are the optimizer's own state, or its shards); setting
+    # the state afterwards restores the param groups' hyperparameters too.
+    with one_process_quietly():
+        dcp.load(tensors, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+    set_optimizer_state_dict(model, optimizer, {"state": tensors["optimizer"]["state"], "param_groups": param_groups})
 
 
 def full_model_state(module: torch.nn.Module, parallel: Parallel) -> dict[str, Tensor]:

@@ -120,7 +120,7 @@ def load_init_weights(model: nn.Module, fcfg: FinetuneConfig) -> Path:
     base = _base_run_config(ckpt)
     check_rope_base_grid(fcfg, base, ckpt)
     file = ckpt / f"{fcfg.init_weights}.safetensors"  # ema.safetensors | model.safetensors
-    if not file.exists():
+    if not ckpt_io.has_weights(ckpt, fcfg.init_weights):
         raise FileNotFoundError(f"{file} is missing; set finetune.init_weights to the other of 'ema' and 'model'")
     fresh = {}
     if fcfg.trainable == "hr_subset" and fcfg.hr_subset_init == "reinit":

@@ -19,7 +19,7 @@ import torch
 
 from maskfit import checkpoint as ckpt_io
 from maskfit.config import RunConfig
-from maskfit.distributed import Parallel, load_optimizer, parallelize, rank_device
+from maskfit.distributed import Parallel, load_optimizer, load_sharded_optimizer, parallelize, rank_device
 from maskfit.divergence import BadSteps
 from maskfit.finetune import prepare_model
 from maskfit.models.transformer import FiT, ModelConfig, model_config
@@ -145,7 +145,10 @@ def build_training_run(
         trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda",
     )
-    if checkpoint is not None:
+    if checkpoint is not None and ckpt_io.is_sharded(checkpoint):
+        load_sharded_optimizer(model, optimizer, checkpoint / ckpt_io.SHARDED_DIR,
+                               ckpt_io.load_state(checkpoint)["optimizer_param_groups"], parallel)
+    elif checkpoint is not None:
         load_optimizer(model, optimizer, ckpt_io.load_optimizer_state(checkpoint, map_location=device), parallel)
     forward = wrapped
     if tcfg.compile:

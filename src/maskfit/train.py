@@ -33,7 +33,7 @@ from maskfit.config_history import HISTORY_NAME, describe_changes, save_run_conf
 from maskfit.diffusion.guidance import drop_labels
 from maskfit.distributed import (
     Parallel, StepShares, full_model_state, full_optimizer_state, init_parallel, local_tensor, rank_draws,
-    shutdown, unwrap,
+    sharded_states, shutdown, unwrap, writes_sharded,
 )
 from maskfit.divergence import BadSteps, DivergenceError, clip_and_check, divergence_message
 from maskfit.interrupt import StopSignals
@@ -478,9 +478,14 @@ def _save(run_dir: Path, step: int, run: TrainingRun, data, images_seen: int, sk
              "skipped_steps": skipped,
              "train_seconds": _seconds_since(t0, run.device)}  # this call's loop time (maskfit experiment)
     par = run.parallel
+    keep = run.cfg.train.keep_checkpoints
+    if writes_sharded(run.cfg.train.checkpoint_format, par):  # every rank writes its own shards, nothing gathered
+        extra["rng_ranks"] = par.gather_objects(ckpt_io.rng_state())
+        states, extra["optimizer_param_groups"] = sharded_states(run.model, run.ema, run.optimizer)
+        return ckpt_io.save_sharded_checkpoint(run_dir, step, states, extra, full_config, par, keep_last=keep)
     if not par.distributed:
         return ckpt_io.save_checkpoint(run_dir, step, run.model, run.ema, run.optimizer, extra, full_config,
-                                       keep_last=run.cfg.train.keep_checkpoints)
+                                       keep_last=keep)
     # Every rank takes part (FSDP gathers the shards; every rank's RNG is kept), rank 0 writes the usual
     # single-process files, atomically; the others wait for it, so none runs ahead of a failed write.
     model_state, ema_state = full_model_state(run.model, par), full_model_state(run.ema, par)
@@ -489,7 +494,7 @@ def _save(run_dir: Path, step: int, run: TrainingRun, data, images_seen: int, sk
     final = run_dir / "checkpoints" / f"step_{step:07d}"
     if par.is_main:
         final = ckpt_io.save_checkpoint(run_dir, step, model_state, ema_state, optimizer_state, extra, full_config,
-                                        keep_last=run.cfg.train.keep_checkpoints)
+                                        keep_last=keep)
     par.barrier()
     return final
 
