@@ -120,6 +120,41 @@ def test_sharded_fsdp_checkpoints_reshard_two_to_one_to_two_ranks_and_load_in_on
         torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-5, atol=2e-6)
 
 
+def test_a_two_rank_fsdp_run_stopped_by_sigterm_resumes_on_one_process(tmp_path):
+    """Killed as a scheduler preempts a job (SIGTERM to torchrun and its ranks, whole process group): the
+    ranks agree on one step, write its shards and exit; a plain process (no torchrun) resumes from them and
+    ends where an uninterrupted one-process run ends."""
+    import signal
+    import time
+
+    raw = json.loads(json.dumps(BASE))
+    raw["train"].update(out_dir=str(tmp_path / "killed"), parallel="fsdp", steps=10**6, log_every=1,
+                        ckpt_every=10**6)
+    config = tmp_path / "killed.json"
+    config.write_text(json.dumps(raw))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(_free_port()), "-m", "maskfit.cli", "train", str(config), "--quiet"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log, t0 = tmp_path / "killed" / "log.jsonl", time.time()
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        if proc.poll() is not None or time.time() - t0 > 120:
+            proc.kill()
+            raise AssertionError(f"training did not start: {proc.communicate()}")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    latest = ckpt_io.latest_checkpoint(tmp_path / "killed")
+    assert latest is not None and ckpt_io.is_sharded(latest), err[-3000:]
+    stopped = ckpt_io.load_state(latest)["step"]
+    assert f"stopped by SIGTERM at step {stopped}" in err, err[-3000:]
+    final = stopped + 2
+    _train(tmp_path, "killed", 0, "none", train={"steps": final, "log_every": 1, "ckpt_every": 10**6})
+    straight = _train(tmp_path, "straight", 0, "none", train={"steps": final, "log_every": 1, "ckpt_every": 10**6})
+    _assert_same_run(straight, tmp_path / "killed", final)
+
+
 def test_two_ranks_with_token_batching_take_alternate_bins_of_one_stream():
     """Token batching: each rank packs its own tokens_per_step; rank r trains on bin r, r + 2, ... of the
     stream one process would plan (disjoint shares, same stream for any world size, same state)."""
