@@ -452,3 +452,29 @@ print("two batches", flush=True)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "two batches" in done.stdout
+
+
+@pytest.mark.parametrize("flip_at_read", range(1, 8))
+def test_a_signal_landing_anywhere_in_a_step_still_ends_with_a_checkpoint_of_the_last_step(tmp_path, monkeypatch,
+                                                                                          flip_at_read):
+    """The signal flag turns on at the n-th time the loop reads it, whichever read that is. (It once ended
+    the loop in the loop's own condition when it landed between the post-step read and that check: exit
+    code 143 and no checkpoint; the SIGTERM test above caught it under load, 1 run in many.)"""
+
+    class LateSignal(train_module.StopSignals):
+        reads = 0
+
+        @property
+        def requested(self) -> bool:
+            LateSignal.reads += 1
+            if LateSignal.reads >= flip_at_read and self.signum is None:
+                self.signum = int(signal.SIGTERM)
+            return self.signum is not None
+
+    monkeypatch.setattr(train_module, "StopSignals", LateSignal)
+    cfg = tiny_run(tmp_path / "run", steps=50, train={"log_every": 100, "ckpt_every": 1000})
+    result = train(cfg)
+    assert 1 <= result.step < 50
+    latest = ckpt_io.latest_checkpoint(tmp_path / "run")
+    assert latest is not None and latest.name == f"step_{result.step:07d}"
+    assert result.checkpoint == latest and "stopped by SIGTERM" in result.stop_message

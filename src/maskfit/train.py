@@ -372,7 +372,10 @@ def _train(cfg, run_dir: Path, resume, progress, stop_after, max_seconds, measur
     read_every_step = _reads_counters_every_step(device)
     signalled = stop.requested  # a signal on any rank (agreed every step on many ranks)
     model.train()
-    while step < last_step and not stop.requested:
+    # The loop ends through `stopping` only: a signal is acted on where it is read (after a step, agreed across
+    # ranks), never in this condition, where one landing after that read would end the loop with no checkpoint
+    # (and, on many ranks, end it on one rank alone).
+    while step < last_step:
         if measure_after is not None and step - first_step == measure_after:
             mark = _start_measure(device, step, window)
         batch = data.next_device_batch(step, device)  # built, flattened and pinned by the loader workers
