@@ -11,13 +11,16 @@
 #   designs-b2 plain masking and every design at 25 %, 50 % and 75 % kept on the papers' 158.7 M FiT-B/2
 #              (about 11 rows: more than one 10-minute command; the rows finished before the cut are kept)
 #   missing    the one row not yet measured (2026-11-23): the side-interpolator at 75 % kept on FiT-B/2
+#   profile    the kernels that cost (self CUDA time of 3 profiled steps) for the rows issue 14 item 3 asks to speed
+#              up: FiT-B/2-dit unmasked and 50 % kept with the decoder, FiT-B/2 unmasked, FiTv2-XL/2 unmasked and
+#              50 % kept at batch 64; read before any kernel work (about 6 minutes)
 #
 # The published code is not part of this repository: put a checkout of github.com/whlzy/FiT (its fit/ and
 # configs/ folders suffice) in the ignored folder third_party/FiT and carry that path to the device. Each
 # stage writes JSON lines and a log under OUT_DIR (default: $OUT, else ./device_out); copy them into
 # bench_results/ and the figures, with date, device and command, into BENCHMARKS.md.
 set -uo pipefail
-stage=${1:?usage: tools/device_measurements.sh checks|designs|designs-b2|missing [OUT_DIR]}
+stage=${1:?usage: tools/device_measurements.sh checks|designs|designs-b2|missing|profile [OUT_DIR]}
 out=${2:-${OUT:-device_out}}
 mkdir -p "$out"
 export PYTHONPATH=src
@@ -49,5 +52,10 @@ case "$stage" in
   missing)
     bench 150 --models FiT-B/2 --modes keep0.75 --designs side_interp
     ;;
-  *) echo "unknown stage $stage: use checks, designs, designs-b2 or missing" >&2; exit 2 ;;
+  profile)
+    bench 150 --profile --models FiT-B/2-dit --modes packed,keep0.5 --designs decoder
+    bench 100 --profile --models FiT-B/2 --modes packed
+    bench 200 --profile --models FiTv2-XL/2 --batch 64 --modes packed,keep0.5 --designs plain
+    ;;
+  *) echo "unknown stage $stage: use checks, designs, designs-b2, missing or profile" >&2; exit 2 ;;
 esac

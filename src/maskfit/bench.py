@@ -120,7 +120,9 @@ def time_steps(step, warmup: int, steps: int, dev: torch.device, profile_label: 
             for _ in range(3):
                 step()
             sync_device(dev)
-        sort = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+        # Self time: each kernel's own, so the table names the kernels that cost (a total would put every
+        # module's wrapper first).
+        sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
         print(f"--- profile {profile_label} (3 steps) ---")
         print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
     if dev.type == "cuda":
