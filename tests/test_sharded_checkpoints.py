@@ -120,3 +120,21 @@ def test_sharded_entries_that_are_not_tensors_are_refused(tmp_path):
              checkpoint_id=str(folder / "sharded"), no_dist=True)
     with pytest.raises(ValueError, match=r"stores 1 entries that are not tensors \(first: \['note.lr'\]\)"):
         ckpt_io.read_sharded_weights(folder, "model")
+
+
+def test_a_full_disk_during_a_sharded_write_is_named_and_the_earlier_checkpoint_stays(tmp_path, monkeypatch):
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+
+    states = {"model": {"w": torch.ones(2)}, "ema": {"w": torch.ones(2)}, "optimizer": {}}
+    first = ckpt_io.save_sharded_checkpoint(tmp_path, 1, states, {}, {}, Parallel())
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dcp, "save", full_disk)
+    with pytest.raises(ckpt_io.CheckpointWriteError, match=r"step_0000002 .*the disk is full.*latest: step_0000001"):
+        ckpt_io.save_sharded_checkpoint(tmp_path, 2, states, {}, {}, Parallel())
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_0000001"]
+    assert ckpt_io.latest_checkpoint(tmp_path) == first

@@ -584,10 +584,12 @@ def save_sharded_checkpoint(run_dir: Path, step: int, states: dict[str, dict], e
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-    except BaseException as exc:
+    except BaseException as exc:  # Ctrl-C mid-write included: no partial folder stays behind
+        from torch.distributed.checkpoint.api import CheckpointException  # every rank's errors, on every rank
+
         if parallel.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, (OSError, RuntimeError)):
+        if isinstance(exc, (OSError, RuntimeError, CheckpointException)):
             raise CheckpointWriteError(_write_error_message(exc, ckpt_root, final)) from exc
         raise
     if parallel.is_main:
