@@ -409,6 +409,13 @@ def test_report_tables_and_plots_from_synthetic_lines(tmp_path):
     for name in ("fd_vs_gpu_time", "fd_vs_images_seen", "fd_vs_resolution", "throughput_memory"):
         assert (tmp_path / "study" / "plots" / f"{name}.png").stat().st_size > 1000
         assert f"](study/plots/{name}.png)" in text
+    # The curves: only 64x64 was evaluated before the end (96x96 has one point per run, a table's business)
+    from maskfit.study_report import _collect, curve_points, group_labels
+
+    curves = curve_points(_collect(lines, group_labels(lines)), ["packed", "plain50 [1]"],
+                          [("64x64", "none"), ("96x96", "vision_yarn")], "train_seconds")
+    assert list(curves) == [("64x64", "none")]
+    assert curves[("64x64", "none")]["packed"] == [(120.0, 32.0, 2.0), (240.0, 12.0, 2.0)]
 
 
 def test_report_without_results_says_so_and_creates_the_template(tmp_path):

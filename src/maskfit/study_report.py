@@ -276,12 +276,14 @@ def _figure(panels: int, columns: int, width: float = 4.2, height: float = 3.4):
     return fig, rows, cols
 
 
-def plot_curves(cells, row_labels, columns, x_key: str, x_label: str, path: Path) -> None:
-    """Proxy FD against ``x_key`` (train_seconds or images_seen): a panel per (resolution, method), a line per run."""
-    fig, rows, cols = _figure(len(columns), 4)
-    for i, (res, method) in enumerate(columns):
-        ax = fig.add_subplot(rows, cols, i + 1)
-        for j, label in enumerate(row_labels):
+def curve_points(cells, row_labels, columns, x_key: str) -> Dict[Tuple[str, str], Dict[str, list]]:
+    """(resolution, method) -> {run label: sorted (x, mean FD, FD std) points}, for the panels of
+    :func:`plot_curves` that hold a curve: a (resolution, method) evaluated at the final checkpoint only (one
+    point per run) has no curve to draw; the tables carry it. If no panel has a curve, every panel is kept."""
+    panels: Dict[Tuple[str, str], Dict[str, list]] = {}
+    for res, method in columns:
+        runs = {}
+        for label in row_labels:
             points = []
             for (lab, point, r, m), group in cells.items():
                 if (lab, r, m) != (label, res, method):
@@ -290,11 +292,25 @@ def plot_curves(cells, row_labels, columns, x_key: str, x_label: str, path: Path
                 y, dy, _ = mean_spread(l.get("proxy_fd") for l in group)
                 if x is not None and y is not None:
                     points.append((x, y, dy or 0.0))
-            if not points:
-                continue
-            points = sorted(set(points))
+            if points:
+                runs[label] = sorted(set(points))
+        panels[(res, method)] = runs
+    curves = {c: runs for c, runs in panels.items() if any(len(pts) > 1 for pts in runs.values())}
+    return curves or panels
+
+
+def plot_curves(cells, row_labels, columns, x_key: str, x_label: str, path: Path) -> None:
+    """Proxy FD against ``x_key`` (train_seconds or images_seen): a panel per (resolution, method) evaluated at
+    more than one checkpoint (:func:`curve_points`), a line per run, the x axis from 0."""
+    panels = curve_points(cells, row_labels, columns, x_key)
+    fig, rows, cols = _figure(len(panels), 4)
+    for i, ((res, method), runs) in enumerate(panels.items()):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for label, points in runs.items():
+            j = list(row_labels).index(label)
             ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
                         marker=MARKERS[j % len(MARKERS)], capsize=3, label=label)
+        ax.set_xlim(left=0)
         ax.set_title(f"{res}, {method}")
         ax.set_xlabel(x_label)
         ax.set_ylabel("proxy FD (lower is better)")
@@ -307,7 +323,7 @@ def plot_curves(cells, row_labels, columns, x_key: str, x_label: str, path: Path
                 names.append(n)
     if handles:
         fig.legend(handles, names, loc="outside lower center", ncols=min(4, len(names)), fontsize="small")
-    fig.suptitle(f"Proxy FD against {x_label}: mean over seeds, bars = sample std")
+    fig.suptitle(f"Proxy FD against {x_label}\nmean over seeds, bars = sample std")  # fits one panel's width
     fig.savefig(path, dpi=100)
 
 
