@@ -208,7 +208,6 @@ def test_steps_out_of_order_are_a_clear_error():
         ({"max_images_per_step": 0}, "max_images_per_step=0 must be at least 1"),
         ({"batching": "images", "max_images_per_step": 4}, "only applies to data.batching='tokens'"),
         ({"batching": "rows"}, "data.batching='rows'"),
-        ({"source": "folder", "root": "x", "random_aspect_crop": True}, "random_aspect_crop=True makes"),
     ],
 )
 def test_config_errors(data, match):
@@ -277,12 +276,62 @@ def test_grids_read_without_decoding_match_the_loaded_images(tmp_path):
         assert len(set(read)) > 1  # the sizes really differ (a swapped h, w would show)
 
 
-def test_random_crops_cannot_be_packed_ahead(tmp_path):
-    from maskfit.data.datasets import ImageListDataset, ImageTransform
+@pytest.mark.parametrize("preprocess", ["flexible", "mixed"])
+def test_random_crop_grids_are_replayed_per_epoch_as_loading_draws_them(tmp_path, preprocess):
+    """Random aspect crops change each image's grid every epoch; the sampler replays each epoch's crop (and
+    FiTv2's mixed choice) from the image size alone and gets the grid loading produces."""
+    from PIL import Image
 
-    crops = ImageListDataset([np.zeros((32, 32, 3), np.uint8)], [0], ImageTransform(16, PATCH, random_crop=True))
+    from maskfit.data.datasets import ImageFolderDataset, ImageListDataset, ImageTransform
+
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in ((64, 64), (48, 80), (100, 40), (70, 70))]
+    for i, arr in enumerate(arrays):
+        (tmp_path / "imgs" / "c0").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(tmp_path / "imgs" / "c0" / f"{i}.png")
+    transform = ImageTransform(token_budget=64, patch_px=PATCH, random_crop=True, preprocess=preprocess)
+    for dataset in (ImageFolderDataset(tmp_path / "imgs", transform=transform, seed=7),
+                    ImageListDataset(arrays, [0] * len(arrays), transform=transform, seed=7)):
+        grids = token_grids(dataset, PATCH)
+        seen = set()
+        for epoch in (0, 1, 2, 5):
+            for i in range(len(dataset)):
+                x = dataset.get(i, epoch).x  # (3, H, W)
+                assert grids.at(i, epoch) == (x.shape[1] // PATCH, x.shape[2] // PATCH), (epoch, i)
+                seen.add(grids.at(i, epoch))
+        assert len(seen) > 4  # the crops really change the grids
+
+
+def test_random_crops_of_an_unknown_dataset_cannot_be_packed_ahead():
+    class Cropping(torch.utils.data.Dataset):
+        from maskfit.data.datasets import ImageTransform
+
+        transform = ImageTransform(16, PATCH, random_crop=True)
+
+        def __len__(self):
+            return 1
+
     with pytest.raises(ValueError, match="random_crop=True.*turn the random aspect crop off"):
-        token_grids(crops, PATCH)
+        token_grids(Cropping(), PATCH)
+
+
+def test_a_token_budget_run_on_randomly_cropped_images_trains_over_epochs(tmp_path):
+    """A folder with random aspect crops under token batching (refused before): several epochs, each bin
+    exactly what was planned (TrainingData checks every loaded grid against the plan)."""
+    from PIL import Image
+
+    from maskfit.train import train
+
+    rng = np.random.default_rng(2)
+    for i in range(8):
+        (tmp_path / "imgs" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"c{i % 2}" / f"{i}.png")
+    cfg = run_config(tmp_path / "run", steps=12, mask={"keep_ratio": 0.5}, source="folder",
+                     root=str(tmp_path / "imgs"), num_classes=2, random_aspect_crop=True,
+                     tokens_per_step=48)
+    result = train(cfg, progress=False)
+    assert result.step == 12 and result.images_seen > 2 * 8  # more than two epochs
+    assert all(math.isfinite(v) for v in result.losses)
 
 
 def test_a_resumed_token_budget_run_equals_an_uninterrupted_one(tmp_path):

@@ -126,14 +126,6 @@ class DataConfig:
             raise ValueError(
                 f"data.max_images_per_step={self.max_images_per_step} must be at least 1 (or null for no cap)"
             )
-        if self.random_aspect_crop and self.source == "folder":
-            # A random crop changes each image's size every epoch, so the sizes the packer reads ahead of
-            # loading would not be the sizes loaded.
-            raise ValueError(
-                "data.batching='tokens' packs images by their token counts, read before loading; "
-                "data.random_aspect_crop=True makes those counts change every epoch. Turn random_aspect_crop "
-                "off, or use data.batching='images'"
-            )
 
 
 @dataclass

@@ -226,6 +226,44 @@ class TokenGrids:
         return resized
 
 
+class RandomCropTokenGrids(TokenGrids):
+    """:class:`TokenGrids` of an image dataset whose transform cuts a random aspect crop per (epoch, item).
+
+    Each image's own size is read once (the file header); its grid in an epoch is replayed from the item's
+    random stream exactly as loading draws it: the crop box (:func:`maskfit.data.resize.draw_aspect_crop`),
+    then, under FiTv2's "mixed" preprocessing and for a crop with a centre-crop version, the mixed choice;
+    then FiT's budget rule on the crop. The last epoch's grid of each item is kept, since the sampler asks
+    for it more than once.
+    """
+
+    def __init__(self, num_items: int, read_size: Callable[[int], tuple[int, int]], transform, seed: int):
+        super().__init__(num_items, lambda i: (read_size(i), None))  # "grid" slot: the image's (W, H)
+        self._transform, self._seed = transform, seed
+        self._last: list[Optional[tuple[int, tuple[int, int]]]] = [None] * num_items  # (epoch, grid)
+
+    def at(self, index: int, epoch: int) -> tuple[int, int]:
+        from maskfit.data.datasets import item_rng, mixed_choice
+        from maskfit.data.resize import draw_aspect_crop, fit_to_token_budget, has_crop_version, square_side
+
+        last = self._last[index]
+        if last is not None and last[0] == epoch:
+            return last[1]
+        if self._grids[index] is None:
+            self._grids[index] = (tuple(int(v) for v in self._read(index)[0]), None)
+        w0, h0 = self._grids[index][0]
+        t, rng = self._transform, item_rng(self._seed, epoch, index)
+        _, _, cw, ch = draw_aspect_crop(w0, h0, rng, t.crop_ratio_range, t.crop_min_area)
+        p = t.patch_px
+        if t.preprocess == "mixed" and has_crop_version(cw, ch, t.token_budget, p) and mixed_choice(rng):
+            side = square_side(t.token_budget, p) // p
+            grid = (side, side)
+        else:
+            w, h = fit_to_token_budget(cw, ch, t.token_budget, p)
+            grid = (h // p, w // p)
+        self._last[index] = (epoch, grid)
+        return grid
+
+
 def token_grids(dataset, patch: int) -> TokenGrids:
     """Each item's token grid in each epoch, without decoding images where the dataset allows.
 
@@ -241,9 +279,10 @@ def token_grids(dataset, patch: int) -> TokenGrids:
     whose replayed choice picks the crop (the sampler reads :meth:`TokenGrids.at` per epoch), so the
     sampler packs exactly what will be loaded.
 
-    A dataset with random crops changes its sizes every epoch: that is an error here, since the
-    sampler packs by the sizes read before loading. ``TrainingData`` checks every loaded batch against
-    these grids, so a dataset whose sizes drift anyway fails loudly.
+    An image dataset with random aspect crops changes its sizes every epoch: :class:`RandomCropTokenGrids`
+    replays each epoch's crop from the image size and the item's random stream. Any other dataset with random
+    crops is an error here. ``TrainingData`` checks every loaded batch against these grids, so a dataset whose
+    sizes drift anyway fails loudly.
     """
     from maskfit.data.datasets import ImageFolderDataset, ImageListDataset, SyntheticDataset, replay_mixed_choice
     from maskfit.data.latents import LatentCacheDataset
@@ -251,6 +290,8 @@ def token_grids(dataset, patch: int) -> TokenGrids:
 
     n = len(dataset)
     transform = getattr(dataset, "transform", None)
+    if isinstance(dataset, (ImageFolderDataset, ImageListDataset)) and transform.random_crop:
+        return RandomCropTokenGrids(n, lambda i: _image_size(dataset, i), transform, dataset.seed)
     if transform is not None and getattr(transform, "random_crop", False):
         raise ValueError(
             "the dataset crops images at random (random_crop=True), so their token counts change every epoch "

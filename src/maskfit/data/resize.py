@@ -159,12 +159,20 @@ def random_aspect_crop(
     and below the 1/3 area that a 3:1 crop of a square can reach, so every ratio keeps its drawn area
     on square inputs.
     """
+    x0, y0, cw, ch = draw_aspect_crop(img.width, img.height, rng, ratio_range, min_area)
+    return img.crop((x0, y0, x0 + cw, y0 + ch))
+
+
+def draw_aspect_crop(
+    W: int, H: int, rng: np.random.Generator, ratio_range: Sequence[float] = (1 / 3, 3.0), min_area: float = 0.25
+) -> tuple[int, int, int, int]:
+    """The box (x0, y0, width, height) :func:`random_aspect_crop` cuts from a W x H image, and the same four
+    draws from ``rng``: token batching replays it from the image size alone to know each epoch's grid."""
     lo, hi = float(ratio_range[0]), float(ratio_range[1])
     if not (0 < lo <= hi):
         raise ValueError(f"ratio_range={tuple(ratio_range)} must satisfy 0 < low <= high, e.g. (1/3, 3)")
     if not (0 < min_area <= 1):
         raise ValueError(f"min_area={min_area} must lie in (0, 1] (a fraction of the image area)")
-    W, H = img.width, img.height
     if W < 1 or H < 1:
         raise ValueError(f"image size {W}x{H} is empty; cannot crop it")
     ratio = math.exp(rng.uniform(math.log(lo), math.log(hi)))
@@ -175,4 +183,4 @@ def random_aspect_crop(
     ch = min(H, max(1, int(round(ch * shrink))))
     x0 = int(rng.integers(0, W - cw + 1))
     y0 = int(rng.integers(0, H - ch + 1))
-    return img.crop((x0, y0, x0 + cw, y0 + ch))
+    return x0, y0, cw, ch
