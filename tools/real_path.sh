@@ -17,13 +17,16 @@
 #   folder    FiT-B/2 from the image folder: 50 % plain, 50 % decoder, unmasked (40 timed steps)
 #   folder128 the study's folder (Imagenette 128 px, decoded once), MODEL=FiT-B/2 or FiT-B/2-dit: unmasked, 50 %
 #             plain, 50 % decoder; needs .carry/imagenette/train-128 (tools/study.sh carry)
+#   folder128_tokens  the study's folder under token batching (random crops replayed by the packer: constant
+#             shapes), FiT-B/2, unmasked (65 536 tokens a step) and 50 % plain (32 768 kept), each at most 320
+#             images; COMPILE_MODE (default reduce-overhead, i.e. CUDA graphs; or default); needs .carry
 #   graphs    CUDA graphs in maskfit train (train.compile_mode) on the small pixel model, token batching,
 #             unmasked and 50 % kept, default against reduce-overhead
 #   latents   FiT-B/2 (158.7 M) from a latent cache of random latents at ImageNet-like sizes (written first,
 #             8192 images), unmasked, 50 % plain, 50 % decoder
 # Each writes JSON lines and a log under OUT_DIR (default: $OUT, else ./device_out).
 set -uo pipefail
-stage=${1:?usage: tools/real_path.sh tests|pixels|sampling|latents|rest|workers|folder|folder128|graphs [OUT_DIR]}
+stage=${1:?usage: tools/real_path.sh tests|pixels|sampling|latents|rest|workers|folder|folder128|folder128_tokens|graphs [OUT_DIR]}
 out=${2:-${OUT:-device_out}}
 mkdir -p "$out"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -95,6 +98,12 @@ case "$stage" in
     bench 180 --data configs/study/base.toml "${img[@]}" --steps 40 --warmup 10
     bench 180 --data configs/study/base.toml "${img[@]}" --set mask.keep_ratio=0.5 --steps 40 --warmup 10
     bench 180 --data configs/study/base.toml "${img[@]}" --set mask.keep_ratio=0.5 --set mask.design='"decoder"' --steps 40 --warmup 10 ;;
+  folder128_tokens)
+    mode=${COMPILE_MODE:-reduce-overhead}
+    tok=(--set train.compile=true --set model.preset='"FiT-B/2"' --set data.batching='"tokens"' --set train.batch_size=null
+         --set data.max_images_per_step=320 --set train.compile_mode="\"$mode\"")
+    bench 200 --data configs/study/base.toml "${tok[@]}" --set data.tokens_per_step=65536 --steps 40 --warmup 10
+    bench 200 --data configs/study/base.toml "${tok[@]}" --set data.tokens_per_step=32768 --set mask.keep_ratio=0.5 --steps 40 --warmup 10 ;;
   graphs)
     # CUDA graphs in the real path (train.compile_mode="reduce-overhead") on the launch-bound small model of the
     # issue (configs/imagenette_pixels.toml: 6.1 M, 256-token budget) from the synthetic set (no files to carry),
