@@ -1,5 +1,5 @@
 """GPU checks (skipped without CUDA): attention backends agree, bf16 layouts agree, no host sync in a step,
-CUDA-graph training replays the compiled step,
+CUDA-graph training replays the compiled step, FSDP's sharded checkpoints over NCCL resume and load,
 sampling in bf16 with varlen agrees with dense fp32, and `maskfit sample` runs on CUDA by default."""
 import math
 
@@ -296,3 +296,26 @@ def test_maskfit_sample_runs_on_cuda_with_auto_attention(tmp_path):
     assert main(["sample", str(run), "-n", "2", "--steps", "2", "-r", "16", "-r", "24x16", "--pack",
                  "--device", "cuda", "--out", str(tmp_path / "packed")]) == 0
     assert np.load(tmp_path / "packed" / "samples_24x16.npz")["arr_0"].shape == (2, 24, 16, 3)
+
+
+def test_fsdp_on_cuda_writes_sharded_checkpoints_that_resume_and_load_in_one_process(tmp_path):
+    """torchrun, NCCL, FSDP2 on the GPU: a run stopped at step 2 and resumed from its shards (written by
+    torch.distributed.checkpoint from CUDA DTensors) ends as the uninterrupted run; a plain process loads them."""
+    from maskfit import checkpoint as ckpt_io
+    from maskfit.runs import load_model_from_checkpoint
+    from tests.test_distributed import _train, _weights
+
+    cuda = {"device": "cuda", "precision": "fp32", "steps": 4}
+    model = {"attention": "dense"}  # fp32: FlashAttention (varlen) runs in bf16 only
+    straight = _train(tmp_path, "straight", 1, "fsdp", train=cuda, model=model)
+    resumed = _train(tmp_path, "resumed", 1, "fsdp", train=cuda, model=model, extra=["--set", "train.steps=2"])
+    _train(tmp_path, "resumed", 1, "fsdp", train=cuda, model=model)
+    final = resumed / "checkpoints" / "step_0000004"
+    assert ckpt_io.is_sharded(final) and not (final / "model.safetensors").exists()
+    for name in ("model", "ema"):
+        want, got = _weights(straight, 4, name), _weights(resumed, 4, name)
+        for k in want:  # the adaLN gather's backward adds with atomics: equal to float rounding, not bitwise
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=f"{name} {k}")
+    loaded, _ = load_model_from_checkpoint(resumed, device=DEV)
+    for k, v in _weights(resumed, 4, "ema").items():
+        torch.testing.assert_close(loaded.state_dict()[k].cpu(), v)
