@@ -273,6 +273,31 @@ def test_unmasked_finetune_resumes_the_masked_run_with_every_token(assets, tmp_p
     assert saved["mask"]["keep_ratio"] == 1.0 and saved["mask"]["design"] == "decoder"  # same model, no mask
 
 
+def test_raw_final_samples_the_final_raw_weights_at_the_mark_resolutions_and_reports_them_apart(assets, tmp_path,
+                                                                                               capsys):
+    from maskfit.study_report import report_block
+
+    out = tmp_path / "raw"
+    assert main(experiment_argv(assets, out, "--raw-final", "yes")) == 0
+    lines = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    raw = [l for l in lines if l["weights"] == "raw"]
+    final_ema = [l for l in lines if l["weights"] == "ema" and l["is_final"]]
+    assert [(l["resolution"], l["method"], l["is_final"]) for l in raw] == [("16x16", "none", True)]
+    assert raw[0]["checkpoint"] == final_ema[0]["checkpoint"] and raw[0]["eval_id"] != final_ema[0]["eval_id"]
+    block = report_block(lines, tmp_path / "plots", tmp_path / "REPORT.md")
+    assert "### The final checkpoint's raw weights beside its EMA" in block
+    ema_fd = next(l["proxy_fd"] for l in final_ema if l["resolution"] == "16x16")
+    assert f"| raw | {ema_fd:.2f} / {raw[0]['proxy_fd']:.2f} |" in block
+    assert "[2]" not in block  # the raw lines are not a second group of the run's tables
+    # auto: only a run that ends with an unmasked fine-tune, whose EMA still remembers the masked phase
+    capsys.readouterr()
+    assert main(experiment_argv(assets, tmp_path / "dry", "--dry-run", "--set", "mask.keep_ratio=0.5",
+                                "--finetune-unmasked", "0.25")) == 0
+    assert "and the final checkpoint's raw weights at the marks' resolutions" in capsys.readouterr().out
+    assert main(experiment_argv(assets, tmp_path / "dry", "--dry-run")) == 0
+    assert "raw weights" not in capsys.readouterr().out
+
+
 def test_experiment_dry_run_estimates_and_does_nothing(assets, tmp_path, capsys):
     out = tmp_path / "dry"
     assert main(experiment_argv(assets, out, "--dry-run", "--assume-sampling-tflops", "1")) == 0

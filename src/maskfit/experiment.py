@@ -528,6 +528,9 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG_SCALE, help="classifier-free guidance, all channels")
     p.add_argument("--sample-seed", type=int, default=0)
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="which weights are sampled")
+    p.add_argument("--raw-final", choices=("auto", "yes", "no"), default="auto",
+                   help="also sample the final checkpoint's raw (non-EMA) weights at the mark resolutions; auto: when "
+                        "the run ends with an unmasked fine-tune, shorter than the EMA's memory of the masked phase")
     p.add_argument("--sample-compile", action="store_true", help="torch.compile the sampler's network (per sweep call)")
     p.add_argument("--proxy", required=True, help="proxy classifier (maskfit train-classifier --data-split train)")
     p.add_argument("--eval-data", default=None, help="folder of the reference images (default: the run's data.root)")
@@ -605,8 +608,9 @@ def run_experiment(args) -> dict:
                 for g in groups]
 
     marks = sorted(args.eval_at_images)
-    flops = group_flops(final_groups) + group_flops(mark_groups) * len(marks)
-    calls = len(final_groups) + len(mark_groups) * len(marks)
+    raw_final = args.weights == "ema" and (args.raw_final == "yes" or (args.raw_final == "auto" and finetune > 0))
+    flops = group_flops(final_groups) + group_flops(mark_groups) * (len(marks) + raw_final)
+    calls = len(final_groups) + len(mark_groups) * (len(marks) + raw_final)
     estimate = estimate_seconds(args.budget_seconds, flops, calls, tflops, args.sample_compile)
     name = out.name
     sets_final = sum(len(sample_sets(cfg, mcfg, g)) for g in final_groups)
@@ -618,7 +622,8 @@ def run_experiment(args) -> dict:
           f"  evaluation: {sets_final} sample sets at the final checkpoint, "
           f"{sum(len(sample_sets(cfg, mcfg, g)) for g in mark_groups)} at each mark; {args.num_images} images each, "
           f"{sampler} {steps} steps, CFG {args.cfg_scale:g} ({nfe} network evaluations per image), "
-          f"{args.weights.upper()} weights\n"
+          f"{args.weights.upper()} weights" + (", and the final checkpoint's raw weights at the marks' resolutions"
+                                               if raw_final else "") + "\n"
           f"  estimate: {estimate['total_s']:.0f} s = training {estimate['train_s']:g} + start-up "
           f"{estimate['startup_s']:g} + sampling {estimate['sampling_s']:g} (at an assumed {tflops:g} TFLOP/s) "
           f"+ {calls} sweep calls {estimate['sweep_overhead_s']:g}", flush=True)
@@ -668,10 +673,10 @@ def run_experiment(args) -> dict:
 
     results_path = out / "results.jsonl"
     done = {_result_key(line) for line in read_results(results_path)}
-    t_eval, flops_done = time.perf_counter(), 0.0
-    written = 0
-    for ckpt in checkpoints_to_evaluate(training, marks):
-        groups = final_groups if ckpt["is_final"] else mark_groups
+    t_eval, flops_done, written = time.perf_counter(), 0.0, 0
+
+    def evaluate(ckpt: dict, groups, ev: dict) -> None:
+        nonlocal flops_done, written
         ckpt_path = Path(cfg.train.out_dir) / "checkpoints" / ckpt["name"]
         for group in groups:
             sets = sample_sets(cfg, mcfg, group)
@@ -692,8 +697,18 @@ def run_experiment(args) -> dict:
                         done.add(_result_key(line))
                         written += 1
             rate = flops_done / max(time.perf_counter() - t_eval, 1e-9) / 1e12
-            print(f"experiment: {ckpt['name']} {group.name} evaluated in {seconds:.0f} s (sampling so far "
-                  f"{rate:.3g} TFLOP/s effective, incl. evaluation and start-up)", flush=True)
+            print(f"experiment: {ckpt['name']} {group.name} ({ev['weights']} weights) evaluated in {seconds:.0f} s "
+                  f"(sampling so far {rate:.3g} TFLOP/s effective, incl. evaluation and start-up)", flush=True)
+
+    evaluated = checkpoints_to_evaluate(training, marks)
+    for ckpt in evaluated:
+        evaluate(ckpt, final_groups if ckpt["is_final"] else mark_groups, ev)
+    if raw_final:
+        # The EMA of a run whose last phase is short still holds mostly the weights before it (REPORT.md): the
+        # raw weights show what that phase itself reached.
+        ev_raw = dict(ev, weights="raw")
+        ev_raw["eval_id"] = eval_id(ev_raw)
+        evaluate(evaluated[0], mark_groups, ev_raw)  # the final checkpoint comes first
     return {"results": str(results_path), "lines_written": written, "estimate": estimate,
             "eval_seconds": round(time.perf_counter() - t_eval, 1)}
 

@@ -384,12 +384,45 @@ def plot_throughput(lines, labels, row_labels, path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def split_raw_final(lines: Sequence[dict]) -> Tuple[List[dict], List[dict]]:
+    """(the lines of the tables, the extra raw-weight lines of runs sampled with EMA weights):
+    ``maskfit experiment --raw-final`` also samples a fine-tuned run's final raw weights, which are not the
+    weights its other numbers use, so they get a table of their own."""
+    ema_runs = {l["run"] for l in lines if l.get("weights", "ema") == "ema"}
+    extra = [l for l in lines if l.get("weights") == "raw" and l["run"] in ema_runs]
+    return [l for l in lines if not (l.get("weights") == "raw" and l["run"] in ema_runs)], extra
+
+
+def raw_final_table(lines: Sequence[dict], extra: Sequence[dict], labels) -> List[str]:
+    """Proxy FD of the final checkpoint's EMA weights beside its raw weights, per run label and resolution."""
+    if not extra:
+        return []
+    label_of_run = {l["run"]: label_of(l, labels) for l in lines}
+    columns = list(dict.fromkeys((l["resolution"], l["method"]) for l in extra))
+    rows = list(dict.fromkeys(label_of_run[l["run"]] for l in extra if l["run"] in label_of_run))
+    out = ["### The final checkpoint's raw weights beside its EMA", "",
+           "_A short last phase (the unmasked fine-tune) barely moves an EMA with a memory of hundreds of steps: "
+           "the raw weights show what that phase reached. Proxy FD, lower is better; EMA / raw._", "",
+           "| run | " + " | ".join(f"{r} {m}" for r, m in columns) + " |",
+           "| --- | " + " | ".join("---:" for _ in columns) + " |"]
+    for label in rows:
+        runs = {run for run, lab in label_of_run.items() if lab == label}
+        cells = []
+        for res, method in columns:
+            pick = lambda group: [l.get("proxy_fd") for l in group if l["run"] in runs and l.get("is_final")
+                                  and (l["resolution"], l["method"]) == (res, method)]
+            cells.append(f"{fmt_cell(pick(lines), 'proxy_fd')} / {fmt_cell(pick(extra), 'proxy_fd')}")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def report_block(lines: Sequence[dict], plots: Path, report: Path, sheets: Optional[Path] = None,
                  floor: Optional[Path] = None) -> str:
     """The generated part of REPORT.md (between the markers), plots written under ``plots``; the sample sheets
     found in ``sheets`` are linked."""
     if not lines:
         return "\n".join([BEGIN, "", "_No result lines yet: study/results/ holds no experiment's results.jsonl._", "", END])
+    lines, raw_extra = split_raw_final(lines)
     labels = group_labels(lines)
     row_labels = list(dict.fromkeys(label_of(l, labels) for l in lines))
     columns = column_order(lines)
@@ -421,6 +454,7 @@ def report_block(lines: Sequence[dict], plots: Path, report: Path, sheets: Optio
     differences = difference_tables(cells, row_labels, columns)
     if differences:
         out += ["### Differences at equal GPU time", ""] + differences
+    out += raw_final_table(lines, raw_extra, labels)
     marks = sorted({int(p) for l in lines for p in points_of(l) if p != "final"})
     if marks:
         out += ["### At equal images seen (first checkpoint at or past each mark)", ""]
