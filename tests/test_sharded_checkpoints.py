@@ -12,16 +12,7 @@ from maskfit import checkpoint as ckpt_io
 from maskfit.cli import main
 from maskfit.config import TrainConfig
 from maskfit.distributed import Parallel
-
-BASE = {
-    "model": {"preset": "FiTv2-tiny", "overrides": {"patch_size": 4, "num_classes": 4}},
-    "data": {"source": "synthetic", "num_images": 32, "num_classes": 4, "token_budget": 16,
-             "autoencoder": "identity", "layout": "packed"},
-    "diffusion": {"objective": "flow"},
-    "optim": {"lr": 1e-3, "ema_decay": 0.9},
-    "train": {"steps": 4, "batch_size": 8, "log_every": 2, "ckpt_every": 2, "device": "cpu", "seed": 3},
-}
-
+from tests.test_distributed import BASE  # the tiny run the many-rank tests train
 
 def _train(tmp: Path, name: str, fmt: str, *sets: str) -> Path:
     raw = json.loads(json.dumps(BASE))

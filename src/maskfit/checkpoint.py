@@ -131,20 +131,13 @@ def save_checkpoint(
     if ema is not None:
         weights["ema.safetensors"] = _state_dict_for_safetensors(ema)
     _check_finite_weights(weights, final)
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f"{TMP_PREFIX}{step:07d}_"))
-    os.chmod(tmp, shared_mode(directory=True))  # mkdtemp's 0700 would survive the rename
+    tmp = _make_tmp_folder(ckpt_root, step)
     try:
         for name, state in weights.items():
             save_file(state, str(tmp / name))
         if optimizer is not None:  # an optimizer, or its state dict gathered across ranks
             torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save({"step": step, "rng": rng_state(), **extra_state}, tmp / "state.pt")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        for f in tmp.iterdir():
-            os.chmod(f, shared_mode())  # safetensors writes 0600 whatever the umask
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _finish_and_rename(tmp, final, step, extra_state, config)
     except BaseException as exc:  # Ctrl-C mid-write included: no partial folder stays behind
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, (OSError, RuntimeError, SafetensorError)):
@@ -152,6 +145,25 @@ def save_checkpoint(
         raise
     _point_latest_and_prune(run_dir, final, step, keep_last)
     return final
+
+
+def _make_tmp_folder(ckpt_root: Path, step: int) -> Path:
+    """The temporary folder a checkpoint is written into (removed at start if a write never finished)."""
+    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f"{TMP_PREFIX}{step:07d}_"))
+    os.chmod(tmp, shared_mode(directory=True))  # mkdtemp's 0700 would survive the rename
+    return tmp
+
+
+def _finish_and_rename(tmp: Path, final: Path, step: int, extra_state: dict[str, Any], config: dict) -> None:
+    """Write state.pt and config.json beside the weights in ``tmp``, open the files to the umask (safetensors
+    writes 0600 whatever it is), and rename the folder into place."""
+    torch.save({"step": step, "rng": rng_state(), **extra_state}, tmp / "state.pt")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    for f in tmp.rglob("*"):
+        os.chmod(f, shared_mode(directory=f.is_dir()))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
 
 
 def _point_latest_and_prune(run_dir: Path, final: Path, step: int, keep_last: int) -> None:
@@ -555,35 +567,29 @@ def save_sharded_checkpoint(run_dir: Path, step: int, states: dict[str, dict], e
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
+    from maskfit.distributed import local_tensor
+
     run_dir = Path(run_dir)
     ckpt_root = run_dir / "checkpoints"
     final = ckpt_root / f"step_{step:07d}"
-    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731  a DTensor's own shard
-    weights = [local(v) for key in ("model", "ema") for v in states[key].values() if v.is_floating_point()]
+    weights = [local_tensor(v) for key in ("model", "ema") for v in states[key].values() if v.is_floating_point()]
     finite = torch.stack([torch.isfinite(w).all() for w in weights]).all() if weights else torch.tensor(True)
     if not bool(parallel.all_finite(finite)):
-        _check_finite_weights({f"{k} (this rank's shards)": {n: local(v) for n, v in states[k].items()}
+        _check_finite_weights({f"{k} (this rank's shards)": {n: local_tensor(v) for n, v in states[k].items()}
                                for k in ("model", "ema")}, final)
         raise ValueError(f"refusing to write checkpoint {final}: another rank's shards hold NaN or inf; the "
                          "training diverged. The earlier checkpoints are kept; lower optim.lr, then resume")
     tmp = None
     if parallel.is_main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f"{TMP_PREFIX}{step:07d}_"))
-        os.chmod(tmp, shared_mode(directory=True))
+        tmp = _make_tmp_folder(ckpt_root, step)
     tmp = Path(parallel.gather_objects(str(tmp) if tmp else None)[0])
     try:
         with one_process_quietly():
             dcp.save(states, checkpoint_id=str(tmp / SHARDED_DIR), no_dist=not dist.is_initialized())
         parallel.barrier()  # every rank's shards are on disk before rank 0 finishes the folder
         if parallel.is_main:
-            torch.save({"step": step, "rng": rng_state(), **extra_state}, tmp / "state.pt")
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-            for f in tmp.rglob("*"):
-                os.chmod(f, shared_mode(directory=f.is_dir()))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            _finish_and_rename(tmp, final, step, extra_state, config)
     except BaseException as exc:  # Ctrl-C mid-write included: no partial folder stays behind
         from torch.distributed.checkpoint.api import CheckpointException  # every rank's errors, on every rank
 

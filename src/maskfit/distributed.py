@@ -270,9 +270,9 @@ def sharded_states(model: torch.nn.Module, ema: torch.nn.Module, optimizer: torc
              "optimizer": {"state": optim["state"]}}, optim["param_groups"])
 
 
-def load_sharded_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder, param_groups: list,
+def load_sharded_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Path,
                            parallel: Parallel) -> None:
-    """The optimizer state of a sharded checkpoint (its tensors from ``folder``, its ``param_groups`` from
+    """The optimizer state of a sharded checkpoint folder (its tensors from the shards, its param groups from
     state.pt), resharded onto this run's wrapping and world size.
 
     The template is this run's own (name-keyed) optimizer state, so torch.distributed.checkpoint reads just
@@ -280,15 +280,16 @@ def load_sharded_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimi
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    from maskfit.checkpoint import sharded_metadata, one_process_quietly
+    from maskfit.checkpoint import SHARDED_DIR, load_state, one_process_quietly, sharded_metadata
 
-    sharded_metadata(Path(folder).parent)  # refuses what torch would unpickle unrestricted
+    sharded_metadata(checkpoint)  # refuses what torch would unpickle unrestricted
     template = get_optimizer_state_dict(model, optimizer)
     tensors = {"optimizer": {"state": template["state"]}}
     # Loads the tensors in place (the template's tensors are the optimizer's own state, or its shards); setting
     # the state afterwards restores the param groups' hyperparameters too.
     with one_process_quietly():
-        dcp.load(tensors, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+        dcp.load(tensors, checkpoint_id=str(Path(checkpoint) / SHARDED_DIR), no_dist=not dist.is_initialized())
+    param_groups = load_state(checkpoint)["optimizer_param_groups"]
     set_optimizer_state_dict(model, optimizer, {"state": tensors["optimizer"]["state"], "param_groups": param_groups})
 
 

@@ -146,8 +146,7 @@ def build_training_run(
         weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda",
     )
     if checkpoint is not None and ckpt_io.is_sharded(checkpoint):
-        load_sharded_optimizer(model, optimizer, checkpoint / ckpt_io.SHARDED_DIR,
-                               ckpt_io.load_state(checkpoint)["optimizer_param_groups"], parallel)
+        load_sharded_optimizer(model, optimizer, checkpoint, parallel)
     elif checkpoint is not None:
         load_optimizer(model, optimizer, ckpt_io.load_optimizer_state(checkpoint, map_location=device), parallel)
     forward = wrapped

@@ -389,8 +389,8 @@ def split_raw_final(lines: Sequence[dict]) -> Tuple[List[dict], List[dict]]:
     ``maskfit experiment --raw-final`` also samples a fine-tuned run's final raw weights, which are not the
     weights its other numbers use, so they get a table of their own."""
     ema_runs = {l["run"] for l in lines if l.get("weights", "ema") == "ema"}
-    extra = [l for l in lines if l.get("weights") == "raw" and l["run"] in ema_runs]
-    return [l for l in lines if not (l.get("weights") == "raw" and l["run"] in ema_runs)], extra
+    is_extra = [l.get("weights") == "raw" and l["run"] in ema_runs for l in lines]
+    return ([l for l, x in zip(lines, is_extra) if not x], [l for l, x in zip(lines, is_extra) if x])
 
 
 def raw_final_table(lines: Sequence[dict], extra: Sequence[dict], labels) -> List[str]:

@@ -25,9 +25,12 @@ from maskfit.data.resize import (
     center_crop_to_square,
     check_budget,
     check_preprocess,
+    draw_aspect_crop,
+    fit_to_token_budget,
     has_crop_version,
     random_aspect_crop,
     resize_to_token_budget,
+    square_side,
 )
 from maskfit.data.synthetic import SyntheticSizes, check_num_classes, synthetic_sample
 
@@ -187,6 +190,18 @@ class ImageTransform:
         if self.random_crop:
             img = random_aspect_crop(img, rng, self.crop_ratio_range, self.crop_min_area)
         return img, self._has_crop(img) and mixed_choice(rng)
+
+    def output_size(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, int]:
+        """(width, height) in pixels of what this transform makes of a ``width`` x ``height`` image, drawing
+        from ``rng`` exactly as :meth:`__call__` does before its flip (the random aspect crop, then the mixed
+        choice): token batching replays it from the image size alone to know an epoch's grid."""
+        if self.random_crop:
+            _, _, width, height = draw_aspect_crop(width, height, rng, self.crop_ratio_range, self.crop_min_area)
+        if (self.preprocess == "mixed" and has_crop_version(width, height, self.token_budget, self.patch_px)
+                and mixed_choice(rng)):
+            side = square_side(self.token_budget, self.patch_px)
+            return side, side
+        return fit_to_token_budget(width, height, self.token_budget, self.patch_px)
 
     def _has_crop(self, img: Image.Image) -> bool:
         return self.preprocess == "mixed" and has_crop_version(img.width, img.height, self.token_budget, self.patch_px)

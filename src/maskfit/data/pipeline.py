@@ -229,11 +229,9 @@ class TokenGrids:
 class RandomCropTokenGrids(TokenGrids):
     """:class:`TokenGrids` of an image dataset whose transform cuts a random aspect crop per (epoch, item).
 
-    Each image's own size is read once (the file header); its grid in an epoch is replayed from the item's
-    random stream exactly as loading draws it: the crop box (:func:`maskfit.data.resize.draw_aspect_crop`),
-    then, under FiTv2's "mixed" preprocessing and for a crop with a centre-crop version, the mixed choice;
-    then FiT's budget rule on the crop. The last epoch's grid of each item is kept, since the sampler asks
-    for it more than once.
+    Each image's own size is read once (the file header); its grid in an epoch is the size the transform
+    makes of it with the item's random stream of that epoch (:meth:`ImageTransform.output_size`, the same
+    draws as loading). The last epoch's grid of each item is kept, since the sampler asks for it more than once.
     """
 
     def __init__(self, num_items: int, read_size: Callable[[int], tuple[int, int]], transform, seed: int):
@@ -242,8 +240,7 @@ class RandomCropTokenGrids(TokenGrids):
         self._last: list[Optional[tuple[int, tuple[int, int]]]] = [None] * num_items  # (epoch, grid)
 
     def at(self, index: int, epoch: int) -> tuple[int, int]:
-        from maskfit.data.datasets import item_rng, mixed_choice
-        from maskfit.data.resize import draw_aspect_crop, fit_to_token_budget, has_crop_version, square_side
+        from maskfit.data.datasets import item_rng
 
         last = self._last[index]
         if last is not None and last[0] == epoch:
@@ -251,17 +248,10 @@ class RandomCropTokenGrids(TokenGrids):
         if self._grids[index] is None:
             self._grids[index] = (tuple(int(v) for v in self._read(index)[0]), None)
         w0, h0 = self._grids[index][0]
-        t, rng = self._transform, item_rng(self._seed, epoch, index)
-        _, _, cw, ch = draw_aspect_crop(w0, h0, rng, t.crop_ratio_range, t.crop_min_area)
-        p = t.patch_px
-        if t.preprocess == "mixed" and has_crop_version(cw, ch, t.token_budget, p) and mixed_choice(rng):
-            side = square_side(t.token_budget, p) // p
-            grid = (side, side)
-        else:
-            w, h = fit_to_token_budget(cw, ch, t.token_budget, p)
-            grid = (h // p, w // p)
-        self._last[index] = (epoch, grid)
-        return grid
+        w, h = self._transform.output_size(w0, h0, item_rng(self._seed, epoch, index))
+        p = self._transform.patch_px
+        self._last[index] = (epoch, (h // p, w // p))
+        return self._last[index][1]
 
 
 def token_grids(dataset, patch: int) -> TokenGrids:
