@@ -431,3 +431,22 @@ def test_invalid_options_raise_naming_the_value(kwargs, bad):
 def test_head_dim_not_multiple_of_four_raises(head_dim):
     with pytest.raises(ValueError, match=str(head_dim)):
         axis_frequencies(_grid((16, 16)), head_dim, RopeExtrapolation())
+
+
+def test_token_cos_sin_is_a_well_formed_custom_op_equal_to_the_inline_formula():
+    # The tables are computed in an opaque op (so torch.compile saves them for the backward instead of fusing
+    # float64 sin/cos into every layer's RoPE kernel); its shapes-only implementation must agree with the real
+    # one, and its values with the formula written inline.
+    from maskfit.models.rope import token_cos_sin
+
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randint(0, 20, (11, 2), generator=g)
+    seq_id = torch.tensor([0] * 5 + [1] * 6)
+    f_h, f_w = torch.rand(2, 4, generator=g, dtype=torch.float64), torch.rand(2, 4, generator=g, dtype=torch.float64)
+    factor = torch.tensor([1.0, 1.3], dtype=torch.float64)
+    torch.library.opcheck(token_cos_sin, (pos, seq_id, f_h, f_w, factor, torch.float32))
+    cos, sin = token_cos_sin(pos, seq_id, f_h, f_w, factor, torch.float64)
+    angles = torch.cat([pos[:, :1] * f_h[seq_id], pos[:, 1:] * f_w[seq_id]], dim=1).repeat_interleave(2, dim=1)
+    torch.testing.assert_close(cos, angles.cos() * factor[seq_id, None])
+    torch.testing.assert_close(sin, angles.sin() * factor[seq_id, None])
+    assert cos.shape == (11, 16) and token_cos_sin(pos, seq_id, f_h, f_w, factor, torch.float32)[0].dtype == torch.float32

@@ -124,7 +124,7 @@ def time_steps(step, warmup: int, steps: int, dev: torch.device, profile_label: 
         # module's wrapper first).
         sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
         print(f"--- profile {profile_label} (3 steps) ---")
-        print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=100))
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()

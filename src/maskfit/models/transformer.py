@@ -21,6 +21,7 @@ from torch import Tensor
 
 from maskfit.models.attention import ATTENTION_BACKENDS, AttentionPlan, attention, prepare_attention
 from maskfit.models.rope import RopeExtrapolation, RopeTables, apply_rope, rope_tables
+from maskfit.models.segments import TokensOfImages
 from maskfit.tokens import MaskedView, TokenLayout
 
 
@@ -220,15 +221,16 @@ class FiTBlock(nn.Module):
     def backbone(cls, cfg: ModelConfig) -> "FiTBlock":
         return cls(cfg.hidden_size, cfg.num_heads, cfg.ffn_hidden, cfg.hidden_size, cfg.qk_norm, cfg.adaln, cfg.adaln_lora_rank)
 
-    def forward(
-        self, x: Tensor, cond: Tensor, global_mod: Optional[Tensor], seq_id: Tensor, rope: RopeTables, plan: AttentionPlan
-    ) -> Tensor:
+    def forward(self, x: Tensor, cond: Tensor, global_mod: Optional[Tensor], stream: "_Stream") -> Tensor:
+        """x: (T, w) tokens of the stream; cond: (B, d); global_mod: (B, 6w) or None -> (T, w)."""
         mod = self.adaLN(cond)  # (B, 6w), cond is SiLU(c)
         if global_mod is not None:
             mod = mod + global_mod
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod[seq_id].chunk(6, dim=-1)  # (T, w) each
+        # Each chunk repeated on its own, so the backward's per-image sums stay six reductions of products
+        # Inductor fuses, not one reduction of a (T, 6w) gradient it would first write out (segments.py).
+        shift1, scale1, gate1, shift2, scale2, gate2 = (stream.per_token(m) for m in mod.chunk(6, dim=-1))  # (T, w)
         h = F.layer_norm(x, x.shape[-1:], eps=1e-6)  # no affine: adaLN supplies scale and shift
-        x = x + gate1 * self.attn(modulate(h, shift1, scale1), rope, plan)  # (T, w)
+        x = x + gate1 * self.attn(modulate(h, shift1, scale1), stream.tables, stream.plan)  # (T, w)
         h = F.layer_norm(x, x.shape[-1:], eps=1e-6)
         x = x + gate2 * self.ffn(modulate(h, shift2, scale2))  # (T, w)
         return x
@@ -240,16 +242,18 @@ class FinalLayer(nn.Module):
         self.adaLN = nn.Linear(cond_dim, 2 * width)  # plain adaLN also in FiTv2 (no global term)
         self.linear = nn.Linear(width, out_dim)
 
-    def forward(self, x: Tensor, cond: Tensor, seq_id: Tensor) -> Tensor:
-        shift, scale = self.adaLN(cond)[seq_id].chunk(2, dim=-1)  # (T, w) each
+    def forward(self, x: Tensor, cond: Tensor, stream: "_Stream") -> Tensor:
+        shift, scale = (stream.per_token(m) for m in self.adaLN(cond).chunk(2, dim=-1))  # (T, w) each
         return self.linear(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift, scale))  # (T, p*p*C_out)
 
 
 class _Stream:
-    """A layout with its RoPE tables and attention plan, computed once and shared by every layer."""
+    """A layout with its RoPE tables, attention plan and per-token repeat of per-image tensors, computed
+    once and shared by every layer."""
 
     def __init__(self, layout: TokenLayout, head_dim: int, rope_cfg, theta: float, backend: str, tables=None):
         self.layout = layout
+        self.per_token = TokensOfImages(layout)
         self.rope_cfg = rope_cfg
         self.tables = tables if tables is not None else rope_tables(
             layout.pos, layout.seq_id, layout.grid, head_dim, rope_cfg, theta
@@ -375,7 +379,7 @@ class FiT(nn.Module):
             h = self.x_embedder(x)  # (T, d)
         if cfg.mask_design == "mixer":
             for block in self.mixer_blocks:  # dense context on every token before dropping (MicroDiT)
-                h = block(h, cond, global_mod, layout.seq_id, full.tables, full.plan)  # (T, d)
+                h = block(h, cond, global_mod, full)  # (T, d)
         if mask is None:
             out = self._unmasked(h, cond, global_mod, full)
         else:
@@ -386,7 +390,7 @@ class FiT(nn.Module):
 
     def _run_blocks(self, h, cond, global_mod, stream: _Stream, blocks) -> Tensor:
         for block in blocks:
-            h = block(h, cond, global_mod, stream.layout.seq_id, stream.tables, stream.plan)
+            h = block(h, cond, global_mod, stream)
         return h
 
     def _decode(self, h: Tensor, cond: Tensor, full: _Stream) -> Tensor:
@@ -397,13 +401,13 @@ class FiT(nn.Module):
             full.layout, dec_head_dim, full.rope_cfg, cfg.rope_theta, cfg.attention
         )
         h = self._run_blocks(h, cond, None, dec, self.decoder_blocks)  # (T, dd)
-        return self.decoder_final(h, cond, full.layout.seq_id)
+        return self.decoder_final(h, cond, full)
 
     def _unmasked(self, h, cond, global_mod, full: _Stream) -> Tensor:
         h = self._run_blocks(h, cond, global_mod, full, self.blocks)  # (T, d); no side-interpolator at sampling (MDT)
         if self.cfg.mask_design == "decoder":
             return self._decode(self.decoder_in(h), cond, full)
-        return self.final_layer(h, cond, full.layout.seq_id)  # (T, p*p*C_out)
+        return self.final_layer(h, cond, full)  # (T, p*p*C_out)
 
     def _masked(self, h, cond, global_mod, full: _Stream, mask: MaskedView) -> Tensor:
         cfg = self.cfg
@@ -413,7 +417,7 @@ class FiT(nn.Module):
         out_dim = self.final_layer.linear.out_features
         if cfg.mask_design in ("plain", "mixer"):
             hk = self._run_blocks(hk, cond, global_mod, kept, self.blocks)  # (T_k, d)
-            out_k = self.final_layer(hk, cond, kept.layout.seq_id)  # (T_k, p*p*C_out)
+            out_k = self.final_layer(hk, cond, kept)  # (T_k, p*p*C_out)
             return out_k.new_zeros(T, out_dim).index_copy(0, mask.index, out_k)
         if cfg.mask_design == "decoder":
             hk = self._run_blocks(hk, cond, global_mod, kept, self.blocks)  # (T_k, d)
@@ -425,11 +429,11 @@ class FiT(nn.Module):
         n_enc = cfg.depth - cfg.side_decode_depth
         hk = self._run_blocks(hk, cond, global_mod, kept, self.blocks[:n_enc])  # (T_k, d)
         hf = self.mask_token.to(hk.dtype).expand(T, -1).index_copy(0, mask.index, hk)  # (T, d)
-        interp = self.side_interpolator(hf, cond, global_mod, full.layout.seq_id, full.tables, full.plan)
+        interp = self.side_interpolator(hf, cond, global_mod, full)
         # Masked shortcut: visible tokens pass through unchanged; only dropped ones take the interpolation.
         hf = interp.index_copy(0, mask.index, hk)  # (T, d)
         hf = self._run_blocks(hf, cond, global_mod, full, self.blocks[n_enc:])
-        return self.final_layer(hf, cond, full.layout.seq_id)
+        return self.final_layer(hf, cond, full)
 
 
 def count_parameters(model: nn.Module) -> int:
