@@ -35,7 +35,12 @@ def test_window_sum_keeps_bf16_rows_accurate():
     torch.testing.assert_close(out.float(), values.float().sum(0, keepdim=True), atol=0.05, rtol=0.01)
 
 
-def test_repeat_forward_is_the_gather_and_backward_the_per_image_sum():
+@pytest.fixture
+def window_in_eager(monkeypatch):
+    monkeypatch.setattr(segments, "WINDOW_IN_EAGER", True)
+
+
+def test_repeat_forward_is_the_gather_and_backward_the_per_image_sum(window_in_eager):
     tokens, _, y = _batch(4)
     layout = pack(tokens, GRIDS, y).layout
     repeat = TokensOfImages(layout)
@@ -48,9 +53,9 @@ def test_repeat_forward_is_the_gather_and_backward_the_per_image_sum():
     torch.testing.assert_close(rows.grad, segment_sum(weights, layout.seq_id, len(GRIDS)))
 
 
-def _grads(model, tokens, t, y, layout, mask=None):
+def _grads(model, tokens, t, y, layout, mask=None, forward=None):
     model.zero_grad()
-    out = model(tokens, t, y, layout, mask=mask)
+    out = (model if forward is None else forward)(tokens, t, y, layout, mask=mask)
     (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -65,7 +70,7 @@ def _layouts(token_dim: int):
 
 
 @pytest.mark.parametrize("preset,design", [("FiT-tiny", "plain"), ("FiTv2-tiny", "plain"), ("FiT-tiny", "decoder")])
-def test_model_gradients_equal_those_of_the_plain_gather(preset, design, monkeypatch):
+def test_model_gradients_equal_those_of_the_plain_gather(preset, design, monkeypatch, window_in_eager):
     torch.manual_seed(0)
     model = FiT(model_config(preset, mask_design=design, decoder_hidden=32, decoder_heads=4))
     with torch.no_grad():  # leave adaLN-Zero's zeros, so the modulation gradients are not trivially 0
@@ -89,3 +94,24 @@ def test_long_segments_keep_the_scatter_add():
     lengths = [2, 3, 1500]
     layout = pack([torch.zeros(n, 1) for n in lengths], [(1, n) for n in lengths], torch.zeros(3, dtype=torch.long)).layout
     assert not TokensOfImages(layout).windowed
+
+
+def test_eager_keeps_the_scatter_add_and_compiled_gradients_equal_eager_ones(monkeypatch):
+    calls = []  # the window's backward runs in eager autograd, or once while AOTAutograd traces the backward
+    real_sum = segments.segment_window_sum
+    monkeypatch.setattr(segments, "segment_window_sum", lambda *a: calls.append(1) or real_sum(*a))
+    torch.manual_seed(0)
+    model = FiT(model_config("FiT-tiny"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tokens, keep, y = _batch(model.cfg.token_dim)
+    batch = pack(tokens, GRIDS, y)
+    mask, t = masked_view(batch.layout, keep), torch.linspace(10.0, 900.0, len(GRIDS))
+    out_ref, ref = _grads(model, batch.tokens, t, y, batch.layout, mask)
+    assert not calls  # eager: autograd's index_add
+    out, got = _grads(model, batch.tokens, t, y, batch.layout, mask, forward=torch.compile(model))
+    assert calls  # the compiled backward is the window
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], atol=1e-5, rtol=1e-4, msg=key)

@@ -13,7 +13,7 @@ product Inductor computes on the fly (e.g. grad * layer_norm(x)); repeating the 
 it write the (T, 6w) gradient out first, which measured slower than the atomics (step 100.9 ms against
 96.3). With chunks the reductions take 2.1 ms/step instead of 8.9 and the step 92.8 ms (BENCHMARKS.md). The window pays B * L lanes for T tokens, so streams whose longest segment is far
 longer than the rest (an uncapped padding segment under token batching) keep the scatter-add
-(``SEGMENT_SUM_MAX_LEN``).
+(``SEGMENT_SUM_MAX_LEN``), and so do eager runs (``WINDOW_IN_EAGER``).
 """
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ import torch
 from torch import Tensor
 
 from maskfit.tokens import TokenLayout
+
+# The window is for compiled models, where Inductor fuses it; eager PyTorch would materialise the (B, L, C)
+# window, so eager runs (the study's training, sampling) keep autograd's index_add. Tests switch it on.
+WINDOW_IN_EAGER = False
 
 # Longest segment for which the windowed reduction is used (FiT's budget is 256 tokens; 1 024 covers the
 # high-resolution fine-tune's 1 024-token grids). Longer segments keep autograd's scatter-add.
@@ -68,6 +72,6 @@ class TokensOfImages:
 
     def __call__(self, rows: Tensor) -> Tensor:
         """(B, C) -> (T, C): row seq_id[t] for every token t."""
-        if self.windowed and rows.requires_grad:
+        if self.windowed and rows.requires_grad and (WINDOW_IN_EAGER or torch.compiler.is_compiling()):
             return _RepeatPerSegment.apply(rows, self.seq_id, self.starts, self.lengths, self.max_len)
         return rows[self.seq_id]
