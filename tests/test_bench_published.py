@@ -21,17 +21,20 @@ class FiT(nn.Module):
     seen = []
 
     def __init__(self, context_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
-                 class_dropout_prob, num_classes, learn_sigma, use_swiglu, use_swiglu_large, rel_pos_embed):
+                 class_dropout_prob, num_classes, learn_sigma, use_swiglu, use_swiglu_large, rel_pos_embed,
+                 use_sit=False, **fitv2):
         super().__init__()
         c = in_channels * patch_size ** 2
         self.inp = nn.Linear(c, 8)
         self.out = nn.Linear(8, 2 * c if learn_sigma else c)
-        self.kwargs = dict(hidden_size=hidden_size, use_swiglu_large=use_swiglu_large)
+        self.use_sit = use_sit
+        self.kwargs = dict(hidden_size=hidden_size, depth=depth, use_swiglu_large=use_swiglu_large, **fitv2)
 
-    def forward(self, x, t, y, grid, mask, size=None):  # x (B, C, N) -> (B, C_out, N)
+    def forward(self, x, t, y, grid, mask, size=None):  # x (B, C, N) -> (B, C_out, N); SiT: (B, N, C) -> (B, N, C)
         FiT.seen.append((x.shape, grid.shape, mask.shape, size.shape, self.kwargs))
-        h = self.inp(x.transpose(1, 2))
-        return (self.out(h) * mask[..., None]).transpose(1, 2)
+        h = self.inp(x if self.use_sit else x.transpose(1, 2))
+        out = self.out(h) * mask[..., None]
+        return out if self.use_sit else out.transpose(1, 2)
 '''
 
 STAND_IN_DIFFUSION = '''
@@ -50,12 +53,32 @@ def create_diffusion(timestep_respacing, **kwargs):
 '''
 
 
+STAND_IN_TRANSPORT = '''
+import torch
+
+class _Transport:
+    def training_losses(self, model, x1, model_kwargs):  # x1 (B, N, C)
+        t = torch.rand(x1.shape[0])
+        x0 = torch.randn_like(x1)
+        xt = t[:, None, None] * x1 + (1 - t[:, None, None]) * x0
+        out = model(xt, t, **model_kwargs)
+        return {"loss": (((out - (x1 - x0)) * model_kwargs["mask"][..., None]) ** 2).mean(dim=(1, 2))}
+
+def create_transport(path_type="Linear", prediction="velocity", loss_weight=None, train_eps=None, sample_eps=None,
+                     snr_type="uniform"):
+    assert (path_type, prediction, snr_type) == ("Linear", "velocity", "lognorm")
+    return _Transport()
+'''
+
+
 @pytest.fixture
 def stand_in_checkout(tmp_path):
     (tmp_path / "fit" / "model").mkdir(parents=True)
     (tmp_path / "fit" / "scheduler" / "improved_diffusion").mkdir(parents=True)
     (tmp_path / "fit" / "model" / "fit_model.py").write_text(textwrap.dedent(STAND_IN_MODEL))
     (tmp_path / "fit" / "scheduler" / "improved_diffusion" / "__init__.py").write_text(STAND_IN_DIFFUSION)
+    (tmp_path / "fit" / "scheduler" / "transport").mkdir(parents=True)
+    (tmp_path / "fit" / "scheduler" / "transport" / "__init__.py").write_text(STAND_IN_TRANSPORT)
     yield tmp_path
     for name in [m for m in sys.modules if m == "fit" or m.startswith("fit.")]:
         del sys.modules[name]
@@ -96,7 +119,23 @@ def test_bench_runs_a_checkout_beside_our_rows(stand_in_checkout, tmp_path, caps
 
     shape_x, shape_grid, shape_mask, shape_size, kwargs = StandIn.seen[-1]
     assert shape_x[:2] == (3, 16) and shape_grid[:2] == (3, 2) and shape_size == (3, 1, 2)
-    assert kwargs == dict(hidden_size=768, use_swiglu_large=True)  # the papers' FiT-B/2: SwiGLU hidden 4d
+    assert kwargs == dict(hidden_size=768, depth=12, use_swiglu_large=True)  # the papers' FiT-B/2: SwiGLU hidden 4d
+
+
+def test_bench_runs_a_checkouts_fitv2_with_its_flow_transport(stand_in_checkout, tmp_path):
+    out = tmp_path / "rows.jsonl"
+    args = SimpleNamespace(sampling=False, models="FiTv2-B/2", modes="", designs="plain", batch=3, attention="dense",
+                           no_compile=True, steps=1, warmup=1, device="cpu", out=str(out), profile=False,
+                           compile_mode=None, decoder_depth=None, mixer_depth=None,
+                           published_fit=str(stand_in_checkout))
+    assert run_bench(args) == 0
+    assert '"model": "FiTv2-B/2"' in out.read_text()
+    from fit.model.fit_model import FiT as StandIn
+
+    shape_x, _, shape_mask, _, kwargs = StandIn.seen[-1]
+    assert shape_x[0] == 3 and shape_x[2] == 16 and shape_x[1] == shape_mask[1]  # SiT layout (B, N, C)
+    assert kwargs == dict(hidden_size=768, depth=15, use_swiglu_large=False, q_norm="layernorm", k_norm="layernorm",
+                          qk_norm_weight=False, adaln_type="lora", adaln_lora_dim=192)  # FiTv2 Tab.I, B/2
 
 
 def test_missing_checkout_is_one_clear_error(tmp_path):

@@ -11,7 +11,10 @@ and its ``create_diffusion`` unchanged. What we add is only what its training sc
   ``mask`` (B, N) is 1 on real tokens; ``size`` (B, 1, 2) is (h, w) in tokens;
 - one step: uniform t in [0, 1000), ``diffusion.training_losses`` under bf16 autocast, mean loss,
   backward, gradient clipping at 1.0 (its config's ``max_grad_norm``), ``torch.optim.AdamW`` with
-  default (non-fused) kernels, and no ``torch.compile``, as the published script runs.
+  default (non-fused) kernels, and no ``torch.compile``, as the published script runs;
+- FiTv2 presets: the same class with ``configs/fitv2/config_fitv2_xl.yaml``'s network settings
+  (``use_sit``: tokens laid out (B, N, C)) and its rectified-flow ``create_transport`` objective
+  (imported only for these rows; it needs torchdiffeq).
 
 Two things the checkout lacks are supplied so it imports: ``fit.model.sincos`` (imported by
 ``fit_model.py`` but absent from the repository; the RoPE model never calls it) becomes a stub that
@@ -27,19 +30,25 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+_FITV2 = dict(use_swiglu=True, use_swiglu_large=False, learn_sigma=False, use_sit=True, q_norm="layernorm",
+              k_norm="layernorm", qk_norm_weight=False, adaln_type="lora")
 # Our presets in the published class's keyword arguments (configs/fit/config_fit_xl.yaml's keys).
 # "swiglu_large" = SwiGLU hidden 4d (the papers' FiT); without it the hidden is 2/3 of that (DiT-B-sized).
 PUBLISHED_KWARGS: Dict[str, dict] = {
     "FiT-B/2-dit": dict(hidden_size=768, depth=12, num_heads=12, use_swiglu=True, use_swiglu_large=False),
     "FiT-B/2": dict(hidden_size=768, depth=12, num_heads=12, use_swiglu=True, use_swiglu_large=True),
     "FiT-XL/2": dict(hidden_size=1152, depth=28, num_heads=16, use_swiglu=True, use_swiglu_large=True),
+    # FiTv2 (configs/fitv2/config_fitv2_xl.yaml's network_config): SiT-style inputs (B, N, C), no learned sigma,
+    # QK LayerNorm without affine, AdaLN-LoRA of rank d/4; trained with the published rectified-flow transport.
+    "FiTv2-B/2": dict(hidden_size=768, depth=15, num_heads=12, adaln_lora_dim=192, **_FITV2),
+    "FiTv2-XL/2": dict(hidden_size=1152, depth=36, num_heads=16, adaln_lora_dim=288, **_FITV2),
 }
 COMMON_KWARGS = dict(context_size=256, patch_size=2, in_channels=4, mlp_ratio=4.0, class_dropout_prob=0.1,
                      num_classes=1000, learn_sigma=True, rel_pos_embed="rope")
 
 
 def load_published_fit(repo: Path):
-    """Import (FiT class, create_diffusion) from a whlzy/FiT checkout at `repo`."""
+    """Import (FiT class, create_diffusion, create_transport) from a whlzy/FiT checkout at `repo`."""
     repo = Path(repo).resolve()
     if not (repo / "fit" / "model" / "fit_model.py").is_file():
         raise FileNotFoundError(
@@ -54,7 +63,12 @@ def load_published_fit(repo: Path):
         sys.modules["fit.model.sincos"] = _sincos_stub()
     fit_model = importlib.import_module("fit.model.fit_model")
     diffusion = importlib.import_module("fit.scheduler.improved_diffusion")
-    return fit_model.FiT, diffusion.create_diffusion
+    return fit_model.FiT, diffusion.create_diffusion, _create_transport
+
+
+def _create_transport(**kwargs):
+    """The published rectified-flow objective (FiTv2), imported only when a FiTv2 row asks for it."""
+    return importlib.import_module("fit.scheduler.transport").create_transport(**kwargs)
 
 
 def _sincos_stub() -> types.ModuleType:
@@ -100,22 +114,35 @@ def bench_published_train_step(repo: Path, preset: str, batch_size: int = 256, s
 
     if preset not in PUBLISHED_KWARGS:
         raise ValueError(f"--published-fit has no settings for preset {preset!r}; use one of {sorted(PUBLISHED_KWARGS)}")
-    fit_class, create_diffusion = load_published_fit(repo)
+    fit_class, create_diffusion, create_transport = load_published_fit(repo)
     dev = torch.device(device)
     torch.manual_seed(seed)
-    model = fit_class(**COMMON_KWARGS, **PUBLISHED_KWARGS[preset]).to(dev).train()
+    kwargs = {**COMMON_KWARGS, **PUBLISHED_KWARGS[preset]}
+    model = fit_class(**kwargs).to(dev).train()
     ours = model_config(preset)
-    diffusion = create_diffusion(timestep_respacing="")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     grids = imagenet_like_grids(batch_size, seed=seed)
     x, grid, mask, size = (t.to(dev) for t in published_inputs(grids, ours.token_dim, seed=seed))
     y = torch.randint(0, 1000, (batch_size,), generator=torch.Generator().manual_seed(seed)).to(dev)
+    model_kwargs = dict(y=y, grid=grid, mask=mask, size=size)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    if kwargs.get("use_sit"):
+        # FiTv2: the transport of configs/fitv2/config_fitv2_xl.yaml (linear path, velocity, lognorm t) on (B, N, C).
+        transport = create_transport(path_type="Linear", prediction="velocity", snr_type="lognorm")
+        x = x.transpose(1, 2).contiguous()
+
+        def losses():
+            return transport.training_losses(model, x, model_kwargs)["loss"]
+    else:
+        diffusion = create_diffusion(timestep_respacing="")
+
+        def losses():
+            t = torch.randint(0, diffusion.num_timesteps, (batch_size,), device=dev)
+            return diffusion.training_losses(model, x, t, model_kwargs)["loss"]
 
     def step():
-        t = torch.randint(0, diffusion.num_timesteps, (batch_size,), device=dev)
         with amp:
-            loss = diffusion.training_losses(model, x, t, dict(y=y, grid=grid, mask=mask, size=size))["loss"].mean()
+            loss = losses().mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
