@@ -441,6 +441,15 @@ def test_report_tables_and_plots_from_synthetic_lines(tmp_path):
                           [("64x64", "none"), ("96x96", "vision_yarn")], "train_seconds")
     assert list(curves) == [("64x64", "none")]
     assert curves[("64x64", "none")]["packed"] == [(120.0, 32.0, 2.0), (240.0, 12.0, 2.0)]
+    # FD against resolution: one panel per run, all on one logarithmic y axis (runs compare across panels)
+    from maskfit.study_report import plot_resolution
+
+    fig = plot_resolution(_collect(lines, group_labels(lines)), ["packed", "plain50 [1]", "plain50 [2]"],
+                          [("64x64", "none"), ("96x96", "vision_yarn")], tmp_path / "res.png")
+    assert len(fig.axes) == 3 and {ax.get_ylim() for ax in fig.axes} == {fig.axes[0].get_ylim()}
+    assert all(ax.get_yscale() == "log" for ax in fig.axes)
+    low, high = fig.axes[0].get_ylim()
+    assert low < 9.0 and high > 30.0  # spans every run's points (plain50 [1] at 9, plain50 [2] at 30)
 
 
 def test_report_without_results_says_so_and_creates_the_template(tmp_path):

@@ -327,14 +327,17 @@ def plot_curves(cells, row_labels, columns, x_key: str, x_label: str, path: Path
     fig.savefig(path, dpi=100)
 
 
-def plot_resolution(cells, row_labels, columns, path: Path) -> None:
-    """Final checkpoints: proxy FD against resolution, a panel per run, a line per RoPE method."""
+def plot_resolution(cells, row_labels, columns, path: Path):
+    """Final checkpoints: proxy FD against resolution, a panel per run, a line per RoPE method. Every panel has
+    the same logarithmic y axis, so runs compare across panels (their FDs span a decade)."""
     resolutions = list(dict.fromkeys(r for r, _ in columns))
     methods = list(dict.fromkeys(m for _, m in columns))
     labels = [l for l in row_labels if any(k[0] == l and k[1] == "final" for k in cells)]
     fig, rows, cols = _figure(max(len(labels), 1), 3)
+    first = None
     for i, label in enumerate(labels):
-        ax = fig.add_subplot(rows, cols, i + 1)
+        ax = fig.add_subplot(rows, cols, i + 1, sharey=first)
+        first = first or ax
         for j, method in enumerate(methods):
             xs, ys, es = [], [], []
             for x, res in enumerate(resolutions):
@@ -346,13 +349,20 @@ def plot_resolution(cells, row_labels, columns, path: Path) -> None:
             if xs:
                 ax.errorbar(xs, ys, yerr=es, marker=MARKERS[j % len(MARKERS)], capsize=3, label=method)
         ax.set_xticks(range(len(resolutions)), resolutions, rotation=30)
+        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # present: _figure checked
+
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # ticks 5, 10, 20, 50 as plain numbers
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_title(label)
         ax.set_xlabel("resolution (height x width, px)")
-        ax.set_ylabel("proxy FD (lower is better)")
+        ax.set_ylabel("proxy FD (log scale, lower is better)")
         ax.grid(True, alpha=0.3)
         ax.legend(title="RoPE method", fontsize="small")
     fig.suptitle("Proxy FD against resolution at equal GPU time (final checkpoints), mean over seeds")
     fig.savefig(path, dpi=100)
+    return fig
 
 
 def plot_throughput(lines, labels, row_labels, path: Path) -> None:
