@@ -18,13 +18,15 @@
 #              the decoder, profiled; FiT-B/2 unmasked); needs third_party/FiT (about 5 minutes)
 #   item3-xl   FiTv2-XL/2 unmasked and 50 % kept beside the published FiTv2 at batch 64 (profiled), then ours at
 #              batch 128; needs third_party/FiT (about 8 minutes)
+#   xl-graphs  FiTv2-XL/2 at 50 % kept under CUDA graphs (compile mode reduce-overhead), batch 64 and 128
+#   rope       tools/probes/rope_variants.py: four forms of the RoPE pair rotation, compiled, forward + backward
 #
 # The published code is not part of this repository: put a checkout of github.com/whlzy/FiT (its fit/ and
 # configs/ folders suffice) in the ignored folder third_party/FiT and carry that path to the device. Each
 # stage writes JSON lines and a log under OUT_DIR (default: $OUT, else ./device_out); copy them into
 # bench_results/ and the figures, with date, device and command, into BENCHMARKS.md.
 set -uo pipefail
-stage=${1:?usage: tools/device_measurements.sh checks|designs|designs-b2|missing|profile|item3|item3-xl [OUT_DIR]}
+stage=${1:?usage: tools/device_measurements.sh checks|designs|designs-b2|missing|profile|item3|item3-xl|xl-graphs|rope [OUT_DIR]}
 out=${2:-${OUT:-device_out}}
 mkdir -p "$out"
 export PYTHONPATH=src
@@ -76,5 +78,13 @@ case "$stage" in
     bench 300 --profile --published-fit third_party/FiT --models FiTv2-XL/2 --batch 64 --modes packed,keep0.5 --designs plain
     bench 240 --models FiTv2-XL/2 --batch 128 --modes packed,keep0.5 --designs plain
     ;;
-  *) echo "unknown stage $stage: use checks, designs, designs-b2, missing, profile, item3 or item3-xl" >&2; exit 2 ;;
+  xl-graphs)
+    # the launch-bound XL step at 50 % kept (MFU 24 % in the issue) under CUDA graphs, batch 64 and 128
+    bench 250 --models FiTv2-XL/2 --batch 64 --modes keep0.5 --designs plain --compile-mode reduce-overhead
+    bench 250 --models FiTv2-XL/2 --batch 128 --modes keep0.5 --designs plain --compile-mode reduce-overhead
+    ;;
+  rope)
+    timeout 300 python3 tools/probes/rope_variants.py 2>&1 | tee -a "$out/$stage.log"
+    ;;
+  *) echo "unknown stage $stage: use checks, designs, designs-b2, missing, profile, item3, item3-xl, xl-graphs or rope" >&2; exit 2 ;;
 esac
