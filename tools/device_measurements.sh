@@ -19,6 +19,7 @@
 #   item3-xl   FiTv2-XL/2 unmasked and 50 % kept beside the published FiTv2 at batch 64 (profiled), then ours at
 #              batch 128; needs third_party/FiT (about 8 minutes)
 #   xl-graphs  FiTv2-XL/2 at 50 % kept under CUDA graphs (compile mode reduce-overhead), batch 64 and 128
+#   autotune   FiT-B/2 unmasked with torch.compile's max-autotune-no-cudagraphs (matmul epilogue fusion)
 #   rope       tools/probes/rope_variants.py: four forms of the RoPE pair rotation, compiled, forward + backward
 #
 # The published code is not part of this repository: put a checkout of github.com/whlzy/FiT (its fit/ and
@@ -26,7 +27,7 @@
 # stage writes JSON lines and a log under OUT_DIR (default: $OUT, else ./device_out); copy them into
 # bench_results/ and the figures, with date, device and command, into BENCHMARKS.md.
 set -uo pipefail
-stage=${1:?usage: tools/device_measurements.sh checks|designs|designs-b2|missing|profile|item3|item3-xl|xl-graphs|rope [OUT_DIR]}
+stage=${1:?usage: tools/device_measurements.sh checks|designs|designs-b2|missing|profile|item3|item3-xl|xl-graphs|autotune|rope [OUT_DIR]}
 out=${2:-${OUT:-device_out}}
 mkdir -p "$out"
 export PYTHONPATH=src
@@ -83,8 +84,13 @@ case "$stage" in
     bench 250 --models FiTv2-XL/2 --batch 64 --modes keep0.5 --designs plain --compile-mode reduce-overhead
     bench 250 --models FiTv2-XL/2 --batch 128 --modes keep0.5 --designs plain --compile-mode reduce-overhead
     ;;
+  autotune)
+    # Inductor's Triton matmul templates can take the elementwise work after a matmul into its epilogue (SwiGLU's
+    # silu * value, the adaLN gates); max-autotune tries them (long compiles: the row may not fit its limit)
+    bench 500 --models FiT-B/2 --modes packed --compile-mode max-autotune-no-cudagraphs
+    ;;
   rope)
     timeout 300 python3 tools/probes/rope_variants.py 2>&1 | tee -a "$out/$stage.log"
     ;;
-  *) echo "unknown stage $stage: use checks, designs, designs-b2, missing, profile, item3, item3-xl, xl-graphs or rope" >&2; exit 2 ;;
+  *) echo "unknown stage $stage: use checks, designs, designs-b2, missing, profile, item3, item3-xl, xl-graphs, autotune or rope" >&2; exit 2 ;;
 esac
