@@ -106,14 +106,17 @@ def test_published_inputs_refuse_an_image_over_the_budget():
         published_inputs([(10, 30)], token_dim=16)
 
 
-def test_bench_runs_a_checkout_beside_our_rows(stand_in_checkout, tmp_path, capsys):
-    out = tmp_path / "rows.jsonl"
-    args = SimpleNamespace(sampling=False, models="FiT-B/2", modes="", designs="plain", batch=3, attention="dense",
+def _published_row(checkout, model: str, out) -> str:
+    """`maskfit bench --published-fit CHECKOUT --models MODEL` on the CPU (1 step, batch 3): its JSON lines."""
+    args = SimpleNamespace(sampling=False, models=model, modes="", designs="plain", batch=3, attention="dense",
                            no_compile=True, steps=1, warmup=1, device="cpu", out=str(out), profile=False,
-                           compile_mode=None, decoder_depth=None, mixer_depth=None,
-                           published_fit=str(stand_in_checkout))
+                           compile_mode=None, decoder_depth=None, mixer_depth=None, published_fit=str(checkout))
     assert run_bench(args) == 0
-    rows = out.read_text().splitlines()
+    return out.read_text()
+
+
+def test_bench_runs_a_checkout_beside_our_rows(stand_in_checkout, tmp_path, capsys):
+    rows = _published_row(stand_in_checkout, "FiT-B/2", tmp_path / "rows.jsonl").splitlines()
     assert len(rows) == 1 and '"mode": "published"' in rows[0] and '"compiled": false' in rows[0]
     from fit.model.fit_model import FiT as StandIn
 
@@ -123,13 +126,7 @@ def test_bench_runs_a_checkout_beside_our_rows(stand_in_checkout, tmp_path, caps
 
 
 def test_bench_runs_a_checkouts_fitv2_with_its_flow_transport(stand_in_checkout, tmp_path):
-    out = tmp_path / "rows.jsonl"
-    args = SimpleNamespace(sampling=False, models="FiTv2-B/2", modes="", designs="plain", batch=3, attention="dense",
-                           no_compile=True, steps=1, warmup=1, device="cpu", out=str(out), profile=False,
-                           compile_mode=None, decoder_depth=None, mixer_depth=None,
-                           published_fit=str(stand_in_checkout))
-    assert run_bench(args) == 0
-    assert '"model": "FiTv2-B/2"' in out.read_text()
+    assert '"model": "FiTv2-B/2"' in _published_row(stand_in_checkout, "FiTv2-B/2", tmp_path / "rows.jsonl")
     from fit.model.fit_model import FiT as StandIn
 
     shape_x, _, shape_mask, _, kwargs = StandIn.seen[-1]
