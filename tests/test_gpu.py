@@ -72,35 +72,46 @@ def test_bf16_packed_padded_per_image_agree(preset):
 @pytest.mark.parametrize("preset,design", [("FiT-B/2-dit", "plain"), ("FiT-B/2-dit", "decoder"), ("FiTv2-B/2", "plain")])
 def test_compiled_masked_gradients_agree_with_eager(preset, design):
     # The compiled step has its own kernels: the per-image window sums of the adaLN backward (models/segments.py)
-    # and the RoPE tables as one op. Its gradients must be eager's within bf16 rounding.
+    # and the RoPE tables as one op. Against fp32 gradients (dense attention, no autocast), the compiled bf16
+    # gradients must be as close as the eager bf16 ones: rounding noise is the same order for both (0.05 of a
+    # bias's norm was seen on the H200), a wrong sum would be O(1).
     torch.manual_seed(0)
-    model = FiT(model_config(preset, attention="varlen", depth=2, mask_design=design)).to(DEV)
+    cfg = model_config(preset, attention="varlen", depth=2, mask_design=design)
+    model = FiT(cfg).to(DEV)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
+    fp32 = FiT(model_config(preset, attention="dense", depth=2, mask_design=design)).to(DEV)
+    fp32.load_state_dict(model.state_dict())
     grids = [(16, 16), (12, 20), (8, 32), (15, 17), (3, 5)]
     g = torch.Generator().manual_seed(0)
-    tokens = [torch.randn(h * w, model.cfg.token_dim, generator=g) for h, w in grids]
+    tokens = [torch.randn(h * w, cfg.token_dim, generator=g) for h, w in grids]
     keep = [torch.randperm(h * w, generator=g)[: (h * w) // 2].sort().values for h, w in grids]
     y = torch.arange(len(grids))
-    t = torch.tensor([10.0, 500.0, 999.0, 0.0, 250.0]) if model.cfg.learn_sigma else torch.tensor([0.1, 0.5, 0.9, 0.0, 0.3])
+    t = torch.tensor([10.0, 500.0, 999.0, 0.0, 250.0]) if cfg.learn_sigma else torch.tensor([0.1, 0.5, 0.9, 0.0, 0.3])
     batch = pack(tokens, grids, y, max_seqlen=256)
     layout = batch.layout.to(DEV)
     mask = masked_view(batch.layout, keep, max_seqlen=256).to(DEV)
     x, t, y = batch.tokens.to(DEV), t.to(DEV), y.to(DEV)
 
-    def grads(forward):
-        model.zero_grad()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    def grads(net, forward, bf16: bool):
+        net.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             out = forward(x, t, y, layout, mask=mask).float()
         (out * torch.linspace(-1, 1, out.numel(), device=DEV).view_as(out)).sum().backward()
-        return {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+        return {n: p.grad.float().clone() for n, p in net.named_parameters() if p.grad is not None}
 
-    eager, compiled = grads(model), grads(torch.compile(model))
-    assert eager.keys() == compiled.keys()
-    for name, ref in eager.items():
-        err = (compiled[name] - ref).norm() / ref.norm().clamp_min(1e-12)
-        assert err < 0.05, f"{name}: relative error {err:.4f}"  # bf16 rounding; a wrong sum would be O(1)
+    exact = grads(fp32, fp32, bf16=False)
+    eager, compiled = grads(model, model, bf16=True), grads(model, torch.compile(model), bf16=True)
+    assert eager.keys() == compiled.keys() == exact.keys()
+
+    def error(got):  # relative to the fp32 gradient's norm, per parameter
+        return {n: float((got[n] - ref).norm() / ref.norm().clamp_min(1e-12)) for n, ref in exact.items()}
+
+    e_eager, e_compiled = error(eager), error(compiled)
+    worse = {n: (round(e_compiled[n], 4), round(e_eager[n], 4)) for n in exact if e_compiled[n] > 2 * e_eager[n] + 0.01}
+    assert not worse, f"compiled gradients further from fp32 than eager bf16 (compiled, eager): {worse}"
+    assert max(e_compiled.values()) < 0.2
 
 
 def test_training_step_has_no_host_sync():
