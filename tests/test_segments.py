@@ -69,10 +69,12 @@ def _layouts(token_dim: int):
     yield "token_batched", pad_stream_to_budget(packed, budget=64, max_images=6), None
 
 
-@pytest.mark.parametrize("preset,design", [("FiT-tiny", "plain"), ("FiTv2-tiny", "plain"), ("FiT-tiny", "decoder")])
+@pytest.mark.parametrize("preset,design", [("FiT-tiny", "plain"), ("FiTv2-tiny", "plain"), ("FiT-tiny", "decoder"),
+                                           ("FiT-tiny", "mixer"), ("FiTv2-tiny", "side_interp")])
 def test_model_gradients_equal_those_of_the_plain_gather(preset, design, monkeypatch, window_in_eager):
     torch.manual_seed(0)
-    model = FiT(model_config(preset, mask_design=design, decoder_hidden=32, decoder_heads=4))
+    model = FiT(model_config(preset, mask_design=design, decoder_hidden=32, decoder_heads=4, mixer_depth=1,
+                             side_decode_depth=1))
     with torch.no_grad():  # leave adaLN-Zero's zeros, so the modulation gradients are not trivially 0
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
