@@ -334,6 +334,8 @@ def plot_resolution(cells, row_labels, columns, path: Path):
     methods = list(dict.fromkeys(m for _, m in columns))
     labels = [l for l in row_labels if any(k[0] == l and k[1] == "final" for k in cells)]
     fig, rows, cols = _figure(max(len(labels), 1), 3)
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # present: _figure checked
+
     first = None
     for i, label in enumerate(labels):
         ax = fig.add_subplot(rows, cols, i + 1, sharey=first)
@@ -349,8 +351,6 @@ def plot_resolution(cells, row_labels, columns, path: Path):
             if xs:
                 ax.errorbar(xs, ys, yerr=es, marker=MARKERS[j % len(MARKERS)], capsize=3, label=method)
         ax.set_xticks(range(len(resolutions)), resolutions, rotation=30)
-        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # present: _figure checked
-
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # ticks 5, 10, 20, 50 as plain numbers
         ax.yaxis.set_major_formatter(ScalarFormatter())

@@ -39,7 +39,8 @@ def signed(t):
 
 
 def main():
-    T, H, D = (int(a) for a in (sys.argv[1:] + ["61762", "12", "64"][len(sys.argv) - 1:])[:3])
+    given = [int(a) for a in sys.argv[1:4]]
+    T, H, D = given + [61762, 12, 64][len(given):]
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
     ang = torch.rand(T, D, device=dev, generator=g) * 20

@@ -67,8 +67,7 @@ class TokensOfImages:
         self.max_len = layout.max_seqlen
         self.windowed = 0 < layout.max_seqlen <= SEGMENT_SUM_MAX_LEN
         if self.windowed:
-            cu = layout.cu_seqlens.long()
-            self.starts, self.lengths = cu[:-1], cu[1:] - cu[:-1]  # (B,) each
+            self.starts, self.lengths = layout.cu_seqlens[:-1].long(), layout.seqlens()  # (B,) each
 
     def __call__(self, rows: Tensor) -> Tensor:
         """(B, C) -> (T, C): row seq_id[t] for every token t."""
