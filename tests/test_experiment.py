@@ -554,7 +554,7 @@ def test_sample_sheet_takes_the_final_checkpoint_one_row_per_set_in_protocol_ord
     assert sheets_main([str(tmp_path / "missing.tar.gz"), "--out", str(study / "sheets")]) == 2
 
 
-def test_config_digest_ignores_decode_once_and_code_digest_follows_the_sources(tmp_path, monkeypatch):
+def test_config_digest_ignores_execution_only_fields_and_code_digest_follows_the_sources(tmp_path, monkeypatch):
     import maskfit.experiment as experiment
     from maskfit.config import load_config
 
@@ -562,8 +562,18 @@ def test_config_digest_ignores_decode_once_and_code_digest_follows_the_sources(t
     other = load_config("configs/study/base.toml", overrides=["data.decode_once=false"])
     assert base.data.decode_once and not other.data.decode_once
     assert experiment.config_digest(base) == experiment.config_digest(other)  # bit-identical batches: one recipe
+    # how the same step executes (compile mode, DDP buckets, checkpoint format) leaves the recipe as it is
+    executed_otherwise = load_config("configs/study/base.toml", overrides=[
+        "train.compile=true", 'train.compile_mode="max-autotune-no-cudagraphs"', "train.ddp_bucket_mb=25",
+        'train.checkpoint_format="full"'])
+    assert experiment.config_digest(executed_otherwise) == experiment.config_digest(
+        load_config("configs/study/base.toml", overrides=["train.compile=true"]))
     assert experiment.config_digest(base) != experiment.config_digest(
         load_config("configs/study/base.toml", overrides=["mask.keep_ratio=0.5"]))
+    # the digests the study's committed result lines carry (study/results), from today's base config and variants
+    # (tools/study.sh points data.root at the carried copy)
+    carried = load_config("configs/study/base.toml", overrides=['data.root=".carry/imagenette/train-128"'])
+    assert experiment.config_digest(carried) == "97ee2ce26c12bf6c"  # packed_s0..s2
     # code_digest hashes the package folder it lives in: a copy with one byte changed gets another digest
     pkg = tmp_path / "maskfit"
     pkg.mkdir()

@@ -94,12 +94,19 @@ def load_variants(path: Path) -> Dict[str, dict]:
     return raw
 
 
+# Train fields that only place, schedule or execute a run, left out of the recipe's digest. The last three run the
+# same computation another way (Inductor's compile mode, DDP's all-reduce buckets, the checkpoint files' format);
+# they were added after the study's first runs, so keeping them in would split one recipe's seeds by code age.
+EXECUTION_ONLY_TRAIN_FIELDS = ("out_dir", "seed", "device", "ckpt_at_images", "keep_checkpoints", "ckpt_every",
+                               "max_seconds", "log_every", "compile_mode", "ddp_bucket_mb", "checkpoint_format")
+
+
 def config_digest(cfg: RunConfig) -> str:
-    """SHA-256 (16 hex) of the recipe: the config without what only places or schedules a run (output folder,
-    seed, device, checkpoint marks and policy). Seeds of one recipe share it; the budget is recorded apart."""
+    """SHA-256 (16 hex) of the recipe: the config without what only places, schedules or executes a run
+    (``EXECUTION_ONLY_TRAIN_FIELDS``, ``data.decode_once``). Seeds of one recipe share it; the budget is recorded
+    apart."""
     raw = to_dict(cfg)
-    for key in ("out_dir", "seed", "device", "ckpt_at_images", "keep_checkpoints", "ckpt_every", "max_seconds",
-                "log_every"):
+    for key in EXECUTION_ONLY_TRAIN_FIELDS:
         raw["train"].pop(key, None)
     raw["data"].pop("decode_once", None)  # where pixels are decoded, not which: bit-identical batches
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
