@@ -247,6 +247,17 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift, scale))  # (T, p*p*C_out)
 
 
+def with_mask_tokens(mask_token: Tensor, kept: Tensor, index: Tensor, num_tokens: int) -> Tensor:
+    """The full stream for a full-grid decoder (MaskDiT §3, MDT §3.2): ``kept`` (T_k, w) rows at ``index`` (T_k,),
+    the learnable ``mask_token`` (w,) at every dropped position -> (T, w).
+
+    The token is repeated into a buffer of its own, not expanded: with an expanded (stride-0) view of the
+    autocast copy of the token, Inductor (PyTorch 2.11 on CUDA, 2.13 on CPU) wrote index_copy's rows into that
+    one-row buffer, so under torch.compile with bf16 autocast every row came out as the last kept row (eager
+    was right; tests/test_masked_model.py has the case)."""
+    return mask_token.to(kept.dtype).repeat(num_tokens, 1).index_copy(0, index, kept)
+
+
 class _Stream:
     """A layout with its RoPE tables, attention plan and per-token repeat of per-image tensors, computed
     once and shared by every layer."""
@@ -422,13 +433,13 @@ class FiT(nn.Module):
         if cfg.mask_design == "decoder":
             hk = self._run_blocks(hk, cond, global_mod, kept, self.blocks)  # (T_k, d)
             hk = self.decoder_in(hk)  # (T_k, dd)
-            hf = self.mask_token.to(hk.dtype).expand(T, -1).index_copy(0, mask.index, hk)  # (T, dd)
+            hf = with_mask_tokens(self.mask_token, hk, mask.index, T)  # (T, dd)
             return self._decode(hf, cond, full)
         # side_interp: encoder blocks on kept tokens, the interpolator fills dropped positions from the
         # visible ones, then the last blocks run on the full grid (MDT §3.2).
         n_enc = cfg.depth - cfg.side_decode_depth
         hk = self._run_blocks(hk, cond, global_mod, kept, self.blocks[:n_enc])  # (T_k, d)
-        hf = self.mask_token.to(hk.dtype).expand(T, -1).index_copy(0, mask.index, hk)  # (T, d)
+        hf = with_mask_tokens(self.mask_token, hk, mask.index, T)  # (T, d)
         interp = self.side_interpolator(hf, cond, global_mod, full)
         # Masked shortcut: visible tokens pass through unchanged; only dropped ones take the interpolation.
         hf = interp.index_copy(0, mask.index, hk)  # (T, d)
