@@ -140,16 +140,17 @@ def test_with_mask_tokens_fills_dropped_rows_compiled_under_a_dtype_cast():
     assert torch.equal(torch.compile(with_mask_tokens)(token, kept, index, 10), expected)
 
 
-@pytest.mark.parametrize("design", ["plain", "decoder", "side_interp"])
+@pytest.mark.parametrize("design", ["unmasked", "plain", "decoder", "mixer", "side_interp"])
 def test_compiled_designs_under_bf16_autocast_are_as_close_to_fp32_as_eager(design):
     # The GPU test of the same name runs the published sizes; this one runs on CPU Inductor. Both bf16 paths are
     # judged against the fp32 eager forward: a miscompiled stream is O(1) away, bf16 rounding ~1e-2.
     torch.manual_seed(0)
-    cfg = model_config("FiT-tiny", mask_design=design, side_decode_depth=1)
+    cfg = model_config("FiT-tiny", mask_design="plain" if design == "unmasked" else design, side_decode_depth=1)
     model = _perturbed(FiT(cfg))
     tokens, keep, y = _batch(cfg.token_dim)
     batch = pack(tokens, GRIDS, y)
     mask, t = masked_view(batch.layout, keep), torch.tensor([10.0, 500.0, 999.0])
+    mask = None if design == "unmasked" else mask
     exact = model(batch.tokens, t, y, batch.layout, mask=mask)
     errors = {}
     for name, forward in (("eager", model), ("compiled", torch.compile(model))):
