@@ -659,6 +659,16 @@ def test_differences_are_called_only_beyond_both_spreads():
     assert difference_cell([], [1.0], 2) == "–"
 
 
+def test_paired_differences_use_the_shared_seeds_only():
+    from maskfit.study_report import paired_cell, paired_p
+
+    # seed luck shared by both runs (seed 1 bad for both): unpaired the gap is lost in the spread, paired it is not
+    run, ref = {0: 7.0, 1: 9.5, 2: 7.6, 5: 100.0}, {0: 6.5, 1: 9.0, 2: 7.0}
+    assert paired_cell(run, ref, 2) == "+0.53 ± 0.06 (n=3, p=0.00)"  # seed 5 has no pair: left out
+    assert paired_p([0.5, 0.5, 0.6]) < 0.01 and paired_p([0.5]) is None
+    assert paired_cell({0: 1.0}, {0: 2.0, 1: 3.0}, 2) == "–"  # one pair: nothing to say
+
+
 def test_report_reads_every_run_against_the_reference_runs(tmp_path):
     from maskfit.study_report import write_report
 
@@ -672,3 +682,4 @@ def test_report_reads_every_run_against_the_reference_runs(tmp_path):
     text = (tmp_path / "REPORT.md").read_text()
     assert "### Differences at equal GPU time" in text and "proxy FD minus packed's" in text
     assert "| plain50 | +3.00 (p=0.00) **called** |" in text
+    assert "proxy FD minus packed's, paired by seed" in text and "| plain50 | +3.00 ± 0.00 (n=3" in text

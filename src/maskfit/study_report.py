@@ -228,6 +228,59 @@ def difference_tables(cells, row_labels: Sequence[str], columns, key: str = "pro
     return out
 
 
+def paired_p(differences: Sequence[float]) -> Optional[float]:
+    """Two-sided p-value of the paired t-test (one-sample t-test of the per-seed differences against 0); None
+    without scipy, with fewer than 2 pairs, or when every difference is equal."""
+    if len(differences) < 2:
+        return None
+    try:
+        from scipy.stats import ttest_1samp
+    except ImportError:
+        return None
+    p = float(ttest_1samp(differences, 0.0).pvalue)
+    return p if math.isfinite(p) else None
+
+
+def paired_cell(run: Dict[int, float], ref: Dict[int, float], digits: int) -> str:
+    """Per-seed differences run[s] - ref[s] over the seeds both have: mean ± std (n pairs), paired p. Seed s gives
+    every variant the same initial weights and the same crops in the same order (the noise draws follow the
+    stream's length, so they differ where layouts or designs do): a pair shares much of its luck."""
+    seeds = sorted(set(run) & set(ref))
+    if len(seeds) < 2:
+        return "–"
+    diffs = [run[s] - ref[s] for s in seeds]
+    p = paired_p(diffs)
+    return (f"{statistics.fmean(diffs):+.{digits}f} ± {statistics.stdev(diffs):.{digits}f} (n={len(seeds)}"
+            + (f", p={p:.2f})" if p is not None else ")"))
+
+
+def paired_difference_tables(cells, row_labels: Sequence[str], columns, key: str = "proxy_fd") -> List[str]:
+    """Like difference_tables, over the seeds the two runs share, seed by seed (rows with 2 pairs or more)."""
+    out = []
+    digits = DIGITS.get(key, 2)
+    name, better = METRICS[key]
+    for ref in (r for r in REFERENCE_RUNS if r in row_labels):
+        rows = []
+        for label in row_labels:
+            if label == ref:
+                continue
+            row = []
+            for r, m in columns:
+                by_seed = [{l["seed"]: float(l[key]) for l in cells.get((x, "final", r, m), []) if l.get(key) is not None}
+                           for x in (label, ref)]
+                row.append(paired_cell(by_seed[0], by_seed[1], digits))
+            if any(c != "–" for c in row):
+                rows.append(f"| {label} | " + " | ".join(row) + " |")
+        if rows:
+            out += [f"**{name} minus {ref}'s, paired by seed** ({better} is better; mean ± std of the per-seed "
+                    "differences over the seeds both runs have, n pairs, paired t-test p; a seed gives both runs the "
+                    "same initial weights and crops, so this is more sensitive than the unpaired table above, "
+                    "which alone calls differences)", "",
+                    "| run | " + " | ".join(f"{r} {m}" for r, m in columns) + " |",
+                    "| --- | " + " | ".join("---:" for _ in columns) + " |"] + rows + [""]
+    return out
+
+
 def runs_table(lines: Sequence[dict], labels, row_labels: Sequence[str]) -> List[str]:
     out = ["| run | design | keep | objective | unmasked fine-tune | seeds | budget (s) | images seen (final) | "
            "images/s (average, steady) | peak GiB | compile (s) | config | proxy | sampling |",
@@ -463,7 +516,7 @@ def report_block(lines: Sequence[dict], plots: Path, report: Path, sheets: Optio
         out += metric_table(cells, row_labels, "final", columns, key) + [""]
     differences = difference_tables(cells, row_labels, columns)
     if differences:
-        out += ["### Differences at equal GPU time", ""] + differences
+        out += ["### Differences at equal GPU time", ""] + differences + paired_difference_tables(cells, row_labels, columns)
     out += raw_final_table(lines, raw_extra, labels)
     marks = sorted({int(p) for l in lines for p in points_of(l) if p != "final"})
     if marks:
