@@ -140,17 +140,22 @@ def test_with_mask_tokens_fills_dropped_rows_compiled_under_a_dtype_cast():
     assert torch.equal(torch.compile(with_mask_tokens)(token, kept, index, 10), expected)
 
 
-@pytest.mark.parametrize("design", ["unmasked", "plain", "decoder", "mixer", "side_interp"])
-def test_compiled_designs_under_bf16_autocast_are_as_close_to_fp32_as_eager(design):
-    # The GPU test of the same name runs the published sizes; this one runs on CPU Inductor. Both bf16 paths are
-    # judged against the fp32 eager forward: a miscompiled stream is O(1) away, bf16 rounding ~1e-2.
+@pytest.mark.parametrize("preset,design", [("FiT-tiny", d) for d in ("unmasked", "padded", "plain", "decoder", "mixer", "side_interp")]
+                         + [("FiTv2-tiny", "unmasked"), ("FiTv2-tiny", "decoder")])
+def test_compiled_designs_under_bf16_autocast_are_as_close_to_fp32_as_eager(preset, design):
+    # tests/test_gpu.py::test_compiled_masked_gradients_agree_with_eager runs the published sizes with varlen on CUDA;
+    # this runs on CPU Inductor. Both bf16 paths are judged against the fp32 eager forward: a miscompiled stream is
+    # O(1) away, bf16 rounding ~1e-2. "padded" is FiT's layout (every image padded to the longest), unmasked.
     torch.manual_seed(0)
-    cfg = model_config("FiT-tiny", mask_design="plain" if design == "unmasked" else design, side_decode_depth=1)
+    masked = design not in ("unmasked", "padded")
+    cfg = model_config(preset, mask_design=design if masked else "plain", side_decode_depth=1)
     model = _perturbed(FiT(cfg))
     tokens, keep, y = _batch(cfg.token_dim)
     batch = pack(tokens, GRIDS, y)
     mask, t = masked_view(batch.layout, keep), torch.tensor([10.0, 500.0, 999.0])
-    mask = None if design == "unmasked" else mask
+    mask = mask if masked else None
+    if design == "padded":
+        batch = to_padded(batch, seq_len=max(h * w for h, w in GRIDS))
     exact = model(batch.tokens, t, y, batch.layout, mask=mask)
     errors = {}
     for name, forward in (("eager", model), ("compiled", torch.compile(model))):
