@@ -112,7 +112,13 @@ def test_eager_keeps_the_scatter_add_and_compiled_gradients_equal_eager_ones(mon
     mask, t = masked_view(batch.layout, keep), torch.linspace(10.0, 900.0, len(GRIDS))
     out_ref, ref = _grads(model, batch.tokens, t, y, batch.layout, mask)
     assert not calls  # eager: autograd's index_add
-    out, got = _grads(model, batch.tokens, t, y, batch.layout, mask, forward=torch.compile(model))
+    # a cached compiled graph (an earlier run of this test) would not trace the backward again: compile afresh
+    import torch._inductor.utils as inductor_utils
+
+    fresh = getattr(inductor_utils, "fresh_cache", None) or inductor_utils.fresh_inductor_cache
+    torch._dynamo.reset()
+    with fresh():
+        out, got = _grads(model, batch.tokens, t, y, batch.layout, mask, forward=torch.compile(model))
     assert calls  # the compiled backward is the window
     torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
     for key in ref:
