@@ -202,30 +202,38 @@ def difference_cell(run: Sequence[float], ref: Sequence[float], digits: int) -> 
     return f"{delta:+.{digits}f}" + (f" (p={p:.2f})" if p is not None else "") + (" **called**" if called else "")
 
 
-def difference_tables(cells, row_labels: Sequence[str], columns, key: str = "proxy_fd") -> List[str]:
-    """Every run against each reference run of the decisive comparison that has results (final checkpoints)."""
+def _against_references(cells, row_labels: Sequence[str], columns, key: str, cell, caption: str) -> List[str]:
+    """One table per reference run of the decisive comparison that has results (final checkpoints): every other run
+    against it, ``cell(run_lines, ref_lines)`` per (resolution, method); ``caption`` follows "<metric> minus <ref>'s"."""
     out = []
-    digits = DIGITS.get(key, 2)
     name, better = METRICS[key]
     for ref in (r for r in REFERENCE_RUNS if r in row_labels):
         rows = []
         for label in row_labels:
             if label == ref:
                 continue
-            row = []
-            for r, m in columns:
-                vals = [float(l[key]) for l in cells.get((label, "final", r, m), []) if l.get(key) is not None]
-                base = [float(l[key]) for l in cells.get((ref, "final", r, m), []) if l.get(key) is not None]
-                row.append(difference_cell(vals, base, digits))
+            row = [cell(cells.get((label, "final", r, m), []), cells.get((ref, "final", r, m), [])) for r, m in columns]
             if any(c != "–" for c in row):
                 rows.append(f"| {label} | " + " | ".join(row) + " |")
         if rows:
-            out += [f"**{name} minus {ref}'s** ({better} is better; **called** = the difference exceeds the two "
-                    "runs' spreads together, i.e. their mean ± std intervals do not overlap; p = Welch's t-test; "
-                    "(n=a/b) = seeds, too few to call anything)", "",
+            out += [f"**{name} minus {ref}'s{caption.format(better=better)}", "",
                     "| run | " + " | ".join(f"{r} {m}" for r, m in columns) + " |",
                     "| --- | " + " | ".join("---:" for _ in columns) + " |"] + rows + [""]
     return out
+
+
+def difference_tables(cells, row_labels: Sequence[str], columns, key: str = "proxy_fd") -> List[str]:
+    """Every run against each reference run: difference of the means over seeds, called beyond both spreads."""
+    digits = DIGITS.get(key, 2)
+
+    def cell(run_lines, ref_lines):
+        values = [[float(l[key]) for l in lines if l.get(key) is not None] for lines in (run_lines, ref_lines)]
+        return difference_cell(values[0], values[1], digits)
+
+    return _against_references(cells, row_labels, columns, key, cell,
+                               "** ({better} is better; **called** = the difference exceeds the two runs' spreads "
+                               "together, i.e. their mean ± std intervals do not overlap; p = Welch's t-test; (n=a/b) = "
+                               "seeds, too few to call anything)")
 
 
 def paired_p(differences: Sequence[float]) -> Optional[float]:
@@ -255,30 +263,18 @@ def paired_cell(run: Dict[int, float], ref: Dict[int, float], digits: int) -> st
 
 
 def paired_difference_tables(cells, row_labels: Sequence[str], columns, key: str = "proxy_fd") -> List[str]:
-    """Like difference_tables, over the seeds the two runs share, seed by seed (rows with 2 pairs or more)."""
-    out = []
+    """Like difference_tables, over the seeds the two runs share, seed by seed (cells with 2 pairs or more)."""
     digits = DIGITS.get(key, 2)
-    name, better = METRICS[key]
-    for ref in (r for r in REFERENCE_RUNS if r in row_labels):
-        rows = []
-        for label in row_labels:
-            if label == ref:
-                continue
-            row = []
-            for r, m in columns:
-                by_seed = [{l["seed"]: float(l[key]) for l in cells.get((x, "final", r, m), []) if l.get(key) is not None}
-                           for x in (label, ref)]
-                row.append(paired_cell(by_seed[0], by_seed[1], digits))
-            if any(c != "–" for c in row):
-                rows.append(f"| {label} | " + " | ".join(row) + " |")
-        if rows:
-            out += [f"**{name} minus {ref}'s, paired by seed** ({better} is better; mean ± std of the per-seed "
-                    "differences over the seeds both runs have, n pairs, paired t-test p; a seed gives both runs the "
-                    "same initial weights and crops, so this is more sensitive than the unpaired table above, "
-                    "which alone calls differences)", "",
-                    "| run | " + " | ".join(f"{r} {m}" for r, m in columns) + " |",
-                    "| --- | " + " | ".join("---:" for _ in columns) + " |"] + rows + [""]
-    return out
+
+    def cell(run_lines, ref_lines):
+        by_seed = [{l["seed"]: float(l[key]) for l in lines if l.get(key) is not None} for lines in (run_lines, ref_lines)]
+        return paired_cell(by_seed[0], by_seed[1], digits)
+
+    return _against_references(cells, row_labels, columns, key, cell,
+                               ", paired by seed** ({better} is better; mean ± std of the per-seed differences over "
+                               "the seeds both runs have, n pairs, paired t-test p; a seed gives both runs the same "
+                               "initial weights and crops, so this is more sensitive than the unpaired table above, "
+                               "which alone calls differences)")
 
 
 def runs_table(lines: Sequence[dict], labels, row_labels: Sequence[str]) -> List[str]:
