@@ -21,13 +21,15 @@
 #   xl-graphs  FiTv2-XL/2 at 50 % kept under CUDA graphs (compile mode reduce-overhead), batch 64 and 128
 #   autotune   FiT-B/2 unmasked with torch.compile's max-autotune-no-cudagraphs (matmul epilogue fusion)
 #   rope       tools/probes/rope_variants.py: four forms of the RoPE pair rotation, compiled, forward + backward
+#   recheck    after the fix of the compiled mask-token fill (BENCHMARKS "Correction"): the GPU tests, then the
+#              decoder row of item 3 beside the published code (FiT-B/2-dit, 50 % kept; needs third_party/FiT)
 #
 # The published code is not part of this repository: put a checkout of github.com/whlzy/FiT (its fit/ and
 # configs/ folders suffice) in the ignored folder third_party/FiT and carry that path to the device. Each
 # stage writes JSON lines and a log under OUT_DIR (default: $OUT, else ./device_out); copy them into
 # bench_results/ and the figures, with date, device and command, into BENCHMARKS.md.
 set -uo pipefail
-stage=${1:?usage: tools/device_measurements.sh checks|designs|designs-b2|missing|profile|item3|item3-xl|xl-graphs|autotune|rope [OUT_DIR]}
+stage=${1:?usage: tools/device_measurements.sh checks|designs|designs-b2|missing|profile|item3|item3-xl|xl-graphs|autotune|rope|recheck [OUT_DIR]}
 out=${2:-${OUT:-device_out}}
 mkdir -p "$out"
 export PYTHONPATH=src
@@ -92,5 +94,9 @@ case "$stage" in
   rope)
     timeout 300 python3 tools/probes/rope_variants.py 2>&1 | tee -a "$out/$stage.log"
     ;;
-  *) echo "unknown stage $stage: use checks, designs, designs-b2, missing, profile, item3, item3-xl, xl-graphs, autotune or rope" >&2; exit 2 ;;
+  recheck)
+    timeout 330 python3 -m pytest -q -p no:logging tests/test_gpu.py 2>&1 | grep -v DEBUG | tail -30 | tee -a "$out/$stage.log"
+    bench 200 --published-fit third_party/FiT --models FiT-B/2-dit --modes keep0.5 --designs decoder
+    ;;
+  *) echo "unknown stage $stage: use checks, designs, designs-b2, missing, profile, item3, item3-xl, xl-graphs, autotune, rope or recheck" >&2; exit 2 ;;
 esac
