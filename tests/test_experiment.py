@@ -249,6 +249,30 @@ def test_experiment_rerun_skips_training_and_finished_lines(assets, experiment, 
     assert "budget_seconds" in capsys.readouterr().err
 
 
+def test_also_cfg_samples_the_final_checkpoint_unguided_and_reports_it_apart(assets, tmp_path, capsys):
+    from maskfit.study_report import report_block
+
+    out = tmp_path / "cfg"
+    assert main(experiment_argv(assets, out, "--also-cfg", "1.0", "--raw-final", "yes")) == 0
+    lines = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    unguided = [l for l in lines if l["cfg_scale"] == 1.0]
+    final_main = [l for l in lines if l["cfg_scale"] == 1.5 and l["weights"] == "ema" and l["is_final"]]
+    assert [(l["resolution"], l["method"], l["is_final"], l["weights"]) for l in unguided] == [("16x16", "none", True, "ema")]
+    assert unguided[0]["checkpoint"] == final_main[0]["checkpoint"]
+    assert len({unguided[0]["eval_id"], final_main[0]["eval_id"]}) == 2
+    block = report_block(lines, tmp_path / "plots", tmp_path / "REPORT.md")
+    guided_fd = next(l["proxy_fd"] for l in final_main if l["resolution"] == "16x16")
+    assert "### The final checkpoint with CFG 1 beside CFG 1.5" in block
+    assert f"| cfg | {guided_fd:.2f} / {unguided[0]['proxy_fd']:.2f} |" in block
+    assert "### The final checkpoint's raw weights beside its EMA" in block  # each extra in its own table
+    assert "[2]" not in block  # neither extra is a second group of the run's tables
+    capsys.readouterr()
+    assert main(experiment_argv(assets, tmp_path / "dry", "--dry-run", "--also-cfg", "1")) == 0
+    assert "and the final checkpoint with CFG 1 at the marks' resolutions" in capsys.readouterr().out
+    assert main(experiment_argv(assets, tmp_path / "dry", "--dry-run", "--also-cfg", "0.5")) == 2
+    assert "--also-cfg 0.5: a guidance scale is >= 1" in capsys.readouterr().err
+
+
 def test_unmasked_finetune_resumes_the_masked_run_with_every_token(assets, tmp_path):
     import argparse
 

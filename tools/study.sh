@@ -24,6 +24,8 @@
 #   STEPS=25          sampler steps (Euler for flow, DDIM for DDPM; CFG 1.5)
 #   MARKS=100000,200000   image counts also checkpointed and evaluated (equal images seen)
 #   MARK_RES=64x64    resolutions evaluated at the marks (the final checkpoint gets the whole protocol)
+#   ALSO_CFG=1.0      the final checkpoint is also sampled with this guidance at MARK_RES (1.0: unguided, as FiT's
+#                     tables; from 2026-12-01 night on, ~4 s a run)
 #   LIMIT=570         seconds before an experiment is cut (what it finished still comes back)
 #   PROXY=study/proxy/proxy_classifier.safetensors   DATA=.carry/imagenette/train-128   OUT_DIR=$OUT or device_out
 #
@@ -70,7 +72,7 @@ case "$cmd" in
       timeout "${LIMIT:-570}" $PY -m maskfit.cli experiment configs/study/base.toml --variant "$name" --seed "$seed" \
         --out "$work/$tag" --proxy "$PROXY" --set "data.root=\"$DATA\"" --budget-seconds "${BUDGET:-180}" \
         --num-images "${NUM_IMAGES:-200}" --sample-batch-size "${SAMPLE_BATCH:-100}" --steps "${STEPS:-25}" --eval-at-images "${MARKS:-100000,200000}" \
-        --mark-resolutions "${MARK_RES:-64x64}" --quiet "$@" 2>&1 | tee "$work/$tag.log"
+        --mark-resolutions "${MARK_RES:-64x64}" --also-cfg "${ALSO_CFG:-1.0}" --quiet "$@" 2>&1 | tee "$work/$tag.log"
       [ -f "$work/$tag/results.jsonl" ] && cp "$work/$tag/results.jsonl" "$out/$tag.jsonl"
       (cd "$work" && tar czf "$out/$tag.tar.gz" "$tag.log" $(find "$tag" -maxdepth 1 -name '*.json') \
         $(find "$tag/run" -maxdepth 1 -name log.jsonl 2>/dev/null) $(find "$tag/eval" -name 'grid_*.png' 2>/dev/null))

@@ -538,6 +538,10 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw-final", choices=("auto", "yes", "no"), default="auto",
                    help="also sample the final checkpoint's raw (non-EMA) weights at the mark resolutions; auto: when "
                         "the run ends with an unmasked fine-tune, shorter than the EMA's memory of the masked phase")
+    p.add_argument("--also-cfg", type=float, default=None, metavar="SCALE",
+                   help="also sample the final checkpoint with this guidance scale at the mark resolutions (1.0: no "
+                        "guidance, as FiT's and MaskDiT's no-CFG tables; MaskDiT's CFG numbers need its unmasked "
+                        "fine-tune, its no-CFG numbers do not)")
     p.add_argument("--sample-compile", action="store_true", help="torch.compile the sampler's network (per sweep call)")
     p.add_argument("--proxy", required=True, help="proxy classifier (maskfit train-classifier --data-split train)")
     p.add_argument("--eval-data", default=None, help="folder of the reference images (default: the run's data.root)")
@@ -616,8 +620,13 @@ def run_experiment(args) -> dict:
 
     marks = sorted(args.eval_at_images)
     raw_final = args.weights == "ema" and (args.raw_final == "yes" or (args.raw_final == "auto" and finetune > 0))
+    also_cfg = args.also_cfg is not None and args.also_cfg != args.cfg_scale
+    if args.also_cfg is not None and args.also_cfg < 1.0:
+        raise ValueError(f"--also-cfg {args.also_cfg:g}: a guidance scale is >= 1 (1.0 = no guidance)")
     flops = group_flops(final_groups) + group_flops(mark_groups) * (len(marks) + raw_final)
-    calls = len(final_groups) + len(mark_groups) * (len(marks) + raw_final)
+    if also_cfg:  # the unguided pass costs half: one network evaluation per step instead of two
+        flops += [f * evaluations_per_image(sampler, steps, args.also_cfg) / nfe for f in group_flops(mark_groups)]
+    calls = len(final_groups) + len(mark_groups) * (len(marks) + raw_final + also_cfg)
     estimate = estimate_seconds(args.budget_seconds, flops, calls, tflops, args.sample_compile)
     name = out.name
     sets_final = sum(len(sample_sets(cfg, mcfg, g)) for g in final_groups)
@@ -630,7 +639,9 @@ def run_experiment(args) -> dict:
           f"{sum(len(sample_sets(cfg, mcfg, g)) for g in mark_groups)} at each mark; {args.num_images} images each, "
           f"{sampler} {steps} steps, CFG {args.cfg_scale:g} ({nfe} network evaluations per image), "
           f"{args.weights.upper()} weights" + (", and the final checkpoint's raw weights at the marks' resolutions"
-                                               if raw_final else "") + "\n"
+                                               if raw_final else "")
+          + (f", and the final checkpoint with CFG {args.also_cfg:g} at the marks' resolutions" if also_cfg else "")
+          + "\n"
           f"  estimate: {estimate['total_s']:.0f} s = training {estimate['train_s']:g} + start-up "
           f"{estimate['startup_s']:g} + sampling {estimate['sampling_s']:g} (at an assumed {tflops:g} TFLOP/s) "
           f"+ {calls} sweep calls {estimate['sweep_overhead_s']:g}", flush=True)
@@ -695,7 +706,8 @@ def run_experiment(args) -> dict:
             t0 = time.perf_counter()
             summary = run_sweep(_sweep_args(ckpt_path, reference, group, ev, folder))
             seconds = time.perf_counter() - t0
-            flops_done += sampling_flops(mcfg, [res.grid for res, _ in sets], args.num_images, nfe)
+            nfe_here = evaluations_per_image(ev["sampler"], ev["steps"], ev["cfg_scale"])
+            flops_done += sampling_flops(mcfg, [res.grid for res, _ in sets], args.num_images, nfe_here)
             lines = [result_line(run, ckpt, ev, row, training) for row in read_sweep_rows(Path(summary["csv"]))]
             with open(results_path, "a") as f:
                 for line in lines:
@@ -716,6 +728,10 @@ def run_experiment(args) -> dict:
         ev_raw = dict(ev, weights="raw")
         ev_raw["eval_id"] = eval_id(ev_raw)
         evaluate(evaluated[0], mark_groups, ev_raw)  # the final checkpoint comes first
+    if also_cfg:
+        ev_cfg = dict(ev, cfg_scale=args.also_cfg)
+        ev_cfg["eval_id"] = eval_id(ev_cfg)
+        evaluate(evaluated[0], mark_groups, ev_cfg)
     return {"results": str(results_path), "lines_written": written, "estimate": estimate,
             "eval_seconds": round(time.perf_counter() - t_eval, 1)}
 

@@ -443,25 +443,28 @@ def plot_throughput(lines, labels, row_labels, path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def split_raw_final(lines: Sequence[dict]) -> Tuple[List[dict], List[dict]]:
-    """(the lines of the tables, the extra raw-weight lines of runs sampled with EMA weights):
-    ``maskfit experiment --raw-final`` also samples a fine-tuned run's final raw weights, which are not the
-    weights its other numbers use, so they get a table of their own."""
-    ema_runs = {l["run"] for l in lines if l.get("weights", "ema") == "ema"}
-    is_extra = [l.get("weights") == "raw" and l["run"] in ema_runs for l in lines]
+def split_extra(lines: Sequence[dict]) -> Tuple[List[dict], List[dict]]:
+    """(the lines of the tables, the extra evaluations): a run's tables use its main evaluation setting (the
+    eval_id most of its lines share); ``maskfit experiment --raw-final`` (the final raw weights) and ``--also-cfg``
+    (another guidance scale) add a few lines of the final checkpoint under other settings, which get tables of
+    their own."""
+    counts: Dict[str, Dict[str, int]] = {}
+    for l in lines:
+        per_run = counts.setdefault(l["run"], {})
+        per_run[l["eval_id"]] = per_run.get(l["eval_id"], 0) + 1
+    main_eval = {run: max(c, key=c.get) for run, c in counts.items()}
+    is_extra = [l["eval_id"] != main_eval[l["run"]] for l in lines]
     return ([l for l, x in zip(lines, is_extra) if not x], [l for l, x in zip(lines, is_extra) if x])
 
 
-def raw_final_table(lines: Sequence[dict], extra: Sequence[dict], labels) -> List[str]:
-    """Proxy FD of the final checkpoint's EMA weights beside its raw weights, per run label and resolution."""
+def _extra_table(lines: Sequence[dict], extra: Sequence[dict], labels, heading: str, note: str) -> List[str]:
+    """Proxy FD of each run's final checkpoint under its main setting beside the extra setting, per resolution."""
     if not extra:
         return []
     label_of_run = {l["run"]: label_of(l, labels) for l in lines}
     columns = list(dict.fromkeys((l["resolution"], l["method"]) for l in extra))
     rows = list(dict.fromkeys(label_of_run[l["run"]] for l in extra if l["run"] in label_of_run))
-    out = ["### The final checkpoint's raw weights beside its EMA", "",
-           "_A short last phase (the unmasked fine-tune) barely moves an EMA with a memory of hundreds of steps: "
-           "the raw weights show what that phase reached. Proxy FD, lower is better; EMA / raw._", "",
+    out = [f"### {heading}", "", f"_{note}_", "",
            "| run | " + " | ".join(f"{r} {m}" for r, m in columns) + " |",
            "| --- | " + " | ".join("---:" for _ in columns) + " |"]
     for label in rows:
@@ -475,13 +478,33 @@ def raw_final_table(lines: Sequence[dict], extra: Sequence[dict], labels) -> Lis
     return out + [""]
 
 
+def extra_tables(lines: Sequence[dict], extra: Sequence[dict], labels) -> List[str]:
+    """One table per kind of extra evaluation: the final raw weights, and each other guidance scale."""
+    main_of_run = {l["run"]: l for l in lines}
+    raw = [l for l in extra if l["run"] in main_of_run and l.get("weights") != main_of_run[l["run"]].get("weights")]
+    out = _extra_table(lines, raw, labels, "The final checkpoint's raw weights beside its EMA",
+                       "A short last phase (the unmasked fine-tune) barely moves an EMA with a memory of hundreds of "
+                       "steps: the raw weights show what that phase reached. Proxy FD, lower is better; EMA / raw.")
+    rest = [l for l in extra if l not in raw and l["run"] in main_of_run]
+    for scale in sorted({l["cfg_scale"] for l in rest}):
+        main_scales = sorted({main_of_run[l["run"]]["cfg_scale"] for l in rest if l["cfg_scale"] == scale})
+        out += _extra_table(lines, [l for l in rest if l["cfg_scale"] == scale], labels,
+                            f"The final checkpoint with CFG {scale:g} beside CFG {'/'.join(f'{m:g}' for m in main_scales)}",
+                            f"`maskfit experiment --also-cfg {scale:g}`: the same weights and sampler"
+                            + (" without guidance (FiT's and MaskDiT's no-CFG setting; MaskDiT's CFG numbers rely on "
+                               "its unmasked fine-tune, its no-CFG numbers do not)" if scale == 1.0 else "")
+                            + f". Proxy FD, lower is better; CFG {'/'.join(f'{m:g}' for m in main_scales)} / "
+                            f"CFG {scale:g}.")
+    return out
+
+
 def report_block(lines: Sequence[dict], plots: Path, report: Path, sheets: Optional[Path] = None,
                  floor: Optional[Path] = None) -> str:
     """The generated part of REPORT.md (between the markers), plots written under ``plots``; the sample sheets
     found in ``sheets`` are linked."""
     if not lines:
         return "\n".join([BEGIN, "", "_No result lines yet: study/results/ holds no experiment's results.jsonl._", "", END])
-    lines, raw_extra = split_raw_final(lines)
+    lines, extra = split_extra(lines)
     labels = group_labels(lines)
     row_labels = list(dict.fromkeys(label_of(l, labels) for l in lines))
     columns = column_order(lines)
@@ -513,7 +536,7 @@ def report_block(lines: Sequence[dict], plots: Path, report: Path, sheets: Optio
     differences = difference_tables(cells, row_labels, columns)
     if differences:
         out += ["### Differences at equal GPU time", ""] + differences + paired_difference_tables(cells, row_labels, columns)
-    out += raw_final_table(lines, raw_extra, labels)
+    out += extra_tables(lines, extra, labels)
     marks = sorted({int(p) for l in lines for p in points_of(l) if p != "final"})
     if marks:
         out += ["### At equal images seen (first checkpoint at or past each mark)", ""]
