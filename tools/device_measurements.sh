@@ -22,7 +22,8 @@
 #   autotune   FiT-B/2 unmasked with torch.compile's max-autotune-no-cudagraphs (matmul epilogue fusion)
 #   rope       tools/probes/rope_variants.py: four forms of the RoPE pair rotation, compiled, forward + backward
 #   recheck    after the fix of the compiled mask-token fill (BENCHMARKS "Correction"): the GPU tests, then the
-#              decoder row of item 3 beside the published code (FiT-B/2-dit, 50 % kept; needs third_party/FiT)
+#              decoder row of item 3 beside the published code (FiT-B/2-dit, 50 % kept; needs third_party/FiT),
+#              then tools/probes/attention_rope.py (RoPE's cost inside 12 attention layers, and a joint q/k form)
 #
 # The published code is not part of this repository: put a checkout of github.com/whlzy/FiT (its fit/ and
 # configs/ folders suffice) in the ignored folder third_party/FiT and carry that path to the device. Each
@@ -97,6 +98,7 @@ case "$stage" in
   recheck)
     timeout 330 python3 -m pytest -q -p no:logging tests/test_gpu.py 2>&1 | grep -v DEBUG | tail -30 | tee -a "$out/$stage.log"
     bench 200 --published-fit third_party/FiT --models FiT-B/2-dit --modes keep0.5 --designs decoder
+    timeout 120 python3 tools/probes/attention_rope.py 2>&1 | tee -a "$out/$stage.log"
     ;;
   *) echo "unknown stage $stage: use checks, designs, designs-b2, missing, profile, item3, item3-xl, xl-graphs, autotune, rope or recheck" >&2; exit 2 ;;
 esac
