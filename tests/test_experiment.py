@@ -20,7 +20,7 @@ from maskfit.config import config_from_dict, load_config
 from maskfit.data.pipeline import build_dataset
 from maskfit.data.split import holdout_key, select_split
 from maskfit.evaluate.cli import load_image_folder
-from maskfit.evaluate.proxy import LabeledImages, ProxyTrainConfig, save_proxy, train_classifier
+from maskfit.evaluate.proxy import ProxyTrainConfig, save_proxy, train_classifier
 from maskfit.train import ema_decay_at, train
 from tests.test_train import tiny_run
 

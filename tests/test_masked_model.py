@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from maskfit.models.transformer import FiT, FiTBlock, model_config
+from maskfit.models.transformer import FiT, model_config
 from maskfit.tokens import masked_view, pack, to_padded
 
 
