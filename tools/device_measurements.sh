@@ -21,6 +21,9 @@
 #   xl-graphs  FiTv2-XL/2 at 50 % kept under CUDA graphs (compile mode reduce-overhead), batch 64 and 128
 #   autotune   FiT-B/2 unmasked with torch.compile's max-autotune-no-cudagraphs (matmul epilogue fusion)
 #   rope       tools/probes/rope_variants.py: four forms of the RoPE pair rotation, compiled, forward + backward
+#   tuning     FiT-B/2-dit unmasked beside the published code with Inductor's coordinate-descent tuning of its
+#              pointwise and reduction kernels (TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1; the profile has SwiGLU's
+#              backward at about half the bandwidth its forward reaches), then FiT-B/2 the same way
 #   recheck    after the fix of the compiled mask-token fill (BENCHMARKS "Correction"): the GPU tests, then the
 #              decoder row of item 3 beside the published code (FiT-B/2-dit, 50 % kept; needs third_party/FiT),
 #              then tools/probes/attention_rope.py (RoPE's cost inside 12 attention layers, and a joint q/k form)
@@ -30,7 +33,7 @@
 # stage writes JSON lines and a log under OUT_DIR (default: $OUT, else ./device_out); copy them into
 # bench_results/ and the figures, with date, device and command, into BENCHMARKS.md.
 set -uo pipefail
-stage=${1:?usage: tools/device_measurements.sh checks|designs|designs-b2|missing|profile|item3|item3-xl|xl-graphs|autotune|rope|recheck [OUT_DIR]}
+stage=${1:?usage: tools/device_measurements.sh checks|designs|designs-b2|missing|profile|item3|item3-xl|xl-graphs|autotune|rope|recheck|tuning [OUT_DIR]}
 out=${2:-${OUT:-device_out}}
 mkdir -p "$out"
 export PYTHONPATH=src
@@ -95,10 +98,15 @@ case "$stage" in
   rope)
     timeout 300 python3 tools/probes/rope_variants.py 2>&1 | tee -a "$out/$stage.log"
     ;;
+  tuning)
+    export TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1
+    bench 280 --published-fit third_party/FiT --models FiT-B/2-dit --modes packed
+    bench 250 --models FiT-B/2 --modes packed
+    ;;
   recheck)
     timeout 330 python3 -m pytest -q -p no:logging tests/test_gpu.py 2>&1 | grep -v DEBUG | tail -30 | tee -a "$out/$stage.log"
     bench 200 --published-fit third_party/FiT --models FiT-B/2-dit --modes keep0.5 --designs decoder
     timeout 120 python3 tools/probes/attention_rope.py 2>&1 | tee -a "$out/$stage.log"
     ;;
-  *) echo "unknown stage $stage: use checks, designs, designs-b2, missing, profile, item3, item3-xl, xl-graphs, autotune, rope or recheck" >&2; exit 2 ;;
+  *) echo "unknown stage $stage: use checks, designs, designs-b2, missing, profile, item3, item3-xl, xl-graphs, autotune, rope, recheck or tuning" >&2; exit 2 ;;
 esac
