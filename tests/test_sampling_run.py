@@ -368,3 +368,26 @@ def test_the_sampling_bench_times_what_maskfit_sample_runs(monkeypatch):
     assert seen[-1] == "bf16"
     with pytest.raises(ValueError, match="attention 'varlen' needs a CUDA device"):
         bench_sampling("FiTv2-tiny", num_images=3, batch=3, steps=1, device="cpu", attention="varlen")
+
+
+def test_compiled_sampling_draws_what_eager_draws_over_two_stream_lengths():
+    # `maskfit sample --compile` compiles model.forward once with dynamic shapes (compile_for_sampling); under bf16
+    # autocast it must draw the eager samples (a miscompiled stream, as the decoder's mask-token fill was, is O(1)).
+    from maskfit.sample import SamplerOptions, sample_tokens
+    from maskfit.sampling_run import compile_for_sampling
+
+    model, diffusion = _tiny_flow_model()
+    options = SamplerOptions(steps=3, cfg_scale=1.5, precision="bf16")
+    draws = {}
+    for name in ("eager", "compiled"):
+        if name == "compiled":
+            torch._dynamo.reset()
+            compile_for_sampling(model)
+        for grids in ([(3, 5), (4, 4)], [(2, 6), (5, 5), (4, 3)]):  # 31 and 49 tokens: one graph, two lengths
+            labels = torch.arange(len(grids))
+            tokens = sample_tokens(model, diffusion, grids, labels, options, torch.Generator().manual_seed(0),
+                                   torch.device("cpu"))
+            draws[name, len(grids)] = torch.cat(tokens)
+    for n in (2, 3):
+        eager, compiled = draws["eager", n], draws["compiled", n]
+        assert (compiled - eager).abs().mean() < 0.02 * eager.abs().mean(), n
