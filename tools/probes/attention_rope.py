@@ -25,6 +25,8 @@ from maskfit.models.rope import RopeTables, apply_rope, rope_tables
 from maskfit.models.transformer import Attention
 from maskfit.tokens import pack
 
+from cuda_timing import median_cuda_ms  # tools/probes/, the script's own folder
+
 
 class JointAttention(Attention):
     def forward(self, x, rope: RopeTables, plan):
@@ -88,17 +90,7 @@ def main():
                 out = compiled(x)
             out.float().square().mean().backward()
 
-        for _ in range(5):
-            step()
-        times = []
-        for _ in range(20):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        print(f"{name:9s} {sorted(times)[len(times) // 2]:8.3f} ms (12 attention layers on {T} tokens, forward + "
+        print(f"{name:9s} {median_cuda_ms(step):8.3f} ms (12 attention layers on {T} tokens, forward + "
               "backward, compiled, bf16)", flush=True)
 
 

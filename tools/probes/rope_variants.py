@@ -19,6 +19,8 @@ import torch
 
 from maskfit.models.rope import RopeTables, apply_rope
 
+from cuda_timing import median_cuda_ms  # tools/probes/, the script's own folder
+
 
 def rotate_flip(x):
     sign = torch.tensor([-1.0, 1.0], dtype=x.dtype, device=x.device)
@@ -69,17 +71,7 @@ def main():
             q.grad = k.grad = None
             compiled(q, k, prepare(tables)).backward()
 
-        for _ in range(5):
-            step()
-        times = []
-        for _ in range(20):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        print(f"{name:12s} {sorted(times)[len(times) // 2]:7.3f} ms (12 layers, q and k, forward + backward)", flush=True)
+        print(f"{name:12s} {median_cuda_ms(step):7.3f} ms (12 layers, q and k, forward + backward)", flush=True)
 
 
 if __name__ == "__main__":
