@@ -623,10 +623,14 @@ def run_experiment(args) -> dict:
     also_cfg = args.also_cfg is not None and args.also_cfg != args.cfg_scale
     if args.also_cfg is not None and args.also_cfg < 1.0:
         raise ValueError(f"--also-cfg {args.also_cfg:g}: a guidance scale is >= 1 (1.0 = no guidance)")
-    flops = group_flops(final_groups) + group_flops(mark_groups) * (len(marks) + raw_final)
-    if also_cfg:  # the unguided pass costs half: one network evaluation per step instead of two
-        flops += [f * evaluations_per_image(sampler, steps, args.also_cfg) / nfe for f in group_flops(mark_groups)]
-    calls = len(final_groups) + len(mark_groups) * (len(marks) + raw_final + also_cfg)
+    # The final checkpoint's extra evaluations at the marks' resolutions: each overrides the main setting ``ev``.
+    extras = ([{"weights": "raw"}] if raw_final else []) + ([{"cfg_scale": args.also_cfg}] if also_cfg else [])
+    mark_flops = group_flops(mark_groups)
+    flops = group_flops(final_groups) + mark_flops * len(marks)
+    for extra in extras:  # an unguided pass costs half: one network evaluation per step instead of two
+        scale = evaluations_per_image(sampler, steps, extra.get("cfg_scale", args.cfg_scale)) / nfe
+        flops += [f * scale for f in mark_flops]
+    calls = len(final_groups) + len(mark_groups) * (len(marks) + len(extras))
     estimate = estimate_seconds(args.budget_seconds, flops, calls, tflops, args.sample_compile)
     name = out.name
     sets_final = sum(len(sample_sets(cfg, mcfg, g)) for g in final_groups)
@@ -722,16 +726,12 @@ def run_experiment(args) -> dict:
     evaluated = checkpoints_to_evaluate(training, marks)
     for ckpt in evaluated:
         evaluate(ckpt, final_groups if ckpt["is_final"] else mark_groups, ev)
-    if raw_final:
-        # The EMA of a run whose last phase is short still holds mostly the weights before it (REPORT.md): the
-        # raw weights show what that phase itself reached.
-        ev_raw = dict(ev, weights="raw")
-        ev_raw["eval_id"] = eval_id(ev_raw)
-        evaluate(evaluated[0], mark_groups, ev_raw)  # the final checkpoint comes first
-    if also_cfg:
-        ev_cfg = dict(ev, cfg_scale=args.also_cfg)
-        ev_cfg["eval_id"] = eval_id(ev_cfg)
-        evaluate(evaluated[0], mark_groups, ev_cfg)
+    # Raw weights: the EMA of a run whose last phase is short still holds mostly the weights before it
+    # (REPORT.md), the raw weights show what that phase itself reached. Another CFG: see --also-cfg.
+    for extra in extras:
+        ev_extra = dict(ev, **extra)
+        ev_extra["eval_id"] = eval_id(ev_extra)
+        evaluate(evaluated[0], mark_groups, ev_extra)  # the final checkpoint comes first
     return {"results": str(results_path), "lines_written": written, "estimate": estimate,
             "eval_seconds": round(time.perf_counter() - t_eval, 1)}
 
