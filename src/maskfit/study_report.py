@@ -485,22 +485,23 @@ def _extra_table(lines: Sequence[dict], extra: Sequence[dict], labels, heading: 
 
 
 def extra_tables(lines: Sequence[dict], extra: Sequence[dict], labels) -> List[str]:
-    """One table per kind of extra evaluation: the final raw weights, and each other guidance scale."""
+    """One table per kind of extra evaluation: the final raw weights, and each other guidance scale. Every extra
+    line's run has main lines too (split_extra takes the main setting from the run's own lines)."""
     main_of_run = {l["run"]: l for l in lines}
-    raw = [l for l in extra if l["run"] in main_of_run and l.get("weights") != main_of_run[l["run"]].get("weights")]
+    raw, other_cfg = [], []
+    for l in extra:
+        (raw if l.get("weights") != main_of_run[l["run"]].get("weights") else other_cfg).append(l)
     out = _extra_table(lines, raw, labels, "The final checkpoint's raw weights beside its EMA",
                        "A short last phase (the unmasked fine-tune) barely moves an EMA with a memory of hundreds of "
                        "steps: the raw weights show what that phase reached. Proxy FD, lower is better; EMA / raw.")
-    rest = [l for l in extra if l not in raw and l["run"] in main_of_run]
-    for scale in sorted({l["cfg_scale"] for l in rest}):
-        main_scales = sorted({main_of_run[l["run"]]["cfg_scale"] for l in rest if l["cfg_scale"] == scale})
-        out += _extra_table(lines, [l for l in rest if l["cfg_scale"] == scale], labels,
-                            f"The final checkpoint with CFG {scale:g} beside CFG {'/'.join(f'{m:g}' for m in main_scales)}",
+    for scale in sorted({l["cfg_scale"] for l in other_cfg}):
+        at_scale = [l for l in other_cfg if l["cfg_scale"] == scale]
+        main = "/".join(f"{m:g}" for m in sorted({main_of_run[l["run"]]["cfg_scale"] for l in at_scale}))
+        out += _extra_table(lines, at_scale, labels, f"The final checkpoint with CFG {scale:g} beside CFG {main}",
                             f"`maskfit experiment --also-cfg {scale:g}`: the same weights and sampler"
                             + (" without guidance (FiT's and MaskDiT's no-CFG setting; MaskDiT's CFG numbers rely on "
                                "its unmasked fine-tune, its no-CFG numbers do not)" if scale == 1.0 else "")
-                            + f". Proxy FD, lower is better; CFG {'/'.join(f'{m:g}' for m in main_scales)} / "
-                            f"CFG {scale:g}.")
+                            + f". Proxy FD, lower is better; CFG {main} / CFG {scale:g}.")
     return out
 
 
