@@ -37,6 +37,8 @@ stage=${1:?usage: tools/device_measurements.sh checks|designs|designs-b2|missing
 out=${2:-${OUT:-device_out}}
 mkdir -p "$out"
 export PYTHONPATH=src
+# Profiled stages: Inductor kernels named after the aten ops they fuse, so the table says what each one computes
+name_kernels() { export TORCHINDUCTOR_DESCRIPTIVE_NAMES=original_aten TORCHINDUCTOR_UNIQUE_KERNEL_NAMES=1; }
 # bench SECONDS ARGS...: one `maskfit bench` call, cut at SECONDS so one slow part cannot take the stage's others
 bench() { local limit=$1; shift
   timeout "$limit" python3 -m maskfit.cli bench --steps 12 --warmup 4 --out "$out/$stage.jsonl" "$@" 2>&1 | tee -a "$out/$stage.log"; }
@@ -66,22 +68,21 @@ case "$stage" in
     bench 150 --models FiT-B/2 --modes keep0.75 --designs side_interp
     ;;
   profile)
-    # Inductor kernels named after the aten ops they fuse, so the table says what each one computes
-    export TORCHINDUCTOR_DESCRIPTIVE_NAMES=original_aten TORCHINDUCTOR_UNIQUE_KERNEL_NAMES=1
+    name_kernels
     bench 150 --profile --models FiT-B/2-dit --modes packed,keep0.5 --designs decoder
     bench 100 --profile --models FiT-B/2 --modes packed
     bench 200 --profile --models FiTv2-XL/2 --batch 64 --modes packed,keep0.5 --designs plain
     ;;
   item3)
     # issue 14 item 3: each row beside the published code in the same command (needs third_party/FiT)
-    export TORCHINDUCTOR_DESCRIPTIVE_NAMES=original_aten TORCHINDUCTOR_UNIQUE_KERNEL_NAMES=1
+    name_kernels
     bench 200 --profile --published-fit third_party/FiT --models FiT-B/2-dit --modes packed,keep0.5 --designs decoder
     bench 130 --published-fit third_party/FiT --models FiT-B/2 --modes packed
     ;;
   item3-xl)
     # FiTv2-XL/2 beside the published FiTv2 network (its flow transport), batch 64 as the issue measured, then ours
     # at batch 128 (a larger batch is one of the issue's candidates; images/s compare across batch sizes)
-    export TORCHINDUCTOR_DESCRIPTIVE_NAMES=original_aten TORCHINDUCTOR_UNIQUE_KERNEL_NAMES=1
+    name_kernels
     bench 300 --profile --published-fit third_party/FiT --models FiTv2-XL/2 --batch 64 --modes packed,keep0.5 --designs plain
     bench 240 --models FiTv2-XL/2 --batch 128 --modes packed,keep0.5 --designs plain
     ;;
