@@ -152,8 +152,8 @@ def test_compiled_designs_under_bf16_autocast_are_as_close_to_fp32_as_eager(pres
     model = _perturbed(FiT(cfg))
     tokens, keep, y = _batch(cfg.token_dim)
     batch = pack(tokens, GRIDS, y)
-    mask, t = masked_view(batch.layout, keep), torch.tensor([10.0, 500.0, 999.0])
-    mask = mask if masked else None
+    mask = masked_view(batch.layout, keep) if masked else None
+    t = torch.tensor([10.0, 500.0, 999.0])
     if design == "padded":
         batch = to_padded(batch, seq_len=max(h * w for h, w in GRIDS))
     exact = model(batch.tokens, t, y, batch.layout, mask=mask)
