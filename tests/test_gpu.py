@@ -248,9 +248,12 @@ def test_compiled_image_batching_compiles_once_for_every_stream_length(tmp_path)
     assert compile_stats()[0] == graphs_after_first
 
 
-def test_cuda_graph_training_replays_the_default_compiled_step(tmp_path):
-    """train.compile_mode='reduce-overhead' (token batching, plain 50 %, a fixed image count): the same losses as
-    the default compiled step on the same batches, no recompile after the first step, no host sync once replaying."""
+@pytest.mark.parametrize("design", ["plain", "decoder"])
+def test_cuda_graph_training_replays_the_default_compiled_step(tmp_path, design):
+    """train.compile_mode='reduce-overhead' (token batching, 50 % kept, a fixed image count): the same losses as
+    the default compiled step on the same batches, no recompile after the first step, no host sync once replaying.
+    The decoder runs on the full stream, which token batching pads to a static length for it
+    (maskfit.data.pipeline.static_full_stream)."""
     import dataclasses
 
     from maskfit.data.pipeline import build_training_data
@@ -260,7 +263,7 @@ def test_cuda_graph_training_replays_the_default_compiled_step(tmp_path):
     losses = {}
     for mode in ("default", "reduce-overhead"):
         torch._dynamo.reset()
-        cfg = _real_path_config(tmp_path / mode, "flow", "plain", "tokens", compile=True)
+        cfg = _real_path_config(tmp_path / mode, "flow", design, "tokens", compile=True)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile_mode=mode))
         data = build_training_data(cfg, run_patch_size(cfg))
         run = build_training_run(cfg, data.channels)

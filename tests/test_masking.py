@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from maskfit.masking import (
+    longest_full_stream,
     STRATEGIES,
     MaskConfig,
     block,
@@ -354,3 +355,60 @@ def test_runtime_errors():
         num_keep_for(0, MaskConfig())
     with pytest.raises(ValueError, match="grid 0x4 is empty"):
         choose_keep((0, 4), MaskConfig())
+
+
+# --- The full stream's bound under token batching (maskfit.data.pipeline.static_full_stream) -----------------
+
+
+def _full_stream(sizes, config):
+    """sum n_i + (K - sum k_i) for a bin of images with n_i tokens, whose kept counts fill K exactly."""
+    kept = [num_keep_for(n, config) for n in sizes]
+    return sum(sizes) - sum(kept), sum(kept)
+
+
+@pytest.mark.parametrize("config", [MaskConfig(keep_ratio=0.5), MaskConfig(keep_ratio=0.75), MaskConfig(keep_ratio=0.25),
+                                    MaskConfig(keep_count=5), MaskConfig(keep_ratio=0.5, resolution_dependent=True,
+                                                                         reference_tokens=64)],
+                         ids=["half", "three_quarters", "quarter", "count", "resolution_dependent"])
+def test_no_bin_of_images_exceeds_the_full_stream_bound(config):
+    K, largest, cap = 96, 64, 12
+    bound = longest_full_stream(config, K, largest, max_images=cap)
+    unbounded = longest_full_stream(config, K, largest)
+    assert K <= bound <= unbounded
+    rng = random.Random(0)
+    worst = 0
+    for trial in range(3000):
+        # Bins as the sampler closes them: whole images while their kept counts fit K and the image cap; small
+        # images are favoured in a third of the trials (their rounding drops the largest share).
+        small = trial % 3 == 0
+        sizes, kept = [], 0
+        while len(sizes) < cap:
+            n = rng.randint(1, 8 if small else largest)
+            k = num_keep_for(n, config)
+            if kept + k > K:
+                break
+            sizes.append(n)
+            kept += k
+        dropped, kept = _full_stream(sizes, config)
+        worst = max(worst, K + dropped)
+    assert worst <= bound
+    # Images all of one size reach it: the bound is no looser than the worst bin of equal images.
+    for n in range(1, largest + 1):
+        count = min(cap, K // num_keep_for(n, config))
+        dropped, _ = _full_stream([n] * count, config)
+        assert K + dropped <= bound
+
+
+def test_full_stream_bound_by_hand():
+    # Half of every image: n <= 2k(n) for every n, and images of 64 tokens reach it.
+    assert longest_full_stream(MaskConfig(keep_ratio=0.5), 32768, 256, max_images=320) == 65536
+    # 3/4: a 3-token image keeps 2, so without an image cap 1.5 x; 320 images of <= 256 tokens allow 43 797.
+    assert longest_full_stream(MaskConfig(keep_ratio=0.75), 32768, 256) == 49152
+    assert longest_full_stream(MaskConfig(keep_ratio=0.75), 32768, 256, max_images=320) == 43797
+    # A constant count of 64 from images of at most 256 tokens: 4 x.
+    assert longest_full_stream(MaskConfig(keep_count=64), 1024, 256, max_images=100) == 4096
+    # The schedule only raises kept counts: the bound is full masking's.
+    decaying = MaskConfig(keep_ratio=0.5, schedule="linear", schedule_steps=10, final_unmasked_steps=2)
+    assert longest_full_stream(decaying, 32768, 256, max_images=320) == 65536
+    # Beta draws: no bound.
+    assert longest_full_stream(MaskConfig(keep_ratio=0.5, ratio_distribution="beta"), 32768, 256) is None

@@ -348,3 +348,107 @@ def test_a_resumed_token_budget_run_equals_an_uninterrupted_one(tmp_path):
     wa = load_file(str(ckpt_io.latest_checkpoint(tmp_path / "a") / "model.safetensors"))
     wb = load_file(str(ckpt_io.latest_checkpoint(tmp_path / "b") / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_full_grid_designs_get_one_full_stream_length_every_masked_step():
+    """decoder (and mixer, side-interpolator) see the full stream: under token batching it is padded to the bound
+    of maskfit.masking.longest_full_stream, with the same segment count every step, so compiled steps see one
+    shape; the extra padding is dropped (not kept), invalid, and changes nothing the plain design's stream holds."""
+    from maskfit.data.pipeline import mask_config
+    from maskfit.masking import longest_full_stream
+
+    mask = {"keep_ratio": 0.5, "schedule": "linear", "final_unmasked_steps": 3}
+    cfg = run_config(steps=12, mask={**mask, "design": "decoder"}, max_images_per_step=12)
+    data = build_training_data(cfg, PATCH)
+    plain = build_training_data(run_config(steps=12, mask=mask, max_images_per_step=12), PATCH)
+    bound = longest_full_stream(mask_config(cfg), BUDGET, 16, max_images=12)
+    assert bound > BUDGET
+    shapes = set()
+    for step in range(12):
+        batch, reference = data.next_batch(step), plain.next_batch(step)
+        B = len(data.last_plan.indices)
+        if batch.mask is None:  # the unmasked fine-tune: the full stream is the backbone's, the budget
+            assert batch.layout.num_tokens == BUDGET and step >= 9
+            continue
+        full, view = batch.layout, batch.mask
+        shapes.add((full.num_tokens, full.num_images, view.layout.num_tokens, view.layout.num_images, full.max_seqlen))
+        assert full.num_tokens == bound and view.layout.num_tokens == BUDGET
+        # The plain design's batch of the same step: the same images, kept tokens and kept layout of real images.
+        n_real = int(full.cu_seqlens[B])
+        assert torch.equal(batch.tokens[:n_real], reference.tokens[:n_real])
+        k_real = int(view.layout.cu_seqlens[B])
+        assert torch.equal(view.index[:k_real], reference.mask.index[:k_real])
+        assert torch.equal(view.layout.pos[:k_real], reference.mask.layout.pos[:k_real])
+        # Padding: the kept dummies fill the budget, the rest is full-stream only; all of it invalid and zero.
+        padding = full.seq_id >= B
+        assert torch.equal(~full.valid, padding) and torch.count_nonzero(batch.tokens[padding]) == 0
+        kept_padding = int((view.layout.seq_id >= B).sum())
+        assert kept_padding == BUDGET - sum(data.last_plan.counts)
+        assert bool((view.index[k_real:] >= n_real).all())
+        assert int(padding.sum()) - kept_padding == bound - n_real - kept_padding >= 0
+    assert len(shapes) == 1, shapes
+
+
+def test_extra_full_stream_padding_changes_no_real_output_of_a_full_grid_design():
+    """The same masked batch with its full stream padded to a static length and without: every design that runs
+    on the full stream gives the same outputs on the real tokens (padding segments attend only to themselves)."""
+    from maskfit.data.pipeline import pad_to_budget
+    from maskfit.masking import choose_keep, longest_full_stream
+    from maskfit.models.transformer import FiT, model_config
+    from maskfit.tokens import pack
+
+    torch.manual_seed(0)
+    grids = [(4, 4), (2, 3), (3, 1), (4, 2)]
+    images = [patchify(torch.randn(3, h * PATCH, w * PATCH), PATCH) for h, w in grids]  # (h*w, 48) each
+    batch = pack(images, grids, torch.tensor([0, 1, 2, 3]))
+    config = MaskConfig(keep_ratio=0.5)
+    keep = [choose_keep(g, config, 0, torch.Generator().manual_seed(i)) for i, g in enumerate(grids)]
+    budget, cap, max_images = 24, 16, 6
+    bound = longest_full_stream(config, budget, cap, max_images=max_images)
+    short = pad_to_budget(batch, keep, budget, max_images, segment_cap=cap)
+    static = pad_to_budget(batch, keep, budget, max_images, segment_cap=cap, full_tokens=bound)
+    assert static.layout.num_tokens == bound > short.layout.num_tokens
+    n_real = int(batch.layout.num_tokens)
+    for design in ("decoder", "mixer", "side_interp"):
+        model = FiT(model_config("FiTv2-tiny", patch_size=PATCH, in_channels=3, num_classes=4, mask_design=design,
+                                 decoder_depth=1, decoder_hidden=32, decoder_heads=2, mixer_depth=1, side_decode_depth=1))
+        for p in model.parameters():  # adaLN-Zero and zero output layers would make every output 0
+            torch.nn.init.normal_(p, std=0.05)
+        outs = []
+        for b in (short, static):
+            t = torch.zeros(b.layout.num_images, dtype=torch.long).index_fill_(0, torch.arange(4), 500)
+            y = torch.zeros(b.layout.num_images, dtype=torch.long)
+            y[:4] = torch.tensor([0, 1, 2, 3])
+            with torch.no_grad():
+                outs.append(model(b.tokens, t, y, b.layout, mask=b.mask)[:n_real])
+        assert torch.allclose(outs[0], outs[1], atol=1e-5), design
+        assert outs[0].abs().max() > 0.01
+    with pytest.raises(ValueError, match=r"more than full_tokens=30; compute the bound with"):
+        pad_to_budget(batch, keep, budget, max_images, segment_cap=cap, full_tokens=30)
+
+
+@pytest.mark.parametrize("design", ["decoder", "side_interp"])
+def test_compiled_full_grid_design_compiles_once_under_token_batching(monkeypatch, tmp_path, design):
+    """Dynamo traces the masked step's model once: the padded full stream brings the same shapes every step (the
+    Dynamo-level recompile check needs no Inductor, so the eager backend keeps this quick on the CPU)."""
+    import maskfit.runs as runs
+    from maskfit.throughput import compile_stats
+    from maskfit.train import build_training_run, run_patch_size, train_step
+
+    real_compile = torch.compile
+    monkeypatch.setattr(runs.torch, "compile", lambda module, mode=None: real_compile(module, backend="eager"))
+    torch._dynamo.reset()
+    cfg = run_config(tmp_path, steps=6, mask={"keep_ratio": 0.5, "design": design, "side_decode_depth": 1},
+                     max_images_per_step=12)
+    cfg.train.compile = True
+    data = build_training_data(cfg, PATCH)
+    run = build_training_run(cfg, data.channels)
+    lengths = set()
+    for step in range(6):
+        batch = data.next_batch(step)
+        lengths.add(sum(data.last_plan.counts))
+        train_step(run, batch, step)
+        if step == 0:
+            graphs = compile_stats()[0]
+    assert len(lengths) > 1  # the real kept tokens differ between steps; the padded shapes do not
+    assert graphs >= 1 and compile_stats()[0] == graphs

@@ -19,9 +19,9 @@
 #             plain, 50 % decoder; needs .carry/imagenette/train-128 (tools/study.sh carry)
 #   folder128_tokens  the study's folder under token batching (random crops replayed by the packer: constant
 #             shapes), MODEL (default FiT-B/2), unmasked (65 536 tokens a step) and 50 % plain (32 768 kept), each
-#             at most 320 images, or with ROWS=decoder 50 % kept with the decoder (compile mode default: its
-#             full-grid stream varies); COMPILE_MODE (default reduce-overhead, i.e. CUDA graphs; or default);
-#             needs .carry
+#             at most 320 images, or with ROWS=decoder 50 % kept with the decoder (its full-grid stream padded to a
+#             static length since 2026-12-02, so CUDA graphs apply to it too); COMPILE_MODE (default
+#             reduce-overhead, i.e. CUDA graphs; or default); needs .carry
 #   graphs    CUDA graphs in maskfit train (train.compile_mode) on the small pixel model, token batching,
 #             unmasked and 50 % kept, default against reduce-overhead
 #   latents   FiT-B/2 (158.7 M) from a latent cache of random latents at ImageNet-like sizes (written first,
@@ -102,8 +102,6 @@ case "$stage" in
     bench 180 --data configs/study/base.toml "${img[@]}" --set mask.keep_ratio=0.5 --set mask.design='"decoder"' --steps 40 --warmup 10 ;;
   folder128_tokens)
     mode=${COMPILE_MODE:-reduce-overhead}
-    # the decoder's full-grid stream changes length every step: no CUDA graphs for it (the config refuses them)
-    [ "${ROWS:-plain}" = decoder ] && mode=default
     tok=(--set train.compile=true --set model.preset="\"${MODEL:-FiT-B/2}\"" --set data.batching='"tokens"' --set train.batch_size=null
          --set data.max_images_per_step=320 --set train.compile_mode="\"$mode\"")
     if [ "${ROWS:-plain}" = plain ]; then

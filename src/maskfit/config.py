@@ -372,10 +372,16 @@ class RunConfig:
             # A CUDA graph replays one recording: every step must bring the same shapes (a new stream length or
             # image count records another graph, each holding its own memory), and DDP/FSDP hooks cannot run
             # inside a recording.
+            from maskfit.masking import kept_counts_are_drawn
+
             problems = []
-            if not static_stream:
-                problems.append(f"data.batching='tokens' with mask.design='plain' (got {self.data.batching!r}, "
-                                f"{self.mask.design!r})")
+            if self.data.batching != "tokens":
+                problems.append(f"data.batching='tokens' (got {self.data.batching!r})")
+            elif self.mask.design != "plain" and kept_counts_are_drawn(self.mask):
+                # Token batching pads a full-grid design's full stream to a bound computed from k(n); Beta draws
+                # have none (maskfit.data.pipeline.static_full_stream).
+                problems.append(f"kept counts that are a function of image size for mask.design={self.mask.design!r} "
+                                "(got mask.ratio_distribution='beta'; use 'constant', or mask.design='plain')")
             if self.data.max_images_per_step is None:
                 problems.append("data.max_images_per_step set (the same number of segments every step)")
             if self.train.parallel != "none":

@@ -29,6 +29,7 @@ dataset workers draw the same keep count for an image without talking to each ot
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -459,6 +460,53 @@ def num_keep_for(
     scale = mask_scale_at(step, config)
     kept = _round_half_up(n_tokens - scale * (n_tokens - target))
     return max(min(config.min_keep, n_tokens), min(kept, n_tokens))
+
+
+def kept_counts_are_drawn(config) -> bool:
+    """Whether an image's kept count is random (a Beta ratio) rather than a function of its token count.
+
+    config: a :class:`MaskConfig` or the run config's mask section (the same three fields)."""
+    return config.keep_count is None and config.ratio_distribution == "beta" and config.keep_ratio < 1.0
+
+
+def longest_full_stream(config: MaskConfig, kept_tokens: int, largest_image: int,
+                        max_images: Optional[int] = None) -> Optional[int]:
+    """The most tokens a token-batching step's FULL stream can hold when its backbone stream holds ``kept_tokens``
+    (real kept tokens plus kept padding); None when kept counts are drawn (no useful bound).
+
+    A step holds at most ``max_images`` images of n_i <= ``largest_image`` tokens, each keeping k(n_i) and
+    dropping d(n_i) = n_i - k(n_i), and kept padding fills the rest of the backbone budget, so its full stream is
+    kept_tokens + sum d(n_i) with sum k(n_i) <= kept_tokens. The bound is kept_tokens plus the optimum of the
+    linear relaxation: maximise sum_n x_n d(n) over x_n >= 0 with sum_n x_n k(n) <= kept_tokens and
+    sum_n x_n <= max_images. Two constraints, so an optimal vertex uses one size, or two with both constraints
+    tight; every such vertex is enumerated. k is taken at full masking: the schedule (and the unmasked
+    fine-tune) only raise kept counts. For a constant ratio of 1/2 the bound is exactly 2 x kept_tokens; for 3/4
+    with 320 images of at most 256 tokens, 0.5 % above kept_tokens / 0.75 (images of 3 tokens keep 2, so without
+    the image cap the worst case would be 1.5 x kept_tokens).
+    """
+    if kept_counts_are_drawn(config):
+        return None
+    full_masking = dataclasses.replace(config, schedule="constant", schedule_steps=None, final_unmasked_steps=0)
+    n = np.arange(1, largest_image + 1, dtype=np.float64)
+    k = np.array([num_keep_for(int(m), full_masking) for m in range(1, largest_image + 1)], dtype=np.float64)
+    d = n - k
+    K = float(kept_tokens)
+    one_size = K / k if max_images is None else np.minimum(K / k, float(max_images))
+    best = float((one_size * d).max())
+    if max_images is not None:
+        # x_a + x_b = M and k_a x_a + k_b x_b = K: x_a = (K - k_b M) / (k_a - k_b), both counts >= 0.
+        M = float(max_images)
+        ka, kb = k[:, None], k[None, :]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            xa = (K - kb * M) / (ka - kb)
+        xb = M - xa
+        feasible = np.isfinite(xa) & (xa >= 0) & (xb >= 0)
+        if feasible.any():
+            xa, xb = np.where(feasible, xa, 0.0), np.where(feasible, xb, 0.0)
+            best = max(best, float((xa * d[:, None] + xb * d[None, :]).max()))
+    # The optimum is a rational with a denominator of at most |k_a - k_b| <= largest_image, so it lies at least
+    # 1 / largest_image^2 from any integer it is not: the tolerance cannot round a true value down.
+    return int(kept_tokens + math.floor(best + 1e-9))
 
 
 def choose_keep(

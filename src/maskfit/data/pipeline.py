@@ -24,9 +24,11 @@ draws the mask of that image from a fresh generator with the same seed at the sa
 ``choose_keep`` reproduces the count exactly: the bin fits by construction, never by luck, and a
 mismatch would be a loud error, not a silent overflow. (Packing by the *expected* count instead would
 need slack in every bin or dropping images when a Beta draw overshoots.) The dummy segments then sit in
-the KEPT stream (all of them kept), so only the backbone stream has the constant length; the full stream
-(whole grids + dummies) varies, which the plain design never feeds to a layer. The full-grid designs run
-their decoder or mixer on the full stream; the dummies are invalid there and are left out of their loss
+the KEPT stream (all of them kept), so the backbone stream has the constant length; the full stream
+(whole grids + dummies) would vary, which the plain design never feeds to a layer. The full-grid designs run
+their decoder, mixer or side-interpolator on the full stream, so for them more dummy tokens, in the full stream
+only, pad it to a length no step exceeds (:func:`static_full_stream`; when kept counts are a function of image
+size, not Beta draws); the dummies are invalid there and are left out of their loss
 (``maskfit.objective.token_weights`` counts real tokens only).
 """
 from __future__ import annotations
@@ -40,7 +42,9 @@ import numpy as np
 import torch
 
 from maskfit.config import DataConfig, RunConfig
-from maskfit.masking import MaskConfig, choose_keep, mask_scale_at, num_keep_for, per_image_generator
+from maskfit.masking import (
+    MaskConfig, choose_keep, longest_full_stream, mask_scale_at, num_keep_for, per_image_generator,
+)
 from maskfit.packing import pad_stream_to_budget, pick_next
 from maskfit.data.transfer import FlatBatch, flatten
 from maskfit.throughput import TokenSums
@@ -138,6 +142,17 @@ def draw_keeps(grids: Sequence[Sequence[int]], keys: Sequence[tuple], config: Ma
     keys are ``(index, epoch, ...)``. Image and token batching draw through here alike."""
     return [choose_keep((int(g[0]), int(g[1])), config, step, mask_generator(seed, int(k[1]), int(k[0])))
             for g, k in zip(grids, keys)]
+
+
+def static_full_stream(cfg: RunConfig, mask: Optional[MaskConfig], largest_image: int) -> Optional[int]:
+    """Token batching with a design whose layers see the full stream (decoder, mixer, side-interpolator): the
+    length every masked step's full stream is padded to (:func:`maskfit.masking.longest_full_stream`), so the
+    compiled step sees one shape; None for the plain design (only the kept stream reaches a layer), image
+    batching, no masking, or kept counts drawn per image (Beta ratios: no useful bound; the full stream then
+    varies and compiles with a dynamic length)."""
+    if cfg.data.batching != "tokens" or mask is None or cfg.mask.design == "plain":
+        return None
+    return longest_full_stream(mask, cfg.data.tokens_per_step, largest_image, cfg.data.max_images_per_step)
 
 
 def stream_length_varies(cfg: RunConfig, mask: Optional[MaskConfig]) -> bool:
@@ -608,7 +623,7 @@ class TokenBudgetLoader:
 
 def pad_to_budget(
     batch: TokenBatch, keep: Optional[Sequence[torch.Tensor]], budget: int, max_images: Optional[int] = None,
-    segment_cap: Optional[int] = None,
+    segment_cap: Optional[int] = None, full_tokens: Optional[int] = None,
 ) -> TokenBatch:
     """Make the BACKBONE stream exactly ``budget`` tokens: dummy segments, with every token of them kept.
 
@@ -625,6 +640,13 @@ def pad_to_budget(
     (real grids + R) varies in length, but only the kept stream reaches the backbone. ``mask.layout``
     carries ``valid`` (False on the dummies), so attention keeps each dummy to itself and the loss counts no
     dummy token; zero-length segments up to ``max_images`` keep nothing.
+
+    ``full_tokens`` (masked only): make the FULL stream exactly this long too, for the designs whose decoder,
+    mixer or side-interpolator runs on it (static shapes: no recompilation, CUDA graphs). The padding is then
+    full_tokens - (real tokens) dummy tokens in segments of at most ``segment_cap``; its first R tokens (in
+    segment order, raster order within each) are the kept ones, the rest appear in the full stream only, as
+    dropped positions that no loss counts. :func:`maskfit.masking.longest_full_stream` gives a bound no step
+    exceeds.
     """
     if keep is None:
         return pad_stream_to_budget(batch, budget, max_images, segment_cap)
@@ -638,11 +660,24 @@ def pad_to_budget(
             "(TokenBudgetSampler) or raise data.tokens_per_step"
         )
     remaining = budget - kept_total
-    # Dummies of `remaining` tokens in all. The full stream's length varies, so the segment count is fixed by
-    # the backbone budget (no step pads more than that), not by the full stream.
-    full = pad_stream_to_budget(batch, lay.num_tokens + remaining, max_images, segment_cap, most_padding=budget)
-    # Each dummy's tokens fill its grid in raster order, so raster index r is its r-th token: keep them all.
-    extra = [torch.arange(int(n)) for n in full.layout.seqlens()[lay.num_images:].tolist()]
+    if full_tokens is None:
+        # Dummies of `remaining` tokens in all. The full stream's length varies, so the segment count is fixed by
+        # the backbone budget (no step pads more than that), not by the full stream.
+        full = pad_stream_to_budget(batch, lay.num_tokens + remaining, max_images, segment_cap, most_padding=budget)
+    else:
+        if lay.num_tokens + remaining > full_tokens:
+            raise ValueError(
+                f"the step's full stream needs {lay.num_tokens + remaining} tokens ({lay.num_tokens} of its images, "
+                f"{remaining} kept padding), more than full_tokens={full_tokens}; compute the bound with "
+                "maskfit.masking.longest_full_stream for this mask, budget and image cap"
+            )
+        full = pad_stream_to_budget(batch, full_tokens, max_images, segment_cap, most_padding=full_tokens)
+    # Each dummy's tokens fill its grid in raster order, so raster index r is its r-th token: the first
+    # `remaining` padding tokens are kept (all of them without full_tokens).
+    extra, left = [], remaining
+    for n in full.layout.seqlens()[lay.num_images:].tolist():
+        extra.append(torch.arange(min(int(n), left)))
+        left -= min(int(n), left)
     view = masked_view(full.layout, list(keep) + extra, max_seqlen=full.layout.max_seqlen)
     kept_layout = dataclasses.replace(view.layout, valid=full.layout.valid[view.index])  # (budget,)
     return TokenBatch(full.tokens, full.y, full.layout, mask=MaskedView(view.index, kept_layout))
@@ -687,6 +722,8 @@ class StepBatchBuilder:
     tokens_per_step: Optional[int] = None  # token batching: backbone tokens per step
     max_images: Optional[int] = None  # token batching: images per step at most
     max_seqlen: int = 0  # token batching: the static segment-length bound (the per-image token budget)
+    # token batching, masked, full-grid designs: the full stream's static length (longest_full_stream), or None
+    full_tokens: Optional[int] = None
 
     def __call__(self, pairs: Sequence[tuple[tuple, object]]) -> tuple[FlatBatch, StepInfo]:
         from maskfit.data.loader import collate_items
@@ -734,7 +771,8 @@ class StepBatchBuilder:
                 )
             if all(c == h * w for c, (h, w) in zip(counts, grids)):
                 keep = None  # unmasked step (e.g. the final fine-tune): the backbone runs the full grids
-        return pad_to_budget(batch, keep, self.tokens_per_step, self.max_images, segment_cap=self.max_seqlen or None)
+        return pad_to_budget(batch, keep, self.tokens_per_step, self.max_images, segment_cap=self.max_seqlen or None,
+                             full_tokens=None if keep is None else self.full_tokens)
 
 
 @dataclass
@@ -855,9 +893,11 @@ def _token_batching(cfg: RunConfig, dataset, patch: int, mask: Optional[MaskConf
         token_grids(dataset, patch), data.tokens_per_step, mask=mask, seed=cfg.train.seed,
         max_images=data.max_images_per_step, rank=rank, world_size=world_size,
     )
+    largest = int(getattr(dataset, "token_budget", data.token_budget))
     builder = StepBatchBuilder(
         patch, "packed", None, mask, cfg.train.seed, tokens_per_step=data.tokens_per_step,
-        max_images=data.max_images_per_step, max_seqlen=int(getattr(dataset, "token_budget", data.token_budget)),
+        max_images=data.max_images_per_step, max_seqlen=largest,
+        full_tokens=static_full_stream(cfg, mask, largest),
     )
     loader = TokenBudgetLoader(dataset, sampler, builder, data.num_workers, pin_memory=pin)
     return TrainingData(loader, dataset_channels(dataset), mask, cfg.train.seed, tokens_per_step=data.tokens_per_step)
