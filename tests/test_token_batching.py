@@ -433,7 +433,7 @@ def test_compiled_full_grid_design_compiles_once_under_token_batching(monkeypatc
     Dynamo-level recompile check needs no Inductor, so the eager backend keeps this quick on the CPU)."""
     import maskfit.runs as runs
     from maskfit.throughput import compile_stats
-    from maskfit.train import build_training_run, run_patch_size, train_step
+    from maskfit.train import build_training_run, train_step
 
     real_compile = torch.compile
     monkeypatch.setattr(runs.torch, "compile", lambda module, mode=None: real_compile(module, backend="eager"))
