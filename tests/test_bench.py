@@ -39,3 +39,29 @@ def test_sampling_bench_draws_every_image_in_both_layouts():
         r = bench_sampling("FiTv2-tiny", num_images=10, batch=4, steps=1, packed=packed, attention="dense",
                            compile=False, device="cpu")
         assert r.num_images == 10 and r.images_per_s > 0
+
+
+def test_data_bench_times_synthetic_loader_and_real_rows_of_one_config(tmp_path):
+    """`maskfit bench --data CONFIG` (issue 14 item 2): three rows of the same model and mode, the real row read
+    against the synthetic one, with the real loop's split of host time."""
+    from maskfit.bench_data import bench_config
+    from maskfit.config import config_from_dict
+
+    cfg = config_from_dict({
+        "model": {"preset": "FiTv2-tiny", "attention": "dense", "overrides": {"patch_size": 4, "num_classes": 4}},
+        "data": {"source": "synthetic", "num_images": 64, "num_classes": 4, "token_budget": 16,
+                 "autoencoder": "identity", "layout": "packed", "batching": "tokens", "tokens_per_step": 64,
+                 "max_images_per_step": 12},
+        "diffusion": {"objective": "flow"}, "mask": {"keep_ratio": 0.5, "design": "decoder"},
+        "train": {"out_dir": str(tmp_path / "unused"), "steps": 3, "device": "cpu", "seed": 0},
+    })
+    synthetic, loader, real = bench_config(cfg, "tiny.toml", steps=3, warmup=1)
+    assert [r.path for r in (synthetic, loader, real)] == ["synthetic", "loader", "real"]
+    for r in (synthetic, loader, real):
+        assert (r.model, r.design, r.keep_ratio, r.batching, r.steps) == ("FiTv2-tiny", "decoder", 0.5, "tokens", 3)
+        assert r.images_per_s > 0
+    assert synthetic.tokens_per_s > 0 and real.tokens_per_s > 0  # the real images' kept tokens, padding excluded
+    assert real.real_over_synthetic == pytest.approx(real.images_per_s / synthetic.images_per_s, abs=1e-3)
+    assert 0 <= real.loader_wait_fraction <= 1 and 0 < real.host_step_fraction <= 1
+    assert synthetic.loader_wait_fraction is None  # only the real loop has a host split
+    assert not (tmp_path / "unused").exists()  # the bench trains in a temporary folder

@@ -271,6 +271,30 @@ def test_images_seen_are_counted_logged_checkpointed_and_resumed(tmp_path):
     assert "speed/mfu" not in rows[-1]  # no known peak on a CPU: no made-up MFU
 
 
+def test_the_loop_says_whether_the_loader_or_the_host_held_it_back(monkeypatch, tmp_path):
+    """RateWindow's host split: a loader that takes 0.2 s per batch shows as most of the window waiting for it."""
+    import time as time_module
+
+    from maskfit.data.pipeline import TrainingData
+
+    normal = train(tiny_run(tmp_path / "a", steps=6), progress=False, measure_after=2)
+    m = normal.measured
+    assert 0 <= m["loader_wait_fraction"] < 0.5 and 0 < m["host_step_fraction"] <= 1.0
+    assert m["loader_wait_fraction"] + m["host_step_fraction"] <= 1.0 + 1e-3
+    rows = _logged(tmp_path / "a")
+    assert {"speed/loader_wait_fraction", "speed/host_step_fraction"} <= set(rows[-1])
+
+    fetch = TrainingData.next_device_batch
+
+    def slow_fetch(self, step, device):
+        time_module.sleep(0.2)
+        return fetch(self, step, device)
+
+    monkeypatch.setattr(TrainingData, "next_device_batch", slow_fetch)
+    slow = train(tiny_run(tmp_path / "b", steps=6), progress=False, measure_after=2).measured
+    assert slow["loader_wait_fraction"] > 0.5 > slow["host_step_fraction"]
+
+
 def test_max_images_stops_the_run_at_the_first_step_that_reaches_it(tmp_path):
     cfg = tiny_run(tmp_path / "run", steps=100, train={"max_images": 20})  # batch 8: steps 1, 2, 3 -> 24 >= 20
     result = train(cfg, progress=False)

@@ -49,6 +49,10 @@ class DataBenchResult:
     real_over_synthetic: Optional[float] = None
     world_size: int = 1  # ranks of the run (torchrun); images_per_s counts every rank's images
     images_per_s_per_gpu: Optional[float] = None
+    # real row: shares of the timed window the main process spent waiting for batches and running train_step on
+    # the host (maskfit.train.RateWindow says how to read them)
+    loader_wait_fraction: Optional[float] = None
+    host_step_fraction: Optional[float] = None
 
 
 def bench_config(cfg, name: str, steps: int = 30, warmup: int = 10, distinct_batches: int = 4):
@@ -130,7 +134,8 @@ def _bench_real(cfg, common: dict, steps: int, warmup: int, peak, world: int) ->
         mfu=None if peak is None else round(m["flops"] / m["seconds"] / 1e12 / peak, 3),
         peak_mem_gib=m["peak_mem_gib"], compile_graphs=result.compile_graphs,
         compile_seconds=m["compile_seconds_in_window"], world_size=world,
-        images_per_s_per_gpu=round(per_gpu, 1), **common,
+        images_per_s_per_gpu=round(per_gpu, 1), loader_wait_fraction=m["loader_wait_fraction"],
+        host_step_fraction=m["host_step_fraction"], **common,
     )
 
 

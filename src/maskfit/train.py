@@ -208,33 +208,45 @@ class TrainResult:
 
 
 class RateWindow:
-    """Images, tokens and useful FLOPs since the last log line, for per-window rates.
+    """Images, tokens and useful FLOPs since the last log line, for per-window rates, and where the main
+    process spent the window.
 
     Windows end at log lines, where the loss is read back (a device sync), so each window's wall time
     covers its steps' GPU work; rates over a window include everything the loop waited for (loader,
     recompiles, checkpoints), which is the point.
+
+    Host time, per step: ``loader_wait`` = waiting for the next batch (the workers' queue and the pinned copy's
+    launch), ``host_step`` = running ``train_step`` on the host (launching its kernels; the GPU runs behind).
+    As fractions of the window: a large loader_wait means the loader sets the speed; host_step near 1 means the
+    main process cannot launch the step as fast as the GPU runs it; both small, the GPU sets the speed.
     """
 
     def __init__(self, flop_model: FlopModel):
         self.flop_model = flop_model
-        self.totals = {"images": 0, "tokens": 0, "flops": 0.0}  # over the whole call, never reset
+        # over the whole call, never reset
+        self.totals = {"images": 0, "tokens": 0, "flops": 0.0, "loader_wait": 0.0, "host_step": 0.0}
         self.reset(time.perf_counter())
 
     def reset(self, now: float) -> None:
         self.t0, self.images, self.tokens, self.flops = now, 0, 0, 0.0
+        self.loader_wait, self.host_step = 0.0, 0.0
 
-    def add(self, info) -> None:
+    def add(self, info, loader_wait: float = 0.0, host_step: float = 0.0) -> None:
         flops = self.flop_model.step_flops(info.sums, info.masked)
         self.images += info.num_images
         self.tokens += info.sums.kept
         self.flops += flops
-        for key, value in (("images", info.num_images), ("tokens", info.sums.kept), ("flops", flops)):
+        self.loader_wait += loader_wait
+        self.host_step += host_step
+        for key, value in (("images", info.num_images), ("tokens", info.sums.kept), ("flops", flops),
+                           ("loader_wait", loader_wait), ("host_step", host_step)):
             self.totals[key] += value
 
     def rates(self, now: float, peak: Optional[float]) -> dict[str, float]:
         dt = max(now - self.t0, 1e-9)
         out = {"images_per_s": self.images / dt, "tokens_per_s": self.tokens / dt,
-               "tflops_per_s": self.flops / dt / 1e12}
+               "tflops_per_s": self.flops / dt / 1e12,
+               "loader_wait_fraction": self.loader_wait / dt, "host_step_fraction": self.host_step / dt}
         if peak is not None:
             out["mfu"] = self.flops / dt / 1e12 / peak
         return out
@@ -378,7 +390,9 @@ def _train(cfg, run_dir: Path, resume, progress, stop_after, max_seconds, measur
     while step < last_step:
         if measure_after is not None and step - first_step == measure_after:
             mark = _start_measure(device, step, window)
+        t_fetch = time.perf_counter()
         batch = data.next_device_batch(step, device)  # built, flattened and pinned by the loader workers
+        t_step = time.perf_counter()
         info = data.last_info
         shares, signalled, out_of_time = None, None, None  # one process: read after the step
         if parallel.world_size > 1:
@@ -390,10 +404,10 @@ def _train(cfg, run_dir: Path, resume, progress, stop_after, max_seconds, measur
             signalled, out_of_time = any(g[3] for g in gathered), any(g[4] for g in gathered)
         loss, terms, grad_norm = (train_step(run, batch, step) if shares is None  # one process: the bench's call
                                   else train_step(run, batch, step, shares))
+        window.add(info, loader_wait=t_step - t_fetch, host_step=time.perf_counter() - t_step)
         step += 1
         step_images = info.num_images if shares is None else shares.images
         images_seen += step_images
-        window.add(info)
         running += torch.where(run.bad_steps.last_finite, loss.detach().float(), 0.0)
         since_log += 1
         bar.update(1)
@@ -552,10 +566,13 @@ def _end_measure(device: torch.device, mark: dict, step: int, window: RateWindow
     sync_device(device)
     seconds = time.perf_counter() - mark["t"]
     steps = step - mark["step"]
-    images, tokens, flops = (window.totals[k] - mark[k] for k in ("images", "tokens", "flops"))
+    images, tokens, flops, wait, host = (window.totals[k] - mark[k]
+                                         for k in ("images", "tokens", "flops", "loader_wait", "host_step"))
     return {
         "steps": steps, "seconds": seconds, "images_per_s": images / max(seconds, 1e-9),
         "tokens_per_s": tokens / max(seconds, 1e-9), "flops": flops,
+        "loader_wait_fraction": round(wait / max(seconds, 1e-9), 3),
+        "host_step_fraction": round(host / max(seconds, 1e-9), 3),
         "compile_seconds_in_window": round(compile_stats()[1] - mark["compile"], 2),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
     }
