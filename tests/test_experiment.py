@@ -598,6 +598,11 @@ def test_config_digest_ignores_execution_only_fields_and_code_digest_follows_the
     # (tools/study.sh points data.root at the carried copy)
     carried = load_config("configs/study/base.toml", overrides=['data.root=".carry/imagenette/train-128"'])
     assert experiment.config_digest(carried) == "97ee2ce26c12bf6c"  # packed_s0..s2
+    decoder = ['data.root=".carry/imagenette/train-128"', "mask.keep_ratio=0.5", 'mask.design="decoder"']
+    assert experiment.config_digest(load_config("configs/study/base.toml", overrides=decoder)) == "130dfdaed3cd8743"
+    # a field added later (LATER_RECIPE_DEFAULTS) keeps those digests at its earlier value, and enters them otherwise
+    with_embedding = load_config("configs/study/base.toml", overrides=[*decoder, "mask.decoder_pos_embed=true"])
+    assert experiment.config_digest(with_embedding) != "130dfdaed3cd8743"
     # code_digest hashes the package folder it lives in: a copy with one byte changed gets another digest
     pkg = tmp_path / "maskfit"
     pkg.mkdir()

@@ -1,4 +1,6 @@
 """Masked forward: the backbone sees only kept tokens, with their true positions, in every model design."""
+import math
+
 import pytest
 import torch
 
@@ -163,3 +165,42 @@ def test_compiled_designs_under_bf16_autocast_are_as_close_to_fp32_as_eager(pres
             out = forward(batch.tokens, t, y, batch.layout, mask=mask).float()
         errors[name] = float((out - exact).norm() / exact.norm())
     assert errors["eager"] < 0.05 and errors["compiled"] < 2 * errors["eager"] + 0.01, errors
+
+
+def test_sincos_2d_embedding_by_hand():
+    from maskfit.models.transformer import sincos_2d_embedding
+
+    # dim 8: a quarter of 2 frequencies, w = (1, 10000^-1/2 = 0.01); row half [sin, sin, cos, cos], column half alike
+    emb = sincos_2d_embedding(torch.tensor([[0, 0], [1, 0], [0, 3]]), 8)
+    assert torch.allclose(emb[0], torch.tensor([0.0, 0, 1, 1, 0, 0, 1, 1]))
+    s, c = math.sin, math.cos
+    assert torch.allclose(emb[1], torch.tensor([s(1), s(0.01), c(1), c(0.01), 0, 0, 1, 1]))
+    assert torch.allclose(emb[2], torch.tensor([0, 0, 1, 1, s(3), s(0.03), c(3), c(0.03)]))
+    with pytest.raises(ValueError, match="divisible by 4, got 6"):
+        sincos_2d_embedding(torch.zeros(1, 2, dtype=torch.long), 6)
+
+
+def test_decoder_position_embedding_makes_the_decoder_see_absolute_positions():
+    """RoPE alone is relative: moving an image's grid by a constant offset changes no output. MaskDiT's
+    decoder_pos_embed adds absolute positions to the decoder's input, so then the outputs move."""
+    import dataclasses
+
+    from maskfit.models.transformer import sincos_2d_embedding
+
+    outs = {}
+    for pos_embed in (False, True):
+        model = _perturbed(FiT(model_config("FiTv2-tiny", mask_design="decoder", decoder_depth=1, decoder_hidden=32,
+                                            decoder_heads=2, decoder_pos_embed=pos_embed))).eval()
+        tokens, keep, y = _batch(model.cfg.token_dim)
+        batch = pack(tokens, GRIDS, y)
+        shifted = dataclasses.replace(batch.layout, pos=batch.layout.pos + torch.tensor([2, 5]))
+        t = torch.rand(3)
+        with torch.no_grad():
+            for name, layout in (("grid", batch.layout), ("shifted", shifted)):
+                outs[pos_embed, name] = model(batch.tokens, t, y, layout, mask=masked_view(layout, keep))
+    assert torch.allclose(outs[False, "grid"], outs[False, "shifted"], atol=1e-5)
+    assert not torch.allclose(outs[True, "grid"], outs[True, "shifted"], atol=1e-3)
+    assert not torch.allclose(outs[True, "grid"], outs[False, "grid"], atol=1e-3)  # the embedding reaches the output
+    assert sincos_2d_embedding(batch.layout.pos, 32).shape == (batch.layout.num_tokens, 32)
+    with pytest.raises(ValueError, match="decoder_pos_embed=True applies to mask_design='decoder'"):
+        model_config("FiTv2-tiny", mask_design="plain", decoder_pos_embed=True)

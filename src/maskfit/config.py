@@ -26,8 +26,8 @@ class ModelSection:
         hints = get_type_hints(ModelConfig)
         # Set from other sections by the trainer, which would overwrite an override here without a word.
         owned = {"attention": "model.attention", "mask_design": "mask.design", **{
-            k: f"mask.{k}" for k in ("decoder_depth", "decoder_hidden", "decoder_heads", "mixer_depth",
-                                     "side_decode_depth")}}
+            k: f"mask.{k}" for k in ("decoder_depth", "decoder_hidden", "decoder_heads", "decoder_pos_embed",
+                                     "mixer_depth", "side_decode_depth")}}
         for key, value in self.overrides.items():
             if key in owned:
                 raise ValueError(f"model.overrides.{key}={value!r} is set from {owned[key]}; set {owned[key]} instead")
@@ -202,6 +202,7 @@ class MaskSection:
     decoder_depth: int = 1
     decoder_hidden: int = 512
     decoder_heads: int = 8
+    decoder_pos_embed: bool = False  # MaskDiT's fixed 2D sin-cos embedding added to the decoder's input
     mixer_depth: int = 2
     side_decode_depth: int = 2
     aux_loss_weight: float = 0.1  # weight of the loss on dropped tokens for full-grid designs (MaskDiT: 0.1)

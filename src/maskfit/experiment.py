@@ -101,13 +101,21 @@ EXECUTION_ONLY_TRAIN_FIELDS = ("out_dir", "seed", "device", "ckpt_at_images", "k
                                "max_seconds", "log_every", "compile_mode", "ddp_bucket_mb", "checkpoint_format")
 
 
+# Recipe fields added after runs were recorded, with the value every earlier run had: left out of the digest while
+# they hold it, so a new option does not split one recipe's seeds across sessions; any other value enters it.
+LATER_RECIPE_DEFAULTS = {("mask", "decoder_pos_embed"): False}
+
+
 def config_digest(cfg: RunConfig) -> str:
     """SHA-256 (16 hex) of the recipe: the config without what only places, schedules or executes a run
-    (``EXECUTION_ONLY_TRAIN_FIELDS``, ``data.decode_once``). Seeds of one recipe share it; the budget is recorded
-    apart."""
+    (``EXECUTION_ONLY_TRAIN_FIELDS``, ``data.decode_once``) and without later fields at their earlier value
+    (``LATER_RECIPE_DEFAULTS``). Seeds of one recipe share it; the budget is recorded apart."""
     raw = to_dict(cfg)
     for key in EXECUTION_ONLY_TRAIN_FIELDS:
         raw["train"].pop(key, None)
+    for (section, key), earlier in LATER_RECIPE_DEFAULTS.items():
+        if raw[section].get(key) == earlier:
+            raw[section].pop(key)
     raw["data"].pop("decode_once", None)  # where pixels are decoded, not which: bit-identical batches
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -60,7 +60,8 @@ def resolved_model_config(cfg: RunConfig, data_channels: int) -> ModelConfig:
     m = cfg.mask
     overrides.update(
         mask_design=m.design, decoder_depth=m.decoder_depth, decoder_hidden=m.decoder_hidden,
-        decoder_heads=m.decoder_heads, mixer_depth=m.mixer_depth, side_decode_depth=m.side_decode_depth,
+        decoder_heads=m.decoder_heads, decoder_pos_embed=m.decoder_pos_embed, mixer_depth=m.mixer_depth,
+        side_decode_depth=m.side_decode_depth,
     )
     mcfg = model_config(cfg.model.preset, **overrides)
     objective = cfg.diffusion.objective

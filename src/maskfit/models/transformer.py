@@ -58,6 +58,10 @@ class ModelConfig:
     decoder_depth: int = 1
     decoder_hidden: int = 512
     decoder_heads: int = 8
+    # MaskDiT adds a fixed 2D sin-cos position embedding to the decoder's input, after the mask tokens are put
+    # in (its `decoder_pos_embed`), so dropped positions differ by more than their RoPE rotation. Off by default:
+    # the study's decoder runs before 2026-12-02 had none.
+    decoder_pos_embed: bool = False
     mixer_depth: int = 2
     side_decode_depth: int = 2  # backbone blocks after the side-interpolator (MDT's decode_layer)
 
@@ -82,6 +86,11 @@ class ModelConfig:
         if self.mask_design == "decoder" and (self.decoder_hidden // self.decoder_heads) % 4:
             raise ValueError(
                 f"decoder head dim {self.decoder_hidden}/{self.decoder_heads} must be a multiple of 4 for 2D RoPE"
+            )
+        if self.decoder_pos_embed and self.mask_design != "decoder":
+            raise ValueError(
+                f"decoder_pos_embed=True applies to mask_design='decoder' (got {self.mask_design!r}); "
+                "set mask.design='decoder' or leave mask.decoder_pos_embed off"
             )
         if self.mask_design == "side_interp" and not 0 < self.side_decode_depth < self.depth:
             raise ValueError(f"side_decode_depth={self.side_decode_depth} must be in 1..depth-1 ({self.depth - 1})")
@@ -247,6 +256,19 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift, scale))  # (T, p*p*C_out)
 
 
+def sincos_2d_embedding(pos: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Fixed 2D sin-cos position embedding (MAE, He et al. 2022; MaskDiT's decoder_pos_embed): (T, 2) (row, col)
+    -> (T, dim), the first half the row's 1D embedding, the second the column's, each [sin(p w_i), cos(p w_i)]
+    with w_i = max_period^(-i / (dim/4)) (Vaswani et al. 2017 §3.5). Defined at any position, so it needs no
+    table and follows a grid to sizes never trained on."""
+    if dim % 4:
+        raise ValueError(f"a 2D sin-cos embedding needs a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = max_period ** (-torch.arange(quarter, dtype=torch.float32, device=pos.device) / quarter)  # (dim/4,)
+    angles = pos.float()[:, :, None] * omega  # (T, 2, dim/4)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)  # (T, 2 * dim/2): row half, then column half
+
+
 def with_mask_tokens(mask_token: Tensor, kept: Tensor, index: Tensor, num_tokens: int) -> Tensor:
     """The full stream for a full-grid decoder (MaskDiT §3, MDT §3.2): ``kept`` (T_k, w) rows at ``index`` (T_k,),
     the learnable ``mask_token`` (w,) at every dropped position -> (T, w).
@@ -407,6 +429,8 @@ class FiT(nn.Module):
     def _decode(self, h: Tensor, cond: Tensor, full: _Stream) -> Tensor:
         """MaskDiT decoder on the full stream: (T, dd) -> (T, p*p*C_out)."""
         cfg = self.cfg
+        if cfg.decoder_pos_embed:
+            h = h + sincos_2d_embedding(full.layout.pos, cfg.decoder_hidden).to(h.dtype)  # (T, dd)
         dec_head_dim = cfg.decoder_hidden // cfg.decoder_heads
         dec = full if dec_head_dim == cfg.head_dim else _Stream(
             full.layout, dec_head_dim, full.rope_cfg, cfg.rope_theta, cfg.attention
