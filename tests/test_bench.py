@@ -29,6 +29,10 @@ def test_design_flops_add_the_full_grid_modules():
     assert plain == 3 * flops_per_image(model_config("FiT-B/2-dit"), n_kept)
     for design in ("decoder", "mixer", "side_interp"):
         assert design_flops(model_config("FiT-B/2-dit", mask_design=design), n_full, n_kept) > plain
+    # MaskDiT's position embedding adds no matmul: the same count
+    embedded = model_config("FiT-B/2-dit", mask_design="decoder", decoder_pos_embed=True)
+    assert design_flops(embedded, n_full, n_kept) == design_flops(model_config("FiT-B/2-dit", mask_design="decoder"),
+                                                                  n_full, n_kept)
     # Unmasked, the side-interpolator is skipped and nothing runs twice.
     cfg = model_config("FiT-B/2-dit", mask_design="side_interp")
     assert design_flops(cfg, n_full, n_full) == 3 * flops_per_image(cfg, n_full)

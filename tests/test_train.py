@@ -1,5 +1,6 @@
 """Training loop: the loss goes down, checkpoints round-trip, a resumed run equals an uninterrupted one."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -360,3 +361,14 @@ def test_compile_mode_needs_one_shape_every_step_and_reaches_torch_compile(monke
     monkeypatch.setattr(runs.torch, "compile", fake_compile)
     runs.build_training_run(ok, data_channels=3)
     assert seen["mode"] == "reduce-overhead"
+
+
+def test_a_decoder_with_its_position_embedding_trains_and_samples_with_it(tmp_path):
+    """mask.decoder_pos_embed reaches the model, its checkpoint, and the model sampling loads from it."""
+    from maskfit.runs import load_model_from_checkpoint
+
+    mask = {"keep_ratio": 0.5, "design": "decoder", "decoder_pos_embed": True, "decoder_hidden": 32, "decoder_heads": 2}
+    result = train(tiny_run(tmp_path / "run", steps=2, mask=mask), progress=False)
+    assert result.step == 2 and all(math.isfinite(l) for l in result.losses)
+    model, cfg = load_model_from_checkpoint(tmp_path / "run")
+    assert model.cfg.decoder_pos_embed and cfg.mask.decoder_pos_embed

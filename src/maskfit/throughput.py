@@ -39,7 +39,7 @@ def design_flops(cfg, n_full: int, n_kept: int) -> float:
     d = cfg.hidden_size
 
     def block(c, n):  # one backbone-style block of config c on n tokens
-        plain = replace(c, mask_design="plain")
+        plain = replace(c, mask_design="plain", decoder_pos_embed=False)  # the embedding's add is not counted
         return flops_per_image(replace(plain, depth=1), n) - flops_per_image(replace(plain, depth=0), n)
 
     if cfg.mask_design == "mixer":
