@@ -659,6 +659,24 @@ def test_report_shows_the_real_image_floor_beside_the_results(tmp_path):
     assert "| proxy FD | 2.00 ± 1.00 |" in text  # mean ± sample std of 1, 2, 3
 
 
+def test_report_tables_the_decoder_probe_per_checkpoint(tmp_path):
+    from maskfit.study_report import write_report
+
+    study = tmp_path / "study"
+    (study / "results").mkdir(parents=True)
+    (study / "results" / "a.jsonl").write_text(json.dumps(synthetic_line("decoder", 0, "64x64", "none", 5.0)) + "\n")
+    (study / "gap").mkdir()
+    probe = [{"checkpoint": "/tmp/study/decoder50_s0/run/checkpoints/step_0000391", "weights": "ema", "way": way,
+              "t": t, "eps_mse": base + t / 10000} for way, base in (("unmasked", 0.3), ("masked", 0.1),
+                                                                     ("full_encoder", 0.2)) for t in (50, 950)]
+    (study / "gap" / "decoder50_s0_decoder_gap.jsonl").write_text("".join(json.dumps(l) + "\n" for l in probe))
+    write_report(study / "results", tmp_path / "REPORT.md")
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "### Does the decoder lean on mask tokens?" in text
+    # means over t = 50 and 950: 0.3 + 0.05 = 0.35 unmasked; t = 950 in brackets
+    assert "| decoder50_s0 | step_0000391 | ema | 0.3500 (0.3950) | 0.1500 (0.1950) | 0.2500 (0.2950) |" in text
+
+
 def test_study_queue_names_known_variants_and_next_skips_the_runs_with_results():
     import subprocess
     from pathlib import Path

@@ -28,7 +28,8 @@
 #                     tables; from 2026-12-01 night on, ~4 s a run)
 #   LIMIT=570         seconds before an experiment is cut (what it finished still comes back)
 #   PROBE_LIMIT=150 PROBE_BATCHES=2   DDPM decoder runs: tools/probes/decoder_mask_token_gap.py on every checkpoint
-#                     afterwards (NAME_sSEED_decoder_gap.jsonl beside the results; commit it under study/results/gap/)
+#                     afterwards (NAME_sSEED_decoder_gap.jsonl beside the results; commit it under study/gap/, where
+#                     study_report tables it)
 #   PROXY=study/proxy/proxy_classifier.safetensors   DATA=.carry/imagenette/train-128   OUT_DIR=$OUT or device_out
 #
 # The carried data: ../shared/data/imagenette/train-128 holds 59 MiB of JPEG bytes, which with the repository and

@@ -506,9 +506,9 @@ def extra_tables(lines: Sequence[dict], extra: Sequence[dict], labels) -> List[s
 
 
 def report_block(lines: Sequence[dict], plots: Path, report: Path, sheets: Optional[Path] = None,
-                 floor: Optional[Path] = None) -> str:
+                 floor: Optional[Path] = None, gap: Optional[Path] = None) -> str:
     """The generated part of REPORT.md (between the markers), plots written under ``plots``; the sample sheets
-    found in ``sheets`` are linked."""
+    found in ``sheets`` are linked, the decoder probe's files in ``gap`` tabled."""
     if not lines:
         return "\n".join([BEGIN, "", "_No result lines yet: study/results/ holds no experiment's results.jsonl._", "", END])
     lines, extra = split_extra(lines)
@@ -556,6 +556,7 @@ def report_block(lines: Sequence[dict], plots: Path, report: Path, sheets: Optio
                        ("throughput", "Images/s and peak memory per design")):
         out += [f"![{title}]({(rel / files[key].name).as_posix()})", ""]
     out += floor_table(floor)
+    out += gap_table(gap)
     out += sample_sheets(sheets, report)
     out.append(END)
     return "\n".join(out)
@@ -588,6 +589,37 @@ def floor_table(floor: Optional[Path]) -> List[str]:
     return out + [""]
 
 
+GAP_WAYS = ("unmasked", "masked", "full_encoder")
+
+
+def gap_table(gap: Optional[Path]) -> List[str]:
+    """The decoder probe's numbers (tools/probes/decoder_mask_token_gap.py, RUN_decoder_gap.jsonl files): held-out
+    epsilon MSE per checkpoint and weights, three ways, mean over t (t = 950 in brackets)."""
+    files = sorted(gap.glob("*.jsonl")) if gap is not None and gap.is_dir() else []
+    rows = []
+    for path in files:
+        per = {}
+        for line in (json.loads(l) for l in path.read_text().splitlines() if l.strip()):
+            key = (Path(line["checkpoint"]).name, line["weights"])
+            per.setdefault(key, {}).setdefault(line["way"], {})[int(line["t"])] = float(line["eps_mse"])
+        run = path.stem.removesuffix("_decoder_gap")
+        for (step, weights), ways in sorted(per.items()):
+            cells = []
+            for way in GAP_WAYS:
+                values = ways.get(way, {})
+                cells.append("–" if not values else
+                             f"{sum(values.values()) / len(values):.4f}" + (f" ({values[950]:.4f})" if 950 in values else ""))
+            rows.append(f"| {run} | {step} | {weights} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["### Does the decoder lean on mask tokens? (held-out epsilon MSE)", "",
+            "_`tools/probes/decoder_mask_token_gap.py` on each checkpoint of a DDPM decoder run: unmasked (what "
+            "sampling runs), masked (the training forward, kept tokens), the encoder on every token with mask tokens "
+            "in the decoder's input (kept tokens); mean over t = 50, 250, 500, 750, 950, t = 950 in brackets._", "",
+            "| run | checkpoint | weights | unmasked | masked | full encoder + mask tokens |",
+            "| --- | --- | --- | ---: | ---: | ---: |", *rows, ""]
+
+
 def sample_sheets(sheets: Optional[Path], report: Path) -> List[str]:
     """Links to the sample sheets of :mod:`maskfit.study_sheets` (RUN.jpg with its strip order in RUN.txt)."""
     found = sorted(sheets.glob("*.jpg")) if sheets is not None and sheets.is_dir() else []
@@ -606,7 +638,7 @@ def write_report(results: Path, report: Path, plots: Optional[Path] = None) -> P
     lines = read_lines(results)
     plots = plots if plots is not None else Path(results).parent / "plots"
     block = report_block(lines, plots, report, sheets=Path(results).parent / "sheets",
-                         floor=Path(results).parent / "floor.jsonl")
+                         floor=Path(results).parent / "floor.jsonl", gap=Path(results).parent / "gap")
     text = report.read_text() if report.exists() else TEMPLATE.format(begin=BEGIN, end=END)
     if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
         text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
