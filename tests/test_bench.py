@@ -68,4 +68,6 @@ def test_data_bench_times_synthetic_loader_and_real_rows_of_one_config(tmp_path)
     assert real.real_over_synthetic == pytest.approx(real.images_per_s / synthetic.images_per_s, abs=1e-3)
     assert 0 <= real.loader_wait_fraction <= 1 and 0 < real.host_step_fraction <= 1
     assert synthetic.loader_wait_fraction is None  # only the real loop has a host split
+    assert synthetic.ms_per_step > 0 and real.ms_per_step > 0
+    assert real.gpu_ms_per_step is None  # CUDA events only
     assert not (tmp_path / "unused").exists()  # the bench trains in a temporary folder

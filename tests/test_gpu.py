@@ -2,6 +2,7 @@
 with eager ones, no host sync in a step,
 CUDA-graph training replays the compiled step, FSDP's sharded checkpoints over NCCL resume and load,
 sampling in bf16 with varlen agrees with dense fp32, and `maskfit sample` runs on CUDA by default."""
+import json
 import math
 
 import pytest
@@ -372,3 +373,15 @@ def test_fsdp_on_cuda_writes_sharded_checkpoints_that_resume_and_load_in_one_pro
     loaded, _ = load_model_from_checkpoint(resumed, device=DEV)
     for k, v in _weights(resumed, 4, "ema").items():
         torch.testing.assert_close(loaded.state_dict()[k].cpu(), v)
+
+
+def test_the_real_loop_times_each_step_on_the_gpu_without_waiting_for_it(tmp_path):
+    """RateWindow's CUDA events: each step's GPU time, read only after syncs. Steps run one after another on one
+    stream, so their GPU times add up to no more than the window's wall time."""
+    from maskfit.train import train
+
+    cfg = _real_path_config(tmp_path, "flow", "decoder", "tokens")
+    measured = train(cfg, progress=False, stop_after=8, measure_after=3).measured
+    assert 0 < measured["gpu_ms_per_step"] <= measured["ms_per_step"] * 1.02
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(r["speed/gpu_ms_per_step"] > 0 for r in rows)

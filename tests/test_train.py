@@ -282,6 +282,8 @@ def test_the_loop_says_whether_the_loader_or_the_host_held_it_back(monkeypatch, 
     m = normal.measured
     assert 0 <= m["loader_wait_fraction"] < 0.5 and 0 < m["host_step_fraction"] <= 1.0
     assert m["loader_wait_fraction"] + m["host_step_fraction"] <= 1.0 + 1e-3
+    assert m["ms_per_step"] == pytest.approx(1000 * m["seconds"] / m["steps"], abs=0.01)
+    assert m["gpu_ms_per_step"] is None  # no CUDA events on a CPU
     rows = _logged(tmp_path / "a")
     assert {"speed/loader_wait_fraction", "speed/host_step_fraction"} <= set(rows[-1])
 

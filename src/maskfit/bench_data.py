@@ -53,6 +53,8 @@ class DataBenchResult:
     # the host (maskfit.train.RateWindow says how to read them)
     loader_wait_fraction: Optional[float] = None
     host_step_fraction: Optional[float] = None
+    ms_per_step: Optional[float] = None  # wall time per step (synthetic, real)
+    gpu_ms_per_step: Optional[float] = None  # real row on CUDA: each step's time on the GPU (RateWindow)
 
 
 def bench_config(cfg, name: str, steps: int = 30, warmup: int = 10, distinct_batches: int = 4):
@@ -135,7 +137,8 @@ def _bench_real(cfg, common: dict, steps: int, warmup: int, peak, world: int) ->
         peak_mem_gib=m["peak_mem_gib"], compile_graphs=result.compile_graphs,
         compile_seconds=m["compile_seconds_in_window"], world_size=world,
         images_per_s_per_gpu=round(per_gpu, 1), loader_wait_fraction=m["loader_wait_fraction"],
-        host_step_fraction=m["host_step_fraction"], **common,
+        host_step_fraction=m["host_step_fraction"], ms_per_step=m["ms_per_step"],
+        gpu_ms_per_step=m["gpu_ms_per_step"], **common,
     )
 
 
@@ -182,7 +185,8 @@ def _bench_synthetic(cfg, common: dict, steps: int, warmup: int, distinct_batche
         images_per_s=round(sums.images / elapsed, 1), tokens_per_s=round(sums.kept / elapsed, 1),
         mfu=None if peak is None else round(flops / elapsed / 1e12 / peak, 3),
         peak_mem_gib=None if peak_mem != peak_mem else peak_mem,
-        compile_graphs=graphs, compile_seconds=round(compile_s, 2), **common,
+        compile_graphs=graphs, compile_seconds=round(compile_s, 2), ms_per_step=round(1000 * elapsed / steps, 2),
+        **common,
     )
     return synthetic
 

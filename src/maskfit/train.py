@@ -216,22 +216,35 @@ class RateWindow:
     recompiles, checkpoints), which is the point.
 
     Host time, per step: ``loader_wait`` = waiting for the next batch (the workers' queue and the pinned copy's
-    launch), ``host_step`` = running ``train_step`` on the host (launching its kernels; the GPU runs behind).
-    As fractions of the window: a large loader_wait means the loader sets the speed; host_step near 1 means the
-    main process cannot launch the step as fast as the GPU runs it; both small, the GPU sets the speed.
+    launch), ``host_step`` = running ``train_step`` on the host. On CUDA, also each step's time on the GPU, from
+    an event pair recorded around its launch (``gpu_step_ms``; read only after a sync, so it costs none).
+    Reading them: a large loader_wait fraction means the loader sets the speed. host_step alone cannot tell a
+    launch-bound host from a GPU-bound one (the host also blocks once the launch queue is full); the GPU time per
+    step can: against the synthetic step's time (``maskfit bench --data``), a longer GPU step means the step
+    itself is slower in the real loop (launches starved of CPU, or other shapes), an equal one with a longer wall
+    step means the time is lost between steps.
     """
 
     def __init__(self, flop_model: FlopModel):
         self.flop_model = flop_model
         # over the whole call, never reset
-        self.totals = {"images": 0, "tokens": 0, "flops": 0.0, "loader_wait": 0.0, "host_step": 0.0}
+        self.totals = {"images": 0, "tokens": 0, "flops": 0.0, "loader_wait": 0.0, "host_step": 0.0,
+                       "gpu_step_ms": 0.0, "gpu_steps": 0}
+        self._pending: list = []  # (start, end) CUDA events of steps not yet folded in (settle)
         self.reset(time.perf_counter())
 
     def reset(self, now: float) -> None:
         self.t0, self.images, self.tokens, self.flops = now, 0, 0, 0.0
-        self.loader_wait, self.host_step = 0.0, 0.0
+        self.loader_wait, self.host_step, self.gpu_step_ms, self.gpu_steps = 0.0, 0.0, 0.0, 0
 
-    def add(self, info, loader_wait: float = 0.0, host_step: float = 0.0) -> None:
+    @staticmethod
+    def step_events(device: torch.device):
+        """(start, end) timing events to record around one step's launch on CUDA; None elsewhere."""
+        if device.type != "cuda":
+            return None
+        return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def add(self, info, loader_wait: float = 0.0, host_step: float = 0.0, events=None) -> None:
         flops = self.flop_model.step_flops(info.sums, info.masked)
         self.images += info.num_images
         self.tokens += info.sums.kept
@@ -241,12 +254,29 @@ class RateWindow:
         for key, value in (("images", info.num_images), ("tokens", info.sums.kept), ("flops", flops),
                            ("loader_wait", loader_wait), ("host_step", host_step)):
             self.totals[key] += value
+        if events is not None:
+            self._pending.append(events)
+
+    def settle(self) -> None:
+        """Fold the recorded steps' GPU times in. Call only after the device has synced (a log line's loss read,
+        a measurement's sync): every event is complete then, so reading them waits for nothing."""
+        for start, end in self._pending:
+            ms = start.elapsed_time(end)
+            self.gpu_step_ms += ms
+            self.gpu_steps += 1
+            self.totals["gpu_step_ms"] += ms
+            self.totals["gpu_steps"] += 1
+        self._pending.clear()
 
     def rates(self, now: float, peak: Optional[float]) -> dict[str, float]:
+        """The window's rates; called at a log line, after the loss read synced the device."""
+        self.settle()
         dt = max(now - self.t0, 1e-9)
         out = {"images_per_s": self.images / dt, "tokens_per_s": self.tokens / dt,
                "tflops_per_s": self.flops / dt / 1e12,
                "loader_wait_fraction": self.loader_wait / dt, "host_step_fraction": self.host_step / dt}
+        if self.gpu_steps:
+            out["gpu_ms_per_step"] = self.gpu_step_ms / self.gpu_steps
         if peak is not None:
             out["mfu"] = self.flops / dt / 1e12 / peak
         return out
@@ -393,6 +423,7 @@ def _train(cfg, run_dir: Path, resume, progress, stop_after, max_seconds, measur
         t_fetch = time.perf_counter()
         batch = data.next_device_batch(step, device)  # built, flattened and pinned by the loader workers
         t_step = time.perf_counter()
+        events = window.step_events(device)
         info = data.last_info
         shares, signalled, out_of_time = None, None, None  # one process: read after the step
         if parallel.world_size > 1:
@@ -402,9 +433,13 @@ def _train(cfg, run_dir: Path, resume, progress, stop_after, max_seconds, measur
             gathered = parallel.gather_ints([*step_sizes(run, batch, info.num_images), int(stop.requested), int(late)])
             shares = StepShares(parallel.rank, tuple(tuple(g[:3]) for g in gathered))
             signalled, out_of_time = any(g[3] for g in gathered), any(g[4] for g in gathered)
+        if events is not None:
+            events[0].record()
         loss, terms, grad_norm = (train_step(run, batch, step) if shares is None  # one process: the bench's call
                                   else train_step(run, batch, step, shares))
-        window.add(info, loader_wait=t_step - t_fetch, host_step=time.perf_counter() - t_step)
+        if events is not None:
+            events[1].record()
+        window.add(info, loader_wait=t_step - t_fetch, host_step=time.perf_counter() - t_step, events=events)
         step += 1
         step_images = info.num_images if shares is None else shares.images
         images_seen += step_images
@@ -555,6 +590,7 @@ def _start_measure(device: torch.device, step: int, window: RateWindow) -> dict:
     from maskfit.bench import sync_device
 
     sync_device(device)
+    window.settle()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     return {"t": time.perf_counter(), "step": step, "compile": compile_stats()[1], **window.totals}
@@ -564,11 +600,15 @@ def _end_measure(device: torch.device, mark: dict, step: int, window: RateWindow
     from maskfit.bench import sync_device
 
     sync_device(device)
+    window.settle()
     seconds = time.perf_counter() - mark["t"]
     steps = step - mark["step"]
-    images, tokens, flops, wait, host = (window.totals[k] - mark[k]
-                                         for k in ("images", "tokens", "flops", "loader_wait", "host_step"))
+    images, tokens, flops, wait, host, gpu_ms, gpu_steps = (
+        window.totals[k] - mark[k]
+        for k in ("images", "tokens", "flops", "loader_wait", "host_step", "gpu_step_ms", "gpu_steps"))
     return {
+        "ms_per_step": round(1000 * seconds / max(steps, 1), 2),
+        "gpu_ms_per_step": round(gpu_ms / gpu_steps, 2) if gpu_steps else None,
         "steps": steps, "seconds": seconds, "images_per_s": images / max(seconds, 1e-9),
         "tokens_per_s": tokens / max(seconds, 1e-9), "flops": flops,
         "loader_wait_fraction": round(wait / max(seconds, 1e-9), 3),
