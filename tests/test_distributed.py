@@ -4,6 +4,7 @@
 stopped and resumed on 1 rank (and 1 -> 2) continues as an uninterrupted run.
 """
 import json
+import math
 import os
 import socket
 import subprocess
@@ -204,3 +205,14 @@ def test_ddp_wrapper_takes_the_configured_bucket_size(tmp_path):
         dist.destroy_process_group()
     with pytest.raises(ValueError, match=r"train.ddp_bucket_mb=0 must be a size in MB >= 1"):
         TrainConfig(ddp_bucket_mb=0)
+
+
+@pytest.mark.parametrize("design", ["decoder", "side_interp"])
+def test_two_ddp_ranks_train_a_full_grid_design_through_its_unmasked_fine_tune(tmp_path, design):
+    """DDP refuses a step where a parameter got no gradient: the decoder design once carried an unused backbone final
+    layer, and an unmasked fine-tune step leaves the mask token (and MDT's side-interpolator) out of the graph."""
+    mask = {"keep_ratio": 0.5, "design": design, "final_unmasked_steps": 2, "decoder_hidden": 32, "decoder_heads": 2,
+            "side_decode_depth": 1}
+    run = _train(tmp_path, design, 2, "ddp", mask=mask, train={"steps": 4})
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4] and all(math.isfinite(r["loss"]) for r in rows)

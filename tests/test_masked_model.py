@@ -204,3 +204,28 @@ def test_decoder_position_embedding_makes_the_decoder_see_absolute_positions():
     assert sincos_2d_embedding(batch.layout.pos, 32).shape == (batch.layout.num_tokens, 32)
     with pytest.raises(ValueError, match="decoder_pos_embed=True applies to mask_design='decoder'"):
         model_config("FiTv2-tiny", mask_design="plain", decoder_pos_embed=True)
+
+
+@pytest.mark.parametrize("design", ["plain", "decoder", "mixer", "side_interp"])
+@pytest.mark.parametrize("masked", [True, False], ids=["masked", "unmasked_fine_tune"])
+def test_every_parameter_gets_a_gradient_in_every_training_step(design, masked):
+    """DDP (train.parallel='ddp') refuses a step in which a parameter got no gradient: a layer no design uses, or
+    the mask token (and MDT's side-interpolator) in an unmasked fine-tune step, would stop a many-GPU run."""
+    model = _perturbed(FiT(model_config("FiTv2-tiny", mask_design=design, decoder_depth=1, decoder_hidden=32,
+                                        decoder_heads=2, mixer_depth=1, side_decode_depth=1))).train()
+    tokens, keep, y = _batch(model.cfg.token_dim)
+    batch = pack(tokens, GRIDS, y)
+    view = masked_view(batch.layout, keep) if masked else None
+    if design == "plain" and masked:  # plain trains on the kept stream alone (train.training_loss)
+        out = model(batch.tokens[view.index], torch.rand(3), y, view.layout)
+    else:
+        out = model(batch.tokens, torch.rand(3), y, batch.layout, mask=view)
+    out.square().mean().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+    if not masked:  # the zero-weighted term changes no value: the eval forward (sampling) gives the same output
+        t = torch.zeros(3)
+        with torch.no_grad():
+            trained = model(batch.tokens, t, y, batch.layout)
+            sampled = model.eval()(batch.tokens, t, y, batch.layout)
+        assert torch.equal(trained, sampled)

@@ -111,6 +111,23 @@ def test_checkpoint_from_another_architecture_is_a_clear_error(tmp_path):
         ckpt_io.load_weights(other, ckpt_io.latest_checkpoint(result.run_dir) / "model.safetensors")
 
 
+def test_a_decoder_checkpoint_with_the_unused_backbone_final_layer_still_loads(tmp_path):
+    """Decoder-design checkpoints from before 2026-12-02 carry final_layer.* weights the design never used."""
+    from safetensors.torch import save_file
+
+    cfg = model_config("FiTv2-tiny", mask_design="decoder", decoder_hidden=32, decoder_heads=2)
+    model = FiT(cfg)
+    old = {**model.state_dict(), "final_layer.linear.weight": torch.zeros(3, 4), "final_layer.adaLN.bias": torch.zeros(2)}
+    save_file(old, str(tmp_path / "model.safetensors"))
+    rebuilt = FiT(cfg)
+    ckpt_io.load_weights(rebuilt, tmp_path / "model.safetensors")
+    for k, v in model.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[k], v), k
+    save_file({**old, "blocks.9.attn.qkv.weight": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match=r"saved from another architecture \(unexpected \['blocks.9.attn.qkv.weight'\]"):
+        ckpt_io.load_weights(FiT(cfg), tmp_path / "other.safetensors")
+
+
 def test_checkpoints_are_atomic_and_latest_points_to_a_complete_one(tmp_path):
     train(tiny_run(tmp_path / "run", steps=6), progress=False)
     root = tmp_path / "run" / "checkpoints"

@@ -317,8 +317,10 @@ class FiT(nn.Module):
         self.y_embedder = nn.Embedding(cfg.num_classes + 1, d)  # row num_classes = null label
         self.global_adaLN = nn.Linear(d, 6 * d) if cfg.adaln == "lora" else None
         self.blocks = nn.ModuleList(FiTBlock.backbone(cfg) for _ in range(cfg.depth))
-        self.final_layer = FinalLayer(d, d, out_dim)
         design = cfg.mask_design
+        # The decoder design predicts through its decoder's own final layer; a backbone final layer would sit unused,
+        # and DDP needs every parameter in every step's graph.
+        self.final_layer = FinalLayer(d, d, out_dim) if design != "decoder" else None
         if design in ("decoder", "side_interp"):
             width = cfg.decoder_hidden if design == "decoder" else d
             self.mask_token = nn.Parameter(torch.zeros(width))  # fills dropped positions (MaskDiT, MDT)
@@ -361,7 +363,7 @@ class FiT(nn.Module):
             nn.init.zeros_(self.global_adaLN.weight)
             nn.init.zeros_(self.global_adaLN.bias)
         # Zero output layers: the network starts by predicting 0.
-        for final in (self.final_layer, getattr(self, "decoder_final", None)):
+        for final in (self.final_layer, getattr(self, "decoder_final", None)):  # either may be absent
             if final is not None:
                 for m in (final.adaLN, final.linear):
                     nn.init.zeros_(m.weight)
@@ -415,11 +417,22 @@ class FiT(nn.Module):
                 h = block(h, cond, global_mod, full)  # (T, d)
         if mask is None:
             out = self._unmasked(h, cond, global_mod, full)
+            if self.training and cfg.mask_design in ("decoder", "side_interp"):
+                out = out + 0.0 * self._masked_only_parameters_sum()
         else:
             out = self._masked(h, cond, global_mod, full, mask)
         if layout.valid is not None:
             out = out * layout.valid[:, None].to(out.dtype)
         return out
+
+    def _masked_only_parameters_sum(self) -> Tensor:
+        """The sum of the parameters only a masked step uses (mask token; MDT's side-interpolator), for a zero-weighted
+        term in an unmasked training step (the unmasked fine-tune): DDP must see a gradient for every parameter in
+        every step, and MaskDiT's loss adds 0 * mask_token.sum() in its fine-tune for the same reason."""
+        total = self.mask_token.sum()
+        if self.cfg.mask_design == "side_interp":
+            total = total + sum(p.sum() for p in self.side_interpolator.parameters())
+        return total
 
     def _run_blocks(self, h, cond, global_mod, stream: _Stream, blocks) -> Tensor:
         for block in blocks:
@@ -449,11 +462,10 @@ class FiT(nn.Module):
         kept = full.subset(mask, cfg.attention)
         hk = h[mask.index] if cfg.mask_design == "mixer" else h  # (T_k, d): only these reach the backbone
         T = full.layout.num_tokens
-        out_dim = self.final_layer.linear.out_features
         if cfg.mask_design in ("plain", "mixer"):
             hk = self._run_blocks(hk, cond, global_mod, kept, self.blocks)  # (T_k, d)
             out_k = self.final_layer(hk, cond, kept)  # (T_k, p*p*C_out)
-            return out_k.new_zeros(T, out_dim).index_copy(0, mask.index, out_k)
+            return out_k.new_zeros(T, out_k.shape[1]).index_copy(0, mask.index, out_k)
         if cfg.mask_design == "decoder":
             hk = self._run_blocks(hk, cond, global_mod, kept, self.blocks)  # (T_k, d)
             hk = self.decoder_in(hk)  # (T_k, dd)
