@@ -207,12 +207,14 @@ def test_ddp_wrapper_takes_the_configured_bucket_size(tmp_path):
         TrainConfig(ddp_bucket_mb=0)
 
 
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 @pytest.mark.parametrize("design", ["decoder", "side_interp"])
-def test_two_ddp_ranks_train_a_full_grid_design_through_its_unmasked_fine_tune(tmp_path, design):
+def test_two_ranks_train_a_full_grid_design_through_its_unmasked_fine_tune(tmp_path, design, parallel):
     """DDP refuses a step where a parameter got no gradient: the decoder design once carried an unused backbone final
-    layer, and an unmasked fine-tune step leaves the mask token (and MDT's side-interpolator) out of the graph."""
+    layer, and an unmasked fine-tune step leaves the mask token (and MDT's side-interpolator) out of the graph.
+    FSDP2 shards those modules with the root: it must run through both phases too."""
     mask = {"keep_ratio": 0.5, "design": design, "final_unmasked_steps": 2, "decoder_hidden": 32, "decoder_heads": 2,
             "side_decode_depth": 1}
-    run = _train(tmp_path, design, 2, "ddp", mask=mask, train={"steps": 4})
+    run = _train(tmp_path, design, 2, parallel, mask=mask, train={"steps": 4})
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4] and all(math.isfinite(r["loss"]) for r in rows)
