@@ -405,6 +405,9 @@ def test_full_stream_bound_by_hand():
     # 3/4: a 3-token image keeps 2, so without an image cap 1.5 x; 320 images of <= 256 tokens allow 43 797.
     assert longest_full_stream(MaskConfig(keep_ratio=0.75), 32768, 256) == 49152
     assert longest_full_stream(MaskConfig(keep_ratio=0.75), 32768, 256, max_images=320) == 43797
+    # Sizes beyond one 256-row block of the vertex search (the whole-matrix search gave the same values)
+    assert longest_full_stream(MaskConfig(keep_ratio=0.75), 32768, 700, max_images=320) == 43797
+    assert longest_full_stream(MaskConfig(keep_ratio=0.6), 20000, 513, max_images=50) == 30250
     # A constant count of 64 from images of at most 256 tokens: 4 x.
     assert longest_full_stream(MaskConfig(keep_count=64), 1024, 256, max_images=100) == 4096
     # The schedule only raises kept counts: the bound is full masking's.

@@ -494,16 +494,19 @@ def longest_full_stream(config: MaskConfig, kept_tokens: int, largest_image: int
     one_size = K / k if max_images is None else np.minimum(K / k, float(max_images))
     best = float((one_size * d).max())
     if max_images is not None:
-        # x_a + x_b = M and k_a x_a + k_b x_b = K: x_a = (K - k_b M) / (k_a - k_b), both counts >= 0.
+        # x_a + x_b = M and k_a x_a + k_b x_b = K: x_a = (K - k_b M) / (k_a - k_b), both counts >= 0. Rows of
+        # sizes a in blocks of 256, so memory stays 256 x largest_image whatever the token budget.
         M = float(max_images)
-        ka, kb = k[:, None], k[None, :]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            xa = (K - kb * M) / (ka - kb)
-        xb = M - xa
-        feasible = np.isfinite(xa) & (xa >= 0) & (xb >= 0)
-        if feasible.any():
-            xa, xb = np.where(feasible, xa, 0.0), np.where(feasible, xb, 0.0)
-            best = max(best, float((xa * d[:, None] + xb * d[None, :]).max()))
+        kb, db = k[None, :], d[None, :]
+        for start in range(0, len(k), 256):
+            ka, da = k[start:start + 256, None], d[start:start + 256, None]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                xa = (K - kb * M) / (ka - kb)
+            xb = M - xa
+            feasible = np.isfinite(xa) & (xa >= 0) & (xb >= 0)
+            if feasible.any():
+                xa, xb = np.where(feasible, xa, 0.0), np.where(feasible, xb, 0.0)
+                best = max(best, float((xa * da + xb * db).max()))
     # The optimum is a rational with a denominator of at most |k_a - k_b| <= largest_image, so it lies at least
     # 1 / largest_image^2 from any integer it is not: the tolerance cannot round a true value down.
     return int(kept_tokens + math.floor(best + 1e-9))
