@@ -225,17 +225,22 @@ class RateWindow:
     step means the time is lost between steps.
     """
 
+    COUNTERS = ("images", "tokens", "flops", "loader_wait", "host_step", "gpu_step_ms", "gpu_steps")
+
     def __init__(self, flop_model: FlopModel):
         self.flop_model = flop_model
-        # over the whole call, never reset
-        self.totals = {"images": 0, "tokens": 0, "flops": 0.0, "loader_wait": 0.0, "host_step": 0.0,
-                       "gpu_step_ms": 0.0, "gpu_steps": 0}
+        self.totals = dict.fromkeys(self.COUNTERS, 0)  # over the whole call, never reset
         self._pending: list = []  # (start, end) CUDA events of steps not yet folded in (settle)
         self.reset(time.perf_counter())
 
     def reset(self, now: float) -> None:
-        self.t0, self.images, self.tokens, self.flops = now, 0, 0, 0.0
-        self.loader_wait, self.host_step, self.gpu_step_ms, self.gpu_steps = 0.0, 0.0, 0.0, 0
+        self.t0 = now
+        self.window = dict.fromkeys(self.COUNTERS, 0)  # since the last log line
+
+    def _count(self, **values) -> None:
+        for key, value in values.items():
+            self.window[key] += value
+            self.totals[key] += value
 
     @staticmethod
     def step_events(device: torch.device):
@@ -246,14 +251,8 @@ class RateWindow:
 
     def add(self, info, loader_wait: float = 0.0, host_step: float = 0.0, events=None) -> None:
         flops = self.flop_model.step_flops(info.sums, info.masked)
-        self.images += info.num_images
-        self.tokens += info.sums.kept
-        self.flops += flops
-        self.loader_wait += loader_wait
-        self.host_step += host_step
-        for key, value in (("images", info.num_images), ("tokens", info.sums.kept), ("flops", flops),
-                           ("loader_wait", loader_wait), ("host_step", host_step)):
-            self.totals[key] += value
+        self._count(images=info.num_images, tokens=info.sums.kept, flops=flops, loader_wait=loader_wait,
+                    host_step=host_step)
         if events is not None:
             self._pending.append(events)
 
@@ -261,24 +260,20 @@ class RateWindow:
         """Fold the recorded steps' GPU times in. Call only after the device has synced (a log line's loss read,
         a measurement's sync): every event is complete then, so reading them waits for nothing."""
         for start, end in self._pending:
-            ms = start.elapsed_time(end)
-            self.gpu_step_ms += ms
-            self.gpu_steps += 1
-            self.totals["gpu_step_ms"] += ms
-            self.totals["gpu_steps"] += 1
+            self._count(gpu_step_ms=start.elapsed_time(end), gpu_steps=1)
         self._pending.clear()
 
     def rates(self, now: float, peak: Optional[float]) -> dict[str, float]:
         """The window's rates; called at a log line, after the loss read synced the device."""
         self.settle()
-        dt = max(now - self.t0, 1e-9)
-        out = {"images_per_s": self.images / dt, "tokens_per_s": self.tokens / dt,
-               "tflops_per_s": self.flops / dt / 1e12,
-               "loader_wait_fraction": self.loader_wait / dt, "host_step_fraction": self.host_step / dt}
-        if self.gpu_steps:
-            out["gpu_ms_per_step"] = self.gpu_step_ms / self.gpu_steps
+        w, dt = self.window, max(now - self.t0, 1e-9)
+        out = {"images_per_s": w["images"] / dt, "tokens_per_s": w["tokens"] / dt,
+               "tflops_per_s": w["flops"] / dt / 1e12,
+               "loader_wait_fraction": w["loader_wait"] / dt, "host_step_fraction": w["host_step"] / dt}
+        if w["gpu_steps"]:
+            out["gpu_ms_per_step"] = w["gpu_step_ms"] / w["gpu_steps"]
         if peak is not None:
-            out["mfu"] = self.flops / dt / 1e12 / peak
+            out["mfu"] = w["flops"] / dt / 1e12 / peak
         return out
 
 
@@ -603,9 +598,7 @@ def _end_measure(device: torch.device, mark: dict, step: int, window: RateWindow
     window.settle()
     seconds = time.perf_counter() - mark["t"]
     steps = step - mark["step"]
-    images, tokens, flops, wait, host, gpu_ms, gpu_steps = (
-        window.totals[k] - mark[k]
-        for k in ("images", "tokens", "flops", "loader_wait", "host_step", "gpu_step_ms", "gpu_steps"))
+    images, tokens, flops, wait, host, gpu_ms, gpu_steps = (window.totals[k] - mark[k] for k in RateWindow.COUNTERS)
     return {
         "ms_per_step": round(1000 * seconds / max(steps, 1), 2),
         "gpu_ms_per_step": round(gpu_ms / gpu_steps, 2) if gpu_steps else None,
