@@ -433,10 +433,9 @@ def load_weights(module: torch.nn.Module, file: Path) -> None:
         except (SafetensorError, OSError, ValueError) as err:
             raise unreadable_file_error(file, err) from err
     own = module.state_dict()
-    if getattr(getattr(module, "cfg", None), "mask_design", None) == "decoder" and "final_layer.linear.weight" not in own:
-        # Decoder-design checkpoints written before 2026-12-02 carry a backbone final layer the design never used
-        # (removed then: DDP needs every parameter in every step's graph). Its weights never reached an output.
-        state = {k: v for k, v in state.items() if not k.startswith("final_layer.")}
+    upgrade = getattr(module, "upgrade_state_dict", None)  # the model's own reading of weights saved by older code
+    if upgrade is not None:
+        state = upgrade(state)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)

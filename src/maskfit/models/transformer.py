@@ -371,6 +371,15 @@ class FiT(nn.Module):
         if hasattr(self, "mask_token"):
             nn.init.normal_(self.mask_token, std=0.02)  # MaskDiT and MDT initialise it N(0, 0.02)
 
+    def upgrade_state_dict(self, state: dict) -> dict:
+        """Weights saved by older code, as this model names them (``maskfit.checkpoint.load_weights`` calls it).
+
+        Decoder-design checkpoints written before 2026-12-02 carry a backbone final layer the design never used
+        (removed then: DDP needs every parameter in every step's graph); its weights never reached an output."""
+        if self.final_layer is None:
+            return {k: v for k, v in state.items() if not k.startswith("final_layer.")}
+        return state
+
     @property
     def null_class(self) -> int:
         return self.cfg.num_classes
