@@ -426,7 +426,7 @@ class FiT(nn.Module):
                 h = block(h, cond, global_mod, full)  # (T, d)
         if mask is None:
             out = self._unmasked(h, cond, global_mod, full)
-            if self.training and cfg.mask_design in ("decoder", "side_interp"):
+            if self.training and hasattr(self, "mask_token"):
                 out = out + 0.0 * self._masked_only_parameters_sum()
         else:
             out = self._masked(h, cond, global_mod, full, mask)
