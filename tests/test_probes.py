@@ -1,5 +1,6 @@
 """tools/probes/decoder_mask_token_gap.py: its hybrid forward and its numbers (the probe backs a REPORT finding)."""
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,59 @@ def test_gap_scores_each_way_at_each_timestep():
     full = probe.gap(model, [_batch(keep_all=True)], torch.device("cpu"))
     for t in probe.TIMESTEPS:
         assert full["masked"][t] == pytest.approx(full["unmasked"][t], rel=1e-5)
+
+
+def _sharpness_probe():
+    spec = importlib.util.spec_from_file_location("sample_sharpness", ROOT / "tools/probes/sample_sharpness.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grid_cells_returns_the_images_image_grid_laid_out():
+    import numpy as np
+
+    from maskfit.sample import grid_cells, image_grid
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 250, size=(6, 10, 3), dtype=np.uint8) for _ in range(11)]  # last row not full
+    cells = grid_cells(image_grid(images, columns=4), height=6, width=10)
+    assert cells.shape == (11, 6, 10, 3)
+    np.testing.assert_array_equal(cells, np.stack(images))
+    with pytest.raises(ValueError, match="holds no 40x30 cell"):
+        grid_cells(image_grid(images[:1], columns=1), height=30, width=40)
+
+
+def test_sharpness_known_values_and_archive_reading(tmp_path):
+    import tarfile
+
+    import numpy as np
+
+    from maskfit.sample import image_grid
+
+    probe = _sharpness_probe()
+    flat = np.full((2, 8, 8, 3), 128, dtype=np.uint8)
+    assert probe.detail_and_contrast(flat) == (0.0, 0.0)
+    checker = ((np.indices((8, 8)).sum(0) % 2) * 255).astype(np.uint8)  # 0/1 checkerboard
+    board = np.repeat(checker[None, :, :, None], 3, axis=-1)  # (1, 8, 8, 3)
+    laplacian, contrast = probe.detail_and_contrast(board)
+    assert laplacian == pytest.approx(4.0)  # |4x - 4(1-x)| = 4 at every interior pixel
+    assert contrast == pytest.approx(0.5)
+    # An archive as tools/study.sh writes it: the 64x64 none grid of two checkpoints, one other size, one OOD grid.
+    for step, image in ((10, board), (20, flat[:1])):
+        folder = tmp_path / f"run_s0/eval/abc/step_{step:07d}/id/samples/none"
+        folder.mkdir(parents=True)
+        image_grid([image[0]] * 3, columns=2).save(folder / "grid_8x8.png")
+        image_grid([image[0]] * 3, columns=2).save(folder / "grid_4x4.png")
+    ood = tmp_path / "run_s0/eval/abc/step_0000020/ood/samples/none"
+    ood.mkdir(parents=True)
+    image_grid([board[0]], columns=1).save(ood / "grid_8x8.png")
+    archive = tmp_path / "run_s0.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "run_s0", arcname="run_s0")
+    out = tmp_path / "sharp.jsonl"
+    assert probe.main([str(archive), "--size", "8x8", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["step"], r["laplacian"], r["contrast"]) for r in rows] == [(10, 4.0, 0.5), (20, 0.0, 0.0)]
+    with pytest.raises(SystemExit, match="grid_16x16.png"):
+        probe.main([str(archive), "--size", "16x16"])

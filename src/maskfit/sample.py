@@ -215,6 +215,20 @@ def image_grid(images: Sequence[np.ndarray], columns: int, pad: int = 2, backgro
     return canvas
 
 
+def grid_cells(grid: Image.Image, height: int, width: int, pad: int = 2) -> np.ndarray:
+    """The images of an ``image_grid`` of same-size (height, width) images, in order: (N, height, width, 3) uint8.
+
+    Cells that are all background (a last row that is not full) are left out."""
+    canvas = np.asarray(grid.convert("RGB"))
+    rows, columns = (canvas.shape[0] - pad) // (height + pad), (canvas.shape[1] - pad) // (width + pad)
+    if rows < 1 or columns < 1:
+        raise ValueError(f"a {grid.width}x{grid.height} grid holds no {width}x{height} cell with {pad}-pixel borders")
+    cells = [canvas[pad + i * (height + pad):][:height, pad + j * (width + pad):][:, :width]
+             for i in range(rows) for j in range(columns)]
+    background = canvas[0, 0]
+    return np.stack([c for c in cells if not (c == background).all()])
+
+
 def save_adm_npz(path: Path, images: Sequence[np.ndarray], labels: Optional[np.ndarray] = None) -> None:
     """ADM sample format: arr_0 uint8 (N, H, W, 3) (all of one size), arr_1 labels when given."""
     sizes = {im.shape for im in images}
