@@ -730,3 +730,19 @@ def test_report_reads_every_run_against_the_reference_runs(tmp_path):
     assert "### Differences at equal GPU time" in text and "proxy FD minus packed's" in text
     assert "| plain50 | +3.00 (p=0.00) **called** |" in text
     assert "proxy FD minus packed's, paired by seed" in text and "| plain50 | +3.00 ± 0.00 (n=3" in text
+
+
+def test_gap_table_means_over_t_and_high_noise_ratios(tmp_path):
+    """The decoder probe's table: mean over t, t = 950 in brackets, unmasked ÷ masked at t = 750 and 950."""
+    from maskfit.study_report import gap_table
+
+    values = {"unmasked": {50: 0.2, 250: 0.04, 500: 0.01, 750: 0.003, 950: 0.0006},
+              "masked": {50: 0.3, 250: 0.04, 500: 0.01, 750: 0.002, 950: 0.0002},
+              "full_encoder": {50: 0.3, 250: 0.04, 500: 0.01, 750: 0.002, 950: 0.0002}}
+    lines = [{"checkpoint": "/tmp/x/run/checkpoints/step_0000010", "weights": "ema", "way": way, "t": t, "eps_mse": v}
+             for way, per_t in values.items() for t, v in per_t.items()]
+    (tmp_path / "dec_s0_decoder_gap.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    table = gap_table(tmp_path)
+    row = [line for line in table if line.startswith("| dec_s0 |")]
+    assert row == ["| dec_s0 | step_0000010 | ema | 0.0507 (0.0006) | 0.0704 (0.0002) | 0.0704 (0.0002) | 1.50 / 3.00 |"]
+    assert gap_table(tmp_path / "missing") == []

@@ -592,9 +592,14 @@ def floor_table(floor: Optional[Path]) -> List[str]:
 GAP_WAYS = ("unmasked", "masked", "full_encoder")
 
 
+GAP_RATIO_STEPS = (750, 950)
+
+
 def gap_table(gap: Optional[Path]) -> List[str]:
     """The decoder probe's numbers (tools/probes/decoder_mask_token_gap.py, RUN_decoder_gap.jsonl files): held-out
-    epsilon MSE per checkpoint and weights, three ways, mean over t (t = 950 in brackets)."""
+    epsilon MSE per checkpoint and weights, three ways, mean over t (t = 950 in brackets), and the sampling path's
+    MSE over the training forward's at the two highest noise levels, where the mean over t (dominated by t = 50)
+    hides a gap: a decoder that needs its mask tokens is worst there (REPORT, decoder)."""
     files = sorted(gap.glob("*.jsonl")) if gap is not None and gap.is_dir() else []
     rows = []
     for path in files:
@@ -609,15 +614,21 @@ def gap_table(gap: Optional[Path]) -> List[str]:
                 values = ways.get(way, {})
                 cells.append("–" if not values else
                              f"{sum(values.values()) / len(values):.4f}" + (f" ({values[950]:.4f})" if 950 in values else ""))
+            unmasked, masked = ways.get("unmasked", {}), ways.get("masked", {})
+            ratios = [f"{unmasked[t] / masked[t]:.2f}" for t in GAP_RATIO_STEPS
+                      if unmasked.get(t) is not None and masked.get(t)]
+            cells.append(" / ".join(ratios) if len(ratios) == len(GAP_RATIO_STEPS) else "–")
             rows.append(f"| {run} | {step} | {weights} | " + " | ".join(cells) + " |")
     if not rows:
         return []
     return ["### Does the decoder lean on mask tokens? (held-out epsilon MSE)", "",
             "_`tools/probes/decoder_mask_token_gap.py` on each checkpoint of a DDPM decoder run: unmasked (what "
             "sampling runs), masked (the training forward, kept tokens), the encoder on every token with mask tokens "
-            "in the decoder's input (kept tokens); mean over t = 50, 250, 500, 750, 950, t = 950 in brackets._", "",
-            "| run | checkpoint | weights | unmasked | masked | full encoder + mask tokens |",
-            "| --- | --- | --- | ---: | ---: | ---: |", *rows, ""]
+            "in the decoder's input (kept tokens); mean over t = 50, 250, 500, 750, 950, t = 950 in brackets; last "
+            "column: unmasked ÷ masked at t = 750 and 950 (above 1: sampling gets a worse prediction than training "
+            "trained)._", "",
+            "| run | checkpoint | weights | unmasked | masked | full encoder + mask tokens | unmasked ÷ masked, t = 750 / 950 |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: |", *rows, ""]
 
 
 def sample_sheets(sheets: Optional[Path], report: Path) -> List[str]:
