@@ -742,7 +742,15 @@ def test_gap_table_means_over_t_and_high_noise_ratios(tmp_path):
     lines = [{"checkpoint": "/tmp/x/run/checkpoints/step_0000010", "weights": "ema", "way": way, "t": t, "eps_mse": v}
              for way, per_t in values.items() for t, v in per_t.items()]
     (tmp_path / "dec_s0_decoder_gap.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    # A plain control in the newer file name, with x0 slopes and no full-encoder way.
+    plain = [{"checkpoint": "/tmp/y/run/checkpoints/step_0000020", "weights": "raw", "way": way, "t": t,
+              "eps_mse": values[way][t], "x0_slope": {"unmasked": 0.25, "masked": 0.5}[way]}
+             for way in ("unmasked", "masked") for t in values[way]]
+    (tmp_path / "pl_s1_gap.jsonl").write_text("".join(json.dumps(l) + "\n" for l in plain))
     table = gap_table(tmp_path)
-    row = [line for line in table if line.startswith("| dec_s0 |")]
-    assert row == ["| dec_s0 | step_0000010 | ema | 0.0507 (0.0006) | 0.0704 (0.0002) | 0.0704 (0.0002) | 1.50 / 3.00 |"]
+    rows = [line for line in table if line.startswith(("| dec_s0 |", "| pl_s1 |"))]
+    assert rows == [
+        "| dec_s0 | step_0000010 | ema | 0.0507 (0.0006) | 0.0704 (0.0002) | 0.0704 (0.0002) | 1.50 / 3.00 | – |",
+        "| pl_s1 | step_0000020 | raw | 0.0507 (0.0006) | 0.0704 (0.0002) | – | 1.50 / 3.00 | 0.250 / 0.500 |",
+    ]
     assert gap_table(tmp_path / "missing") == []

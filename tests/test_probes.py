@@ -53,18 +53,48 @@ def test_full_encoder_forward_with_every_token_kept_is_the_sampling_forward():
     assert not torch.allclose(hybrid[half.mask.index], sampling[half.mask.index], atol=1e-3)
 
 
-def test_gap_scores_each_way_at_each_timestep():
-    probe, model = _probe(), _decoder_model()
+@pytest.mark.parametrize("design", ["decoder", "plain"])
+def test_gap_scores_each_way_at_each_timestep(design):
+    probe = _probe()
+    model = _decoder_model() if design == "decoder" else _plain_model()
     result = probe.gap(model, [_batch(keep_all=False)], torch.device("cpu"))
-    assert set(result) == {"unmasked", "masked", "full_encoder"}
+    assert set(result) == ({"unmasked", "masked", "full_encoder"} if design == "decoder" else {"unmasked", "masked"})
     for way in result.values():
-        assert list(way) == list(probe.TIMESTEPS) and all(v > 0 and v == v for v in way.values())
+        assert list(way) == list(probe.TIMESTEPS)
+        assert all(v["eps_mse"] > 0 and v["x0_slope"] == v["x0_slope"] for v in way.values())
     again = probe.gap(model, [_batch(keep_all=False)], torch.device("cpu"))
     assert again == result  # fixed noise per (batch, t): the numbers are reproducible
     # Every token kept: the training forward is the sampling forward, and both score the same tokens.
     full = probe.gap(model, [_batch(keep_all=True)], torch.device("cpu"))
     for t in probe.TIMESTEPS:
-        assert full["masked"][t] == pytest.approx(full["unmasked"][t], rel=1e-5)
+        for metric in ("eps_mse", "x0_slope"):
+            assert full["masked"][t][metric] == pytest.approx(full["unmasked"][t][metric], rel=1e-4)
+
+
+def _plain_model():
+    torch.manual_seed(0)
+    model = FiT(model_config("FiT-tiny", patch_size=1, in_channels=4, num_classes=3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.05)
+    return model.eval()
+
+
+def test_x0_slope_is_the_per_image_regression_slope():
+    probe = _probe()
+    grids = [(2, 3), (1, 4)]
+    g = torch.Generator().manual_seed(1)
+    target = torch.randn(10, 4, generator=g)
+    layout = pack([target[:6], target[6:]], grids, torch.tensor([0, 1])).layout
+    counted = torch.ones(10, dtype=torch.bool)
+    # Image 0 predicted as 2 x + 3, image 1 as -0.5 x + 1: slopes 2 and -0.5, mean 0.75.
+    prediction = torch.cat([2 * target[:6] + 3, -0.5 * target[6:] + 1])
+    assert probe.per_image_slope(prediction, target, counted, layout) == pytest.approx(0.75)
+    # Tokens not counted do not enter: spoil image 1's last token and leave it out.
+    spoiled = prediction.clone()
+    spoiled[9] = 100.0
+    counted[9] = False
+    assert probe.per_image_slope(spoiled, target, counted, layout) == pytest.approx(0.75)
 
 
 def _sharpness_probe():

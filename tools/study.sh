@@ -28,8 +28,9 @@
 #                     tables; from 2026-12-01 night on, ~4 s a run)
 #   LIMIT=570         seconds before an experiment is cut (what it finished still comes back)
 #   PROBE_LIMIT=150 PROBE_BATCHES=2   DDPM decoder runs: tools/probes/decoder_mask_token_gap.py on every checkpoint
-#                     afterwards (NAME_sSEED_decoder_gap.jsonl beside the results; commit it under study/gap/, where
-#                     study_report tables it)
+#                     afterwards (NAME_sSEED_gap.jsonl beside the results; commit it under study/gap/, where
+#                     study_report tables it); GAP_PROBE=1 also probes any other masked DDPM run (the plain control;
+#                     ~35 s of device time a run, so off by default)
 #   PROXY=study/proxy/proxy_classifier.safetensors   DATA=.carry/imagenette/train-128   OUT_DIR=$OUT or device_out
 #
 # The carried data: ../shared/data/imagenette/train-128 holds 59 MiB of JPEG bytes, which with the repository and
@@ -77,11 +78,14 @@ case "$cmd" in
         --num-images "${NUM_IMAGES:-200}" --sample-batch-size "${SAMPLE_BATCH:-100}" --steps "${STEPS:-25}" --eval-at-images "${MARKS:-100000,200000}" \
         --mark-resolutions "${MARK_RES:-64x64}" --also-cfg "${ALSO_CFG:-1.0}" --quiet "$@" 2>&1 | tee "$work/$tag.log"
       [ -f "$work/$tag/results.jsonl" ] && cp "$work/$tag/results.jsonl" "$out/$tag.jsonl"
-      # A decoder run: does its decoder lean on mask tokens? (tools/probes/decoder_mask_token_gap.py, ~1 min)
-      if grep -q '"design": "decoder"' "$work/$tag/results.jsonl" 2>/dev/null && grep -q '"objective": "ddpm"' "$work/$tag/results.jsonl"; then
+      # A decoder run: does its decoder lean on mask tokens? (tools/probes/decoder_mask_token_gap.py, ~35 s); with
+      # GAP_PROBE=1 any masked DDPM run, as the control.
+      res="$work/$tag/results.jsonl"
+      if [ -f "$res" ] && grep -q '"objective": "ddpm"' "$res" && { grep -q '"design": "decoder"' "$res" ||
+           { [ "${GAP_PROBE:-0}" = 1 ] && ! grep -q '"keep_ratio": 1.0' "$res"; }; }; then
         timeout "${PROBE_LIMIT:-150}" $PY tools/probes/decoder_mask_token_gap.py "$work/$tag/run/checkpoints"/step_* \
-          --batches "${PROBE_BATCHES:-2}" --out "$work/$tag/decoder_gap.jsonl" 2>&1 | tee -a "$work/$tag.log"
-        [ -f "$work/$tag/decoder_gap.jsonl" ] && cp "$work/$tag/decoder_gap.jsonl" "$out/${tag}_decoder_gap.jsonl"
+          --batches "${PROBE_BATCHES:-2}" --out "$work/$tag/gap.jsonl" 2>&1 | tee -a "$work/$tag.log"
+        [ -f "$work/$tag/gap.jsonl" ] && cp "$work/$tag/gap.jsonl" "$out/${tag}_gap.jsonl"
       fi
       (cd "$work" && tar czf "$out/$tag.tar.gz" "$tag.log" $(find "$tag" -maxdepth 1 -name '*.json') \
         $(find "$tag/run" -maxdepth 1 -name log.jsonl 2>/dev/null) $(find "$tag/eval" -name 'grid_*.png' 2>/dev/null))

@@ -596,18 +596,20 @@ GAP_RATIO_STEPS = (750, 950)
 
 
 def gap_table(gap: Optional[Path]) -> List[str]:
-    """The decoder probe's numbers (tools/probes/decoder_mask_token_gap.py, RUN_decoder_gap.jsonl files): held-out
+    """The gap probe's numbers (tools/probes/decoder_mask_token_gap.py, RUN_gap.jsonl files): held-out
     epsilon MSE per checkpoint and weights, three ways, mean over t (t = 950 in brackets), and the sampling path's
     MSE over the training forward's at the two highest noise levels, where the mean over t (dominated by t = 50)
     hides a gap: a decoder that needs its mask tokens is worst there (REPORT, decoder)."""
     files = sorted(gap.glob("*.jsonl")) if gap is not None and gap.is_dir() else []
     rows = []
     for path in files:
-        per = {}
+        per, slopes = {}, {}
         for line in (json.loads(l) for l in path.read_text().splitlines() if l.strip()):
             key = (Path(line["checkpoint"]).name, line["weights"])
             per.setdefault(key, {}).setdefault(line["way"], {})[int(line["t"])] = float(line["eps_mse"])
-        run = path.stem.removesuffix("_decoder_gap")
+            if "x0_slope" in line:
+                slopes.setdefault(key, {}).setdefault(line["way"], {})[int(line["t"])] = float(line["x0_slope"])
+        run = path.stem.removesuffix("_gap").removesuffix("_decoder")  # RUN_gap.jsonl (RUN_decoder_gap before)
         for (step, weights), ways in sorted(per.items()):
             cells = []
             for way in GAP_WAYS:
@@ -618,17 +620,23 @@ def gap_table(gap: Optional[Path]) -> List[str]:
             ratios = [f"{unmasked[t] / masked[t]:.2f}" for t in GAP_RATIO_STEPS
                       if unmasked.get(t) is not None and masked.get(t)]
             cells.append(" / ".join(ratios) if len(ratios) == len(GAP_RATIO_STEPS) else "–")
+            slope = slopes.get((step, weights), {})
+            pair = [slope.get(way, {}).get(950) for way in ("unmasked", "masked")]
+            cells.append("–" if None in pair else f"{pair[0]:.3f} / {pair[1]:.3f}")
             rows.append(f"| {run} | {step} | {weights} | " + " | ".join(cells) + " |")
     if not rows:
         return []
     return ["### Does the decoder lean on mask tokens? (held-out epsilon MSE)", "",
-            "_`tools/probes/decoder_mask_token_gap.py` on each checkpoint of a DDPM decoder run: unmasked (what "
+            "_`tools/probes/decoder_mask_token_gap.py` on each checkpoint of a DDPM decoder run (and of a masked run probed "
+            "as its control): unmasked (what "
             "sampling runs), masked (the training forward, kept tokens), the encoder on every token with mask tokens "
             "in the decoder's input (kept tokens); mean over t = 50, 250, 500, 750, 950, t = 950 in brackets; last "
             "column: unmasked ÷ masked at t = 750 and 950 (above 1: sampling gets a worse prediction than training "
-            "trained)._", "",
-            "| run | checkpoint | weights | unmasked | masked | full encoder + mask tokens | unmasked ÷ masked, t = 750 / 950 |",
-            "| --- | --- | --- | ---: | ---: | ---: | ---: |", *rows, ""]
+            "trained); x0 slope: the regression slope of the implied x0 prediction on the clean image at t = 950 "
+            "(below 1: shrunk toward the image's mean; probe files from 2026-12-02 (second session) on)._", "",
+            "| run | checkpoint | weights | unmasked | masked | full encoder + mask tokens | unmasked ÷ masked, t = 750 / 950 "
+            "| x0 slope at t = 950, unmasked / masked |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |", *rows, ""]
 
 
 def sample_sheets(sheets: Optional[Path], report: Path) -> List[str]:

@@ -1,24 +1,33 @@
-"""Probe: does a MaskDiT-style decoder lean on the mask tokens it only ever sees in training? (REPORT.md, decoder)
+"""Probe: does a masked model's sampling path get worse predictions than its training path? (REPORT.md, decoder)
 
     PYTHONPATH=src python3 tools/probes/decoder_mask_token_gap.py CHECKPOINT [CHECKPOINT ...] [--batches 4]
         [--data FOLDER] [--out FILE.jsonl]
 
-A checkpoint folder of a DDPM run with ``mask.design="decoder"`` (``maskfit train`` or ``maskfit experiment``;
-its run folder's ``checkpoints/step_*``). For its EMA and raw weights, the epsilon MSE on held-out images of the
-run's own config (``data.split="holdout"``: the project's split, never trained on; the run's crops and batching;
-masks at the run's ratio), at t = 50, 250, 500, 750, 950 with noise fixed per (batch, t), under the run's precision
-rule (bf16 autocast on a GPU, fp32 on a CPU), three ways:
+A checkpoint folder of a masked DDPM run (``maskfit train`` or ``maskfit experiment``; its run folder's
+``checkpoints/step_*``), written for the MaskDiT decoder (``mask.design="decoder"``) and run on the plain design
+as its control. For its EMA and raw weights, on held-out images of the run's own config (``data.split="holdout"``:
+the project's split, never trained on; the run's crops and batching; masks at the run's ratio), at
+t = 50, 250, 500, 750, 950 with noise fixed per (batch, t), under the run's precision rule (bf16 autocast on a GPU,
+fp32 on a CPU), each way below scores
+
+- ``eps_mse``: the epsilon MSE, and
+- ``x0_slope``: the slope of the regression of the implied x0 prediction, (x_t - sqrt(1 - ᾱ) ε̂) / sqrt(ᾱ), on the
+  clean image, per image over its scored tokens and channels: 1 is unbiased, below 1 a prediction shrunk toward
+  the image's mean (the posterior mean is shrunk at high noise, so compare ways and runs, not against 1). At high
+  noise the epsilon MSE says little about this bias (one epsilon error unit is (1 - ᾱ)/ᾱ units of x0 error).
+
+The ways:
 
 - ``unmasked``: every token, no mask: what sampling runs;
-- ``masked``: the training forward (encoder on the kept tokens, the learnable mask token at dropped positions),
-  kept tokens scored (the training loss's epsilon term);
-- ``full_encoder``: the encoder on every token as at sampling, then the mask token put at the dropped positions
-  of the decoder's input; kept tokens scored.
+- ``masked``: the training forward (the backbone on the kept tokens; for the decoder, the learnable mask token at
+  dropped positions), kept tokens scored (the training loss's epsilon term);
+- ``full_encoder`` (decoder only): the encoder on every token as at sampling, then the mask token put at the dropped
+  positions of the decoder's input; kept tokens scored.
 
-``masked`` ~ ``full_encoder`` < ``unmasked`` says the sampling-time gap comes from the decoder's missing mask
-tokens, not from the encoder's denser context. Each image counts once (mean over its tokens, then over images).
-Prints one line per (checkpoint, weights): the mean over t of each way, and t = 950's; with --out, one JSON line
-per (checkpoint, weights, way, t).
+For the decoder, ``masked`` ~ ``full_encoder`` < ``unmasked`` says the sampling-time gap comes from the decoder's
+missing mask tokens, not from the encoder's denser context. Each image counts once (mean over its tokens, then over
+images). Prints one line per (checkpoint, weights): the mean over t of each way's epsilon MSE, and t = 950's; with
+--out, one JSON line per (checkpoint, weights, way, t).
 """
 from __future__ import annotations
 
@@ -46,7 +55,7 @@ def heldout_batches(cfg, count: int, data_root: str | None):
     pipeline = build_training_data(held, run_patch_size(held))
     batches = [pipeline.next_batch(step) for step in range(count)]
     if any(b.mask is None for b in batches):
-        raise ValueError("the run keeps every token (mask.keep_ratio 1): there is no mask token to probe")
+        raise ValueError("the run keeps every token (mask.keep_ratio 1): there is no masked forward to compare with")
     return batches
 
 
@@ -61,6 +70,24 @@ def full_encoder_forward(model, x, t, y, layout, mask):
     return model._decode(hf, cond, full)  # (T, p*p*C_out)
 
 
+def per_image_slope(prediction, target, counted, layout) -> float:
+    """Mean over images of the least-squares slope of ``prediction`` on ``target`` (both (T, C)) over each image's
+    counted tokens and all channels, each centred on its own per-image mean."""
+    B, C = layout.num_images, target.shape[1]
+    p, x = prediction.double(), target.double()
+    zero = torch.zeros(p.shape[0], dtype=torch.float64, device=p.device)
+
+    def image_sum(per_token):  # (T,) -> (B,) over counted tokens
+        return segment_sum(torch.where(counted, per_token, zero), layout.seq_id, B)
+
+    n = image_sum(torch.full_like(zero, float(C)))
+    sx, sp = image_sum(x.sum(1)), image_sum(p.sum(1))
+    sxx, sxp = image_sum((x * x).sum(1)), image_sum((x * p).sum(1))
+    var = sxx - sx * sx / n.clamp(min=1)
+    has = (n > 0) & (var > 0)
+    return float(((sxp - sx * sp / n.clamp(min=1))[has] / var[has]).mean())
+
+
 def per_image_mean(per_token, counted, layout) -> float:
     """Mean over images of each image's mean over its counted tokens."""
     B = layout.num_images
@@ -72,9 +99,10 @@ def per_image_mean(per_token, counted, layout) -> float:
 
 @torch.no_grad()
 def gap(model, batches, device) -> dict:
-    """{way: {t: epsilon MSE}} over the batches."""
+    """{way: {t: {"eps_mse": ..., "x0_slope": ...}}} over the batches (``full_encoder`` for the decoder only)."""
     diffusion = GaussianDiffusion()
-    sums = {way: {t: 0.0 for t in TIMESTEPS} for way in WAYS}
+    ways = WAYS if model.cfg.mask_design == "decoder" else WAYS[:2]
+    sums = {way: {t: {"eps_mse": 0.0, "x0_slope": 0.0} for t in TIMESTEPS} for way in ways}
     for i, batch in enumerate(batches):
         batch = batch.to(device)
         layout, mask = batch.layout, batch.mask
@@ -84,16 +112,21 @@ def gap(model, batches, device) -> dict:
         for t in TIMESTEPS:
             noise = torch.randn(batch.tokens.shape, generator=torch.Generator().manual_seed(1000 * i + t)).to(device)
             steps = torch.full((layout.num_images,), t, dtype=torch.long, device=device)
-            x_t = diffusion.q_sample(batch.tokens, steps[layout.seq_id], noise)  # (T, C)
+            t_tok = steps[layout.seq_id]  # (T,)
+            x_t = diffusion.q_sample(batch.tokens, t_tok, noise)  # (T, C)
             with autocast_for("auto", device):  # bf16 on a GPU (FlashAttention needs it), fp32 on a CPU
                 outputs = {
                     "unmasked": (model(x_t, steps, batch.y, layout), real),
                     "masked": (model(x_t, steps, batch.y, layout, mask=mask), kept),
-                    "full_encoder": (full_encoder_forward(model, x_t, steps, batch.y, layout, mask), kept),
                 }
+                if "full_encoder" in ways:
+                    outputs["full_encoder"] = (full_encoder_forward(model, x_t, steps, batch.y, layout, mask), kept)
             for way, (out, counted) in outputs.items():
-                err = ((out[:, :channels].float() - noise) ** 2).mean(dim=1)  # (T,) the epsilon channels
-                sums[way][t] += per_image_mean(err, counted, layout) / len(batches)
+                eps = out[:, :channels].float()  # (T, C) the epsilon channels
+                err = ((eps - noise) ** 2).mean(dim=1)  # (T,)
+                x0_hat = diffusion.predict_x0(x_t, t_tok, eps)  # (T, C)
+                sums[way][t]["eps_mse"] += per_image_mean(err, counted, layout) / len(batches)
+                sums[way][t]["x0_slope"] += per_image_slope(x0_hat, batch.tokens, counted, layout) / len(batches)
     return sums
 
 
@@ -112,14 +145,16 @@ def main(argv=None) -> int:
         for weights in ("ema", "raw"):
             model, cfg = load_model_from_checkpoint(Path(path), use_ema=weights == "ema", device=device,
                                                     attention=attention)
-            if cfg.mask.design != "decoder" or cfg.diffusion.objective != "ddpm":
-                raise ValueError(f"{path}: a DDPM run with mask.design='decoder' is needed, got "
-                                 f"{cfg.mask.design!r} / {cfg.diffusion.objective!r}")
+            if cfg.diffusion.objective != "ddpm":
+                raise ValueError(f"{path}: a DDPM run is needed (the probe scores epsilon), got "
+                                 f"diffusion.objective={cfg.diffusion.objective!r}")
             batches = batches or heldout_batches(cfg, args.batches, args.data)
             result = gap(model.eval(), batches, device)
-            summary = "  ".join(f"{way} {sum(v.values()) / len(v):.4f} (t=950 {v[950]:.4f})" for way, v in result.items())
+            summary = "  ".join(f"{way} {sum(v['eps_mse'] for v in per_t.values()) / len(per_t):.4f} "
+                                f"(t=950 {per_t[950]['eps_mse']:.4f}, x0 slope {per_t[950]['x0_slope']:.3f})"
+                                for way, per_t in result.items())
             print(f"{path} {weights}: {summary}", flush=True)
-            lines += [{"checkpoint": str(path), "weights": weights, "way": way, "t": t, "eps_mse": v}
+            lines += [{"checkpoint": str(path), "weights": weights, "way": way, "t": t, **v}
                       for way, per_t in result.items() for t, v in per_t.items()]
     if args.out:
         Path(args.out).write_text("".join(json.dumps(line) + "\n" for line in lines))
