@@ -391,3 +391,53 @@ def test_a_decoder_with_its_position_embedding_trains_and_samples_with_it(tmp_pa
     assert result.step == 2 and all(math.isfinite(l) for l in result.losses)
     model, cfg = load_model_from_checkpoint(tmp_path / "run")
     assert model.cfg.decoder_pos_embed and cfg.mask.decoder_pos_embed
+
+
+def _legacy_decoder_checkpoint(ckpt: Path) -> None:
+    """Rewrite a decoder checkpoint as code before 2026-12-02 wrote it: a backbone final layer in the weights and
+    its four (stateless: they never got a gradient) AdamW entries between the blocks' and decoder_in's."""
+    from safetensors.torch import load_file, save_file
+
+    model, _ = load_model_from_checkpoint(ckpt, use_ema=False)
+    names = [n for n, _ in model.named_parameters()]
+    hidden, out_dim = model.cfg.hidden_size, model.cfg.patch_size**2 * model.cfg.out_channels
+
+    for name in ("model.safetensors", "ema.safetensors"):
+        weights = load_file(str(ckpt / name))
+        weights.update({"final_layer.adaLN.weight": torch.randn(2 * hidden, hidden),
+                        "final_layer.adaLN.bias": torch.randn(2 * hidden),
+                        "final_layer.linear.weight": torch.randn(out_dim, hidden),
+                        "final_layer.linear.bias": torch.randn(out_dim)})
+        save_file(weights, str(ckpt / name))
+    state = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    at = names.index("decoder_in.weight")
+    shift = {i: i if i < at else i + 4 for i in range(len(names))}
+    state["state"] = {shift[i]: v for i, v in state["state"].items()}
+    state["param_groups"][0]["params"] = list(range(len(names) + 4))
+    torch.save(state, ckpt / "optimizer.pt")
+
+
+def test_a_decoder_checkpoint_from_before_the_final_layer_removal_resumes_exactly(tmp_path):
+    mask = {"keep_ratio": 0.5, "design": "decoder", "decoder_depth": 1, "decoder_hidden": 32, "decoder_heads": 2}
+    straight = train(tiny_run(tmp_path / "a", mask=mask), progress=False)
+    train(tiny_run(tmp_path / "b", mask=mask), progress=False, stop_after=3)
+    ckpt = ckpt_io.latest_checkpoint(tmp_path / "b")
+    _legacy_decoder_checkpoint(ckpt)
+    resumed = train(tiny_run(tmp_path / "b", mask=mask), progress=False)
+    assert straight.step == resumed.step == 6
+    from safetensors.torch import load_file
+
+    wa = load_file(str(ckpt_io.latest_checkpoint(tmp_path / "a") / "model.safetensors"))
+    wb = load_file(str(ckpt_io.latest_checkpoint(tmp_path / "b") / "model.safetensors"))
+    assert sorted(wa) == sorted(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_an_optimizer_state_of_another_model_is_refused_with_the_fix(tmp_path):
+    train(tiny_run(tmp_path / "b"), progress=False, stop_after=3)
+    ckpt = ckpt_io.latest_checkpoint(tmp_path / "b")
+    state = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    state["param_groups"][0]["params"] = state["param_groups"][0]["params"][:-1]
+    state["state"].pop(max(state["state"]), None)
+    torch.save(state, ckpt / "optimizer.pt")
+    with pytest.raises(ValueError, match=r"optimizer.pt holds AdamW state for \d+ parameters.*finetune.init_from"):
+        train(tiny_run(tmp_path / "b"), progress=False)

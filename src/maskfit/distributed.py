@@ -302,7 +302,7 @@ def full_model_state(module: torch.nn.Module, parallel: Parallel) -> dict[str, T
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+def param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """The names of the optimizer's parameters in its own order (the ids of a plain ``state_dict()``)."""
     names = {id(p): n for n, p in model.named_parameters()}
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
@@ -318,7 +318,7 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
                                      options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not named:  # full_state_dict with cpu_offload: rank 0 gets the state, the others nothing
         return {}
-    index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
+    index = {n: i for i, n in enumerate(param_names(model, optimizer))}
     groups, start = [], 0
     for group, saved in zip(optimizer.param_groups, named["param_groups"]):
         n = len(group["params"])
@@ -334,7 +334,7 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sta
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    names = _param_names(model, optimizer)
+    names = param_names(model, optimizer)
     groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
     named = {"state": {names[i]: s for i, s in state["state"].items()}, "param_groups": groups}
     set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))

@@ -19,7 +19,7 @@ import torch
 
 from maskfit import checkpoint as ckpt_io
 from maskfit.config import RunConfig
-from maskfit.distributed import Parallel, load_optimizer, load_sharded_optimizer, parallelize, rank_device
+from maskfit.distributed import Parallel, load_optimizer, load_sharded_optimizer, param_names, parallelize, rank_device
 from maskfit.divergence import BadSteps
 from maskfit.finetune import prepare_model
 from maskfit.models.transformer import FiT, ModelConfig, model_config
@@ -149,7 +149,17 @@ def build_training_run(
     if checkpoint is not None and ckpt_io.is_sharded(checkpoint):
         load_sharded_optimizer(model, optimizer, checkpoint, parallel)
     elif checkpoint is not None:
-        load_optimizer(model, optimizer, ckpt_io.load_optimizer_state(checkpoint, map_location=device), parallel)
+        state = model.upgrade_optimizer_state(ckpt_io.load_optimizer_state(checkpoint, map_location=device),
+                                              param_names(model, optimizer))
+        try:
+            load_optimizer(model, optimizer, state, parallel)
+        except ValueError as err:  # torch: "loaded state dict contains a parameter group that doesn't match..."
+            raise ValueError(
+                f"{checkpoint}/optimizer.pt holds AdamW state for {sum(len(g['params']) for g in state['param_groups'])} "
+                f"parameters, this model's optimizer {len(param_names(model, optimizer))} ({err}): the checkpoint was "
+                "written by a different model config or code; resume it with the config it saved (config.json beside "
+                "it), or start from its weights instead (finetune.init_from) to leave its optimizer state behind"
+            ) from err
     forward = wrapped
     if tcfg.compile:
         compiled = torch.compile(wrapped, mode=None if tcfg.compile_mode == "default" else tcfg.compile_mode)

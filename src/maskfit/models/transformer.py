@@ -380,6 +380,25 @@ class FiT(nn.Module):
             return {k: v for k, v in state.items() if not k.startswith("final_layer.")}
         return state
 
+    def upgrade_optimizer_state(self, state: dict, names: list[str]) -> dict:
+        """An index-keyed optimizer state saved by older code, as this model's optimizer holds it.
+
+        ``names``: the optimizer's parameters' names in its order. A decoder checkpoint written before
+        2026-12-02 also holds the four parameters of the backbone final layer, registered after the blocks and
+        before ``decoder_in`` (named_parameters lists the mask token, a direct parameter, first), so every later index
+        is shifted by four; those four entries are dropped and the rest renumbered, one group holding them all as
+        ``maskfit train`` builds it. Any other state is returned unchanged."""
+        groups = state.get("param_groups", [])
+        saved = sum(len(g["params"]) for g in groups)
+        if (self.final_layer is not None or len(groups) != 1 or saved != len(names) + 4
+                or "decoder_in.weight" not in names):
+            return state
+        at = names.index("decoder_in.weight")
+        legacy = set(range(at, at + 4))
+        renumber = {old: new for new, old in enumerate(i for i in range(saved) if i not in legacy)}
+        return {"state": {renumber[i]: v for i, v in state["state"].items() if i not in legacy},
+                "param_groups": [{**groups[0], "params": list(range(len(names)))}]}
+
     @property
     def null_class(self) -> int:
         return self.cfg.num_classes
