@@ -151,3 +151,23 @@ def test_sharpness_known_values_and_archive_reading(tmp_path):
     assert [(r["step"], r["laplacian"], r["contrast"]) for r in rows] == [(10, 4.0, 0.5), (20, 0.0, 0.0)]
     with pytest.raises(SystemExit, match="grid_16x16.png"):
         probe.main([str(archive), "--size", "16x16"])
+
+
+def test_decoder_mask_attention_is_the_mask_share_when_attention_is_uniform():
+    from maskfit.models import transformer
+
+    probe, model = _probe(), _decoder_model()
+    batch = _batch(keep_all=False)  # every other token kept: 6 of 12 and 5 of 10 dropped
+    t = torch.tensor([500, 500])
+    before = transformer.attention
+    attended, share = probe.decoder_mask_attention(model, batch.tokens, t, batch.y, batch.layout, batch.mask)
+    assert transformer.attention is before  # restored
+    assert share == pytest.approx(0.5)
+    assert not attended == pytest.approx(share, abs=1e-3)  # random weights do not attend uniformly
+    with torch.no_grad():  # q = k = 0: every key gets the same weight, so the mask tokens get their share
+        model.decoder_blocks[0].attn.qkv.weight[:64].zero_()
+        model.decoder_blocks[0].attn.qkv.bias[:64].zero_()
+    attended, share = probe.decoder_mask_attention(model, batch.tokens, t, batch.y, batch.layout, batch.mask)
+    assert attended == pytest.approx(0.5, abs=1e-6) and share == pytest.approx(0.5)
+    result = probe.gap(model, [batch], torch.device("cpu"))
+    assert all(result["masked"][s]["mask_attention"] == pytest.approx(0.5, abs=1e-6) for s in probe.TIMESTEPS)

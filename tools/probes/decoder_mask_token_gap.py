@@ -24,6 +24,13 @@ The ways:
 - ``full_encoder`` (decoder only): the encoder on every token as at sampling, then the mask token put at the dropped
   positions of the decoder's input; kept tokens scored.
 
+For the decoder's ``masked`` way also ``mask_attention``: the softmax mass that kept tokens' queries put on the mask
+tokens' keys in the decoder's attention (mean over decoder blocks, heads, kept queries and the first 32 images of each
+batch), beside ``mask_share``, the mask tokens' share of the keys (what attention blind to them would give them
+on average). Far above the share at high noise is a decoder using the mask tokens as an attention sink, a place
+to put attention when the visible tokens carry nothing (Darcet et al. 2024, "Vision Transformers Need
+Registers"; Xiao et al. 2024, attention sinks) and which sampling never provides.
+
 For the decoder, ``masked`` ~ ``full_encoder`` < ``unmasked`` says the sampling-time gap comes from the decoder's
 missing mask tokens, not from the encoder's denser context. Each image counts once (mean over its tokens, then over
 images). Prints one line per (checkpoint, weights): the mean over t of each way's epsilon MSE, and t = 950's; with
@@ -70,6 +77,41 @@ def full_encoder_forward(model, x, t, y, layout, mask):
     return model._decode(hf, cond, full)  # (T, p*p*C_out)
 
 
+SINK_IMAGES = 32  # images per batch whose decoder attention weights are formed densely
+
+
+@torch.no_grad()
+def decoder_mask_attention(model, x_t, steps, y, layout, mask) -> tuple[float, float]:
+    """(mask_attention, mask_share) of the masked forward's decoder (see the module's docstring)."""
+    from maskfit.models import transformer
+
+    T, B = layout.num_tokens, min(layout.num_images, SINK_IMAGES)
+    dropped = torch.ones(T, dtype=torch.bool, device=x_t.device).index_fill(0, mask.index, False)  # (T,)
+    starts = layout.cu_seqlens.long().tolist()
+    masses, shares = [], []
+    original = transformer.attention
+
+    def recording(q, k, v, plan):
+        if q.shape[0] == T:  # only the decoder runs on the full stream in a masked forward (the encoder on T_k)
+            for b in range(B):
+                rows = slice(starts[b], starts[b + 1])
+                is_mask = dropped[rows]  # (L,)
+                if is_mask.all() or not is_mask.any():
+                    continue
+                qb, kb = q[rows].float().transpose(0, 1), k[rows].float().transpose(0, 1)  # (H, L, D_h)
+                weights = torch.softmax(qb @ kb.transpose(1, 2) / qb.shape[-1] ** 0.5, dim=-1)  # (H, L_q, L_k)
+                masses.append(float(weights[:, ~is_mask][:, :, is_mask].sum(-1).mean()))
+                shares.append(float(is_mask.float().mean()))
+        return original(q, k, v, plan)
+
+    transformer.attention = recording
+    try:
+        model(x_t, steps, y, layout, mask=mask)
+    finally:
+        transformer.attention = original
+    return sum(masses) / max(len(masses), 1), sum(shares) / max(len(shares), 1)
+
+
 def per_image_slope(prediction, target, counted, layout) -> float:
     """Mean over images of the least-squares slope of ``prediction`` on ``target`` (both (T, C)) over each image's
     counted tokens and all channels, each centred on its own per-image mean."""
@@ -103,6 +145,9 @@ def gap(model, batches, device) -> dict:
     diffusion = GaussianDiffusion()
     ways = WAYS if model.cfg.mask_design == "decoder" else WAYS[:2]
     sums = {way: {t: {"eps_mse": 0.0, "x0_slope": 0.0} for t in TIMESTEPS} for way in ways}
+    if "full_encoder" in ways:
+        for t in TIMESTEPS:
+            sums["masked"][t].update(mask_attention=0.0, mask_share=0.0)
     for i, batch in enumerate(batches):
         batch = batch.to(device)
         layout, mask = batch.layout, batch.mask
@@ -121,6 +166,9 @@ def gap(model, batches, device) -> dict:
                 }
                 if "full_encoder" in ways:
                     outputs["full_encoder"] = (full_encoder_forward(model, x_t, steps, batch.y, layout, mask), kept)
+                    attended, share = decoder_mask_attention(model, x_t, steps, batch.y, layout, mask)
+                    sums["masked"][t]["mask_attention"] += attended / len(batches)
+                    sums["masked"][t]["mask_share"] += share / len(batches)
             for way, (out, counted) in outputs.items():
                 eps = out[:, :channels].float()  # (T, C) the epsilon channels
                 err = ((eps - noise) ** 2).mean(dim=1)  # (T,)
