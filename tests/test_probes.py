@@ -1,4 +1,4 @@
-"""tools/probes/decoder_mask_token_gap.py: its hybrid forward and its numbers (the probe backs a REPORT finding)."""
+"""tools/probes/: the gap probe's hybrid forward and numbers, the sharpness probe's (both back REPORT findings)."""
 import importlib.util
 import json
 from pathlib import Path
@@ -12,11 +12,16 @@ from maskfit.tokens import masked_view, pack
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _probe():
-    spec = importlib.util.spec_from_file_location("decoder_gap", ROOT / "tools/probes/decoder_mask_token_gap.py")
+def _load_probe(file_name: str):
+    """A probe script of tools/probes/ as a module (the probes are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(file_name.removesuffix(".py"), ROOT / "tools/probes" / file_name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _probe():
+    return _load_probe("decoder_mask_token_gap.py")
 
 
 def _decoder_model():
@@ -98,10 +103,7 @@ def test_x0_slope_is_the_per_image_regression_slope():
 
 
 def _sharpness_probe():
-    spec = importlib.util.spec_from_file_location("sample_sharpness", ROOT / "tools/probes/sample_sharpness.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_probe("sample_sharpness.py")
 
 
 def test_grid_cells_returns_the_images_image_grid_laid_out():
