@@ -265,6 +265,9 @@ def test_also_cfg_samples_the_final_checkpoint_unguided_and_reports_it_apart(ass
     assert "### The final checkpoint with CFG 1 beside CFG 1.5" in block
     assert f"| cfg | {guided_fd:.2f} / {unguided[0]['proxy_fd']:.2f} |" in block
     assert "### The final checkpoint's raw weights beside its EMA" in block  # each extra in its own table
+    # Every line carries the samples' pixel statistics over the references', and the report tables them.
+    assert all(l["detail_ratio"] > 0 and l["contrast_ratio"] > 0 for l in lines)
+    assert "| run (samples' detail ÷ references', closer to 1 is better) |" in block
     assert "[2]" not in block  # neither extra is a second group of the run's tables
     capsys.readouterr()
     assert main(experiment_argv(assets, tmp_path / "dry", "--dry-run", "--also-cfg", "1")) == 0

@@ -8,7 +8,6 @@ from torch import nn
 from maskfit.diffusion.gaussian import (
     GaussianDiffusion,
     GaussianDiffusionConfig,
-    NoiseSchedule,
     discretized_gaussian_log_likelihood,
 )
 from maskfit.tokens import pack, to_padded

@@ -334,3 +334,34 @@ def test_a_reference_cache_never_serves_another_references_activations(toy_proxy
                                    reference_cache=cache)["metrics"] for r in refs]
         assert cached == fresh
     assert len({m["proxy_fd"] for m in fresh}) == len(refs)  # the references differ, so must their distances
+
+
+def test_image_stats_known_values_and_batches():
+    from maskfit.evaluate.image_stats import ImageStats, detail_and_contrast
+
+    flat = np.full((2, 8, 8, 3), 128, dtype=np.uint8)
+    assert detail_and_contrast(flat) == (0.0, 0.0)
+    checker = ((np.indices((8, 8)).sum(0) % 2) * 255).astype(np.uint8)  # 0/1 checkerboard
+    board = np.repeat(checker[None, :, :, None], 3, axis=-1)  # (1, 8, 8, 3)
+    assert detail_and_contrast(board) == pytest.approx((4.0, 0.5))  # |4x - 4(1 - x)| = 4 inside
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (7, 6, 9, 3)).astype(np.uint8)
+    stats = ImageStats()
+    assert list(stats.passing([images[:3], images[3:]])) and stats.count == 7
+    assert stats.result() == pytest.approx(detail_and_contrast(images))  # each image counts once, in any batches
+    with pytest.raises(ValueError, match=r"\(N, H, W, 3\) images, got shape \(6, 9, 3\)"):
+        stats.update(images[0])
+
+
+def test_evaluation_reports_detail_and_contrast_against_the_references(toy_proxy, tmp_path):
+    model, _ = toy_proxy
+    reference = _toy_colour_set(10, 16, seed=2)
+    same = write_sample_npz(tmp_path / "same.npz", reference.images, reference.labels)
+    m = evaluate_samples(same, reference.images, model, batch_size=8, pr_precision="float32")["metrics"]
+    assert m["detail_ratio"] == pytest.approx(1.0) and m["contrast_ratio"] == pytest.approx(1.0)
+    # A 3x3 box blur removes most of the toy images' pixel noise (detail) and some of their spread (contrast).
+    padded = np.pad(reference.images.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    blurred = sum(padded[:, i:i + 16, j:j + 16] for i in range(3) for j in range(3)) / 9
+    path = write_sample_npz(tmp_path / "blurred.npz", blurred.round().astype(np.uint8), reference.labels)
+    m = evaluate_samples(path, reference.images, model, batch_size=8, pr_precision="float32")["metrics"]
+    assert m["detail_ratio"] < 0.5 and m["contrast_ratio"] < 1.0

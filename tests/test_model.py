@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from maskfit.models.attention import AttentionPlan, attention, prepare_attention
-from maskfit.models.rope import RopeExtrapolation, apply_rope, rope_tables
+from maskfit.models.attention import attention, prepare_attention
+from maskfit.models.rope import apply_rope, rope_tables
 from maskfit.models.transformer import (
     FiT,
     MODEL_PRESETS,

@@ -456,7 +456,8 @@ def result_line(run: dict, ckpt: dict, ev: dict, row: dict, training: dict) -> d
         "tokens": _number(row["tokens"]), "split": "ID" if row["split"] == "in-distribution" else "OOD",
         "method": row["method"], "sample_set": row["sample_set"], "shared_sample_set": row["shared"] == "True",
         # the numbers
-        **{k: _number(row.get(k, "")) for k in ("proxy_fd", "proxy_precision", "proxy_recall", "proxy_class_accuracy")},
+        **{k: _number(row.get(k, "")) for k in ("proxy_fd", "proxy_precision", "proxy_recall", "proxy_class_accuracy",
+                                                 "detail_ratio", "contrast_ratio")},
     }
 
 

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 FLOOR_SEED_OFFSET = 1_000  # crop streams of the floor's draws: item_rng(FLOOR_SEED_OFFSET + draw, 0, index)
-METRIC_KEYS = ("proxy_fd", "proxy_precision", "proxy_recall", "proxy_class_accuracy")
+METRIC_KEYS = ("proxy_fd", "proxy_precision", "proxy_recall", "proxy_class_accuracy", "detail_ratio", "contrast_ratio")
 
 
 def balanced_indices(labels: Sequence[int], count: int, rng: np.random.Generator) -> np.ndarray:

@@ -38,9 +38,14 @@ METRICS = OrderedDict([
     ("proxy_class_accuracy", ("class accuracy of samples", "higher")),
     ("proxy_precision", ("proxy precision", "higher")),
     ("proxy_recall", ("proxy recall", "higher")),
+    # Pixel statistics of the samples over the references' (maskfit.evaluate.image_stats), from 2026-12-02 on:
+    # which way a run's samples differ (blur or noise, washed out or not), where the FD says only how much.
+    ("detail_ratio", ("samples' detail ÷ references'", "closer to 1")),
+    ("contrast_ratio", ("samples' contrast ÷ references'", "closer to 1")),
 ])
 # Decimals per quantity (metrics and the runs table's columns); others get 2.
-DIGITS = {"proxy_class_accuracy": 3, "proxy_precision": 3, "proxy_recall": 3, "count": 0, "rate": 0, "mem": 1, "sec": 1}
+DIGITS = {"proxy_class_accuracy": 3, "proxy_precision": 3, "proxy_recall": 3, "detail_ratio": 2, "contrast_ratio": 2,
+          "count": 0, "rate": 0, "mem": 1, "sec": 1}
 # The decisive comparison's baselines (issue 12): every other run is read against them where they have results.
 REFERENCE_RUNS = ("packed", "fit_padded")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
@@ -168,12 +173,13 @@ def metric_table(cells, row_labels: Sequence[str], point: str, columns, key: str
     header = [f"{split[c]} {c[0]} {c[1]}" for c in columns]
     out = [f"| run ({name}, {better} is better) | " + " | ".join(header) + " |",
            "| --- | " + " | ".join("---:" for _ in columns) + " |"]
+    rows = []
     for label in row_labels:
         cells_row = [fmt_cell([l.get(key) for l in cells.get((label, point, r, m), [])], key) for r, m in columns]
         if all(c == "–" for c in cells_row):
             continue
-        out.append(f"| {label} | " + " | ".join(cells_row) + " |")
-    return out
+        rows.append(f"| {label} | " + " | ".join(cells_row) + " |")
+    return out + rows if rows else []  # a metric no run has (added after the runs were made) gets no table
 
 
 def welch_p(a: Sequence[float], b: Sequence[float]) -> Optional[float]:
@@ -539,7 +545,8 @@ def report_block(lines: Sequence[dict], plots: Path, report: Path, sheets: Optio
     out += ["### Runs", ""] + runs_table(lines, labels, row_labels) + [""]
     out += ["### At equal GPU time (final checkpoints, equal training budget)", ""]
     for key in METRICS:
-        out += metric_table(cells, row_labels, "final", columns, key) + [""]
+        table = metric_table(cells, row_labels, "final", columns, key)
+        out += table + [""] if table else []
     differences = difference_tables(cells, row_labels, columns)
     if differences:
         out += ["### Differences at equal GPU time", ""] + differences + paired_difference_tables(cells, row_labels, columns)
@@ -579,7 +586,7 @@ def floor_table(floor: Optional[Path]) -> List[str]:
            f"size by the references' rule, against the same held-out references, {draws} draws: mean ± std. What a "
            "generator of the training images would score at this sample count; the std is one sample set's noise._", "",
            "| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
-    for key in METRIC_KEYS:
+    for key in (k for k in METRIC_KEYS if any(k in summary[res] for res in summary)):
         cells = []
         for res in summary:
             mean, std = summary[res].get(key, (None, None))

@@ -65,6 +65,8 @@ METRIC_INFO = {
     "proxy_precision": ("Proxy precision", "higher"),
     "proxy_recall": ("Proxy recall", "higher"),
     "proxy_class_accuracy": ("Sample class accuracy (proxy)", "higher"),
+    "detail_ratio": ("Detail ÷ references' (Laplacian)", "closer to 1"),
+    "contrast_ratio": ("Contrast ÷ references'", "closer to 1"),
 }
 
 
@@ -483,7 +485,8 @@ def write_csv(rows: List[dict], path: Path) -> None:
 def _fmt(key: str, value) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
-    if key in ("precision", "recall", "proxy_precision", "proxy_recall", "proxy_class_accuracy"):
+    if key in ("precision", "recall", "proxy_precision", "proxy_recall", "proxy_class_accuracy", "detail_ratio",
+               "contrast_ratio"):
         return f"{value:.3f}"
     return f"{value:.2f}"
 

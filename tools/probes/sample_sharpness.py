@@ -5,12 +5,10 @@
 
 ARCHIVE: a ``tools/study.sh run`` archive (``NAME_sSEED.tar.gz``) or an experiment folder; every
 ``eval/ID/step_N/id/samples/none/grid_HxW.png`` at the chosen size is read (the first 64 samples of the set,
-as ``maskfit experiment`` saves them). Two numbers per grid, on pixels in [0, 1]:
-
-- ``laplacian``: the mean absolute 4-neighbour Laplacian of the luminance (mean of R, G, B), over interior
-  pixels and images: the energy of the finest detail. Blurred samples score low, speckle noise high.
-- ``contrast``: each image's standard deviation over its pixels and channels, averaged over images. Washed-out
-  (grey) samples score low.
+as ``maskfit experiment`` saves them). Two numbers per grid (``maskfit.evaluate.image_stats``, which every
+evaluation now also reports as ratios to its references): ``laplacian``, the energy of the finest detail (blurred
+samples score low, speckle noise high), and ``contrast``, the per-image standard deviation (washed-out samples
+score low). This probe reads them from the grids of runs made before the evaluation did.
 
 ``--real FOLDER`` scores real images the same way (256 files evenly spaced in sorted order, so every class
 folder contributes, each resized to the size with bicubic filtering, no crop), the values a faithful sampler's grids should sit near. The FD of the proxy
@@ -25,25 +23,16 @@ import sys
 import tarfile
 from io import BytesIO
 from pathlib import Path
-from typing import Dict, Iterator, Tuple
+from typing import Iterator, Tuple
 
 import numpy as np
 from PIL import Image
 
+from maskfit.evaluate.image_stats import detail_and_contrast
 from maskfit.sample import grid_cells
 
 GRID = re.compile(r"(?:^|/)eval/(?P<eval_id>[^/]+)/step_(?P<step>\d+)/id/samples/none/grid_(?P<h>\d+)x(?P<w>\d+)\.png$")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-
-
-def detail_and_contrast(images: np.ndarray) -> Tuple[float, float]:
-    """(laplacian, contrast) of (N, H, W, 3) uint8 images; see the module's docstring."""
-    x = images.astype(np.float64) / 255.0  # (N, H, W, 3)
-    luma = x.mean(axis=-1)  # (N, H, W)
-    laplacian = (4 * luma[:, 1:-1, 1:-1] - luma[:, :-2, 1:-1] - luma[:, 2:, 1:-1]
-                 - luma[:, 1:-1, :-2] - luma[:, 1:-1, 2:])  # (N, H-2, W-2)
-    contrast = x.reshape(len(x), -1).std(axis=1)  # (N,)
-    return float(np.abs(laplacian).mean()), float(contrast.mean())
 
 
 def grids_in(source: Path, size: Tuple[int, int]) -> Iterator[Tuple[str, int, Image.Image]]:

@@ -32,6 +32,7 @@ from maskfit.evaluate.adm_npz import (
     read_reference,
     reference_from_images,
 )
+from maskfit.evaluate.image_stats import ImageStats
 from maskfit.evaluate.inception import INPUT_SIZE, InceptionV3, ieee_fp32
 from maskfit.evaluate.proxy import ProxyClassifier
 
@@ -200,24 +201,28 @@ def evaluate_samples(
     cache_key = (id(reference), id(network))
     cached = reference_cache.get(cache_key) if reference_cache is not None else None
     if cached is not None and cached[0] is reference and cached[1] is network:
-        ref_features = cached[2]
+        ref_features, ref_pixels = cached[2], cached[3]
     else:
+        ref_pixels = ImageStats()  # detail and contrast of the reference images, on the same pass
         ref_features = (
-            extract_features(network, reference.image_batches(batch_size), device) if reference.num_images else None
+            extract_features(network, ref_pixels.passing(reference.image_batches(batch_size)), device)
+            if reference.num_images else None
         )
         if ref_features is not None:
             check_features(ref_features, f"the reference images ({reference.path or 'in-memory array'})", network)
         if reference_cache is not None:
             # The entry holds the reference and network themselves: ids are only unique among live objects, and a
             # reference read from a path per call would otherwise free its id for the next one to reuse.
-            reference_cache[cache_key] = (reference, network, ref_features)
+            reference_cache[cache_key] = (reference, network, ref_features, ref_pixels)
     timings["reference_features_s"] = time.perf_counter() - t0
     ref_pool, ref_spatial, ref_source = _reference_stats(reference, ref_features, network)
 
     # 2. Sample activations and statistics.
     opened = _open_samples(samples, batch_size, num_samples, labels)
     t0 = time.perf_counter()
-    feats = check_features(extract_features(network, opened.batches, device), f"the samples ({opened.source})", network)
+    sample_pixels = ImageStats()
+    feats = check_features(extract_features(network, sample_pixels.passing(opened.batches), device),
+                           f"the samples ({opened.source})", network)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     timings["sample_features_s"] = time.perf_counter() - t0
@@ -254,6 +259,14 @@ def evaluate_samples(
         else:
             values["proxy_class_accuracy"] = None
             notes.append("Class accuracy skipped: the sample file has no labels (arr_1).")
+    # Which way samples differ from real images, on the pixels (maskfit.evaluate.image_stats): 1 = as the references.
+    ref_stats, sample_stats = ref_pixels.result(), sample_pixels.result()
+    if ref_stats is not None and sample_stats is not None and min(ref_stats) > 0:
+        values["detail_ratio"] = sample_stats[0] / ref_stats[0]
+        values["contrast_ratio"] = sample_stats[1] / ref_stats[1]
+    else:
+        values["detail_ratio"] = values["contrast_ratio"] = None
+        notes.append("Detail and contrast ratios skipped: they need the reference's images (arr_0), not flat ones.")
     timings["metrics_s"] = time.perf_counter() - t0
 
     result = _result_dict(network, opened, n, reference, ref_source, values, timings, notes, pr_precision)
@@ -345,6 +358,8 @@ _METRIC_LABELS = {
     "proxy_precision": "Proxy precision",
     "proxy_recall": "Proxy recall",
     "proxy_class_accuracy": "Sample class accuracy (proxy)",
+    "detail_ratio": "Detail ÷ references' (Laplacian; 1 = as real)",
+    "contrast_ratio": "Contrast ÷ references' (1 = as real)",
 }
 
 
