@@ -169,3 +169,22 @@ def test_decoder_mask_attention_is_the_mask_share_when_attention_is_uniform():
     assert attended == pytest.approx(0.5, abs=1e-6) and share == pytest.approx(0.5)
     result = probe.gap(model, [batch], torch.device("cpu"))
     assert all(result["masked"][s]["mask_attention"] == pytest.approx(0.5, abs=1e-6) for s in probe.TIMESTEPS)
+
+
+def test_attention_buckets_equal_the_models_attention_on_a_length_sorted_stream():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tools/probes"))  # the probe imports its folder's cuda_timing
+    try:
+        probe = _load_probe("attention_buckets.py")
+    finally:
+        sys.path.remove(str(ROOT / "tools/probes"))
+    from maskfit.models.attention import attention, prepare_attention
+
+    ordered, runs = probe.sorted_by_length([(3, 4), (2, 2), (4, 3), (2, 5), (1, 4)])
+    assert [h * w for h, w in ordered] == [12, 12, 10, 4, 4] and runs == [(12, 2), (10, 1), (4, 2)]
+    layout = probe.layout_for(ordered, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(layout.num_tokens, 2, 8, generator=g) for _ in range(3))
+    torch.testing.assert_close(probe.bucketed_attention(q, k, v, runs, "math"),
+                               attention(q, k, v, prepare_attention(layout, "dense")))

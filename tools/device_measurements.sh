@@ -27,13 +27,15 @@
 #   recheck    after the fix of the compiled mask-token fill (BENCHMARKS "Correction"): the GPU tests, then the
 #              decoder row of item 3 beside the published code (FiT-B/2-dit, 50 % kept; needs third_party/FiT),
 #              then tools/probes/attention_rope.py (RoPE's cost inside 12 attention layers, and a joint q/k form)
+#   attention  tools/probes/attention_buckets.py: FA2 varlen against one dense SDPA call per run of equal token
+#              counts (flash, cuDNN, efficient backends), 12 calls forward + backward, ImageNet-like and uniform
 #
 # The published code is not part of this repository: put a checkout of github.com/whlzy/FiT (its fit/ and
 # configs/ folders suffice) in the ignored folder third_party/FiT and carry that path to the device. Each
 # stage writes JSON lines and a log under OUT_DIR (default: $OUT, else ./device_out); copy them into
 # bench_results/ and the figures, with date, device and command, into BENCHMARKS.md.
 set -uo pipefail
-stage=${1:?usage: tools/device_measurements.sh checks|designs|designs-b2|missing|profile|item3|item3-xl|xl-graphs|autotune|rope|recheck|tuning [OUT_DIR]}
+stage=${1:?usage: tools/device_measurements.sh checks|designs|designs-b2|missing|profile|item3|item3-xl|xl-graphs|autotune|rope|recheck|tuning|attention [OUT_DIR]}
 out=${2:-${OUT:-device_out}}
 mkdir -p "$out"
 export PYTHONPATH=src
@@ -109,5 +111,8 @@ case "$stage" in
     bench 200 --published-fit third_party/FiT --models FiT-B/2-dit --modes keep0.5 --designs decoder
     timeout 120 python3 tools/probes/attention_rope.py 2>&1 | tee -a "$out/$stage.log"
     ;;
-  *) echo "unknown stage $stage: use checks, designs, designs-b2, missing, profile, item3, item3-xl, xl-graphs, autotune, rope, recheck or tuning" >&2; exit 2 ;;
+  attention)
+    timeout 200 python3 tools/probes/attention_buckets.py 2>&1 | tee -a "$out/$stage.log"
+    ;;
+  *) echo "unknown stage $stage: use checks, designs, designs-b2, missing, profile, item3, item3-xl, xl-graphs, autotune, rope, recheck, tuning or attention" >&2; exit 2 ;;
 esac
