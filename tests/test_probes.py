@@ -171,7 +171,7 @@ def test_decoder_mask_attention_is_the_mask_share_when_attention_is_uniform():
     assert all(result["masked"][s]["mask_attention"] == pytest.approx(0.5, abs=1e-6) for s in probe.TIMESTEPS)
 
 
-def test_attention_buckets_equal_the_models_attention_on_a_length_sorted_stream():
+def test_bucketed_and_jagged_attention_equal_the_models_on_a_length_sorted_stream():
     import sys
 
     sys.path.insert(0, str(ROOT / "tools/probes"))  # the probe imports its folder's cuda_timing
@@ -186,5 +186,6 @@ def test_attention_buckets_equal_the_models_attention_on_a_length_sorted_stream(
     layout = probe.layout_for(ordered, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(layout.num_tokens, 2, 8, generator=g) for _ in range(3))
-    torch.testing.assert_close(probe.bucketed_attention(q, k, v, runs, "math"),
-                               attention(q, k, v, prepare_attention(layout, "dense")))
+    expected = attention(q, k, v, prepare_attention(layout, "dense"))
+    torch.testing.assert_close(probe.bucketed_attention(q, k, v, runs, "math"), expected)
+    torch.testing.assert_close(probe.jagged_attention(q, k, v, layout, "math"), expected)

@@ -1,4 +1,4 @@
-"""Probe: FlashAttention-2 varlen against dense attention per length bucket (issue 14 item 3).
+"""Probe: FlashAttention-2 varlen against dense attention per length bucket and nested jagged SDPA (issue 14 item 3).
 
     PYTHONPATH=src python3 tools/probes/attention_buckets.py [IMAGES]
 
@@ -11,7 +11,10 @@ forward and backward, 12 times (a model's 12 layers), on q, k, v of shape (T, 12
 
 - ``varlen_fa2``: the model's path;
 - ``buckets_<backend>``: the stream sorted by length, one ``scaled_dot_product_attention`` per length with the
-  backend forced (flash, cudnn, efficient), results written back in place.
+  backend forced (flash, cudnn, efficient), results written back in place;
+- ``njt_<backend>``: the packed stream as a nested jagged tensor (a view with the stream's offsets, no sorting),
+  one ``scaled_dot_product_attention`` call with the backend forced: a general varlen path if a faster backend
+  takes it (the buckets need the stream sorted and a composition fixed per compiled graph; this does not).
 
 Two layouts: the bench's ImageNet-like mix (``imagenet``) and every image at 256 tokens (``uniform``). Each
 bucketed form is checked against varlen first (max abs difference of the outputs printed). Prints one line per
@@ -57,6 +60,17 @@ def bucketed_attention(q, k, v, runs, backend):
     return torch.cat(outs)  # (T, H, D_h)
 
 
+def jagged_attention(q, k, v, layout, backend):
+    """q, k, v: (T, H, D_h) packed -> (T, H, D_h), one SDPA call on nested jagged views of the stream."""
+    def nested(x):  # (T, H, D_h) -> (B, H, j, D_h), no copy
+        return torch.nested.nested_tensor_from_jagged(x, offsets=layout.cu_seqlens.long(),
+                                                      max_seqlen=layout.max_seqlen).transpose(1, 2)
+
+    with sdpa_kernel(BACKENDS[backend]):
+        out = F.scaled_dot_product_attention(nested(q), nested(k), nested(v))  # (B, H, j, D_h)
+    return out.transpose(1, 2).values()  # (T, H, D_h)
+
+
 def layout_for(grids, device):
     """The packed layout of images with these grids, in this order."""
     tokens = [torch.zeros(h * w, 1) for h, w in grids]
@@ -90,6 +104,17 @@ def main(argv=None) -> int:
             if not cuda and diff > 1e-5:
                 raise SystemExit(f"buckets_{backend} differs from the model's dense attention by {diff:.2e}")
             forms[f"buckets_{backend}"] = lambda q, k, v, backend=backend: bucketed_attention(q, k, v, runs, backend)
+        for backend in (("flash", "cudnn", "efficient") if cuda else ("math",)):
+            try:
+                diff = (jagged_attention(q, k, v, layout, backend).float() - reference.float()).abs().max().item()
+            except RuntimeError as err:
+                print(f"{name} ({len(runs)} lengths, {T} tokens) njt_{backend}: refused ({str(err)[:120]})")
+                continue
+            print(f"{name} ({len(runs)} lengths, {T} tokens) njt_{backend}: max |difference| from the model's "
+                  f"attention {diff:.2e}")
+            if not cuda and diff > 1e-5:
+                raise SystemExit(f"njt_{backend} differs from the model's dense attention by {diff:.2e}")
+            forms[f"njt_{backend}"] = lambda q, k, v, backend=backend: jagged_attention(q, k, v, layout, backend)
         if not cuda:
             continue
         qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
