@@ -31,6 +31,7 @@ from typing import Dict, List, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from maskfit.evaluate.report import METRIC_INFO  # the metrics every evaluation reports, labelled once
 from maskfit.extras import require
 from maskfit.locks import folder_lock
 from maskfit.models.rope import (
@@ -54,20 +55,6 @@ FIT_GRIDS: Tuple[Tuple[Tuple[int, int], str], ...] = (
     ((20, 20), OUT_DIST), ((14, 28), OUT_DIST), ((10, 30), OUT_DIST),
 )
 PLOT_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-# (label, better direction); the first available of each kind is plotted.
-METRIC_INFO = {
-    "fid": ("FID", "lower"),
-    "sfid": ("sFID", "lower"),
-    "inception_score": ("Inception Score", "higher"),
-    "precision": ("Precision", "higher"),
-    "recall": ("Recall", "higher"),
-    "proxy_fd": ("Proxy Fréchet distance", "lower"),
-    "proxy_precision": ("Proxy precision", "higher"),
-    "proxy_recall": ("Proxy recall", "higher"),
-    "proxy_class_accuracy": ("Sample class accuracy (proxy)", "higher"),
-    "detail_ratio": ("Detail ÷ references' (Laplacian)", "closer to 1"),
-    "contrast_ratio": ("Contrast ÷ references'", "closer to 1"),
-}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -348,18 +348,19 @@ def _result_dict(network, opened: _Samples, n: int, reference: ReferenceBatch, r
     }
 
 
-_METRIC_LABELS = {
-    "inception_score": "Inception Score",
-    "fid": "FID",
-    "sfid": "sFID",
-    "precision": "Precision",
-    "recall": "Recall",
-    "proxy_fd": "Proxy Fréchet distance",
-    "proxy_precision": "Proxy precision",
-    "proxy_recall": "Proxy recall",
-    "proxy_class_accuracy": "Sample class accuracy (proxy)",
-    "detail_ratio": "Detail ÷ references' (Laplacian; 1 = as real)",
-    "contrast_ratio": "Contrast ÷ references' (1 = as real)",
+# Every metric an evaluation reports: (label, better direction), in the order tables list them.
+METRIC_INFO = {
+    "fid": ("FID", "lower"),
+    "sfid": ("sFID", "lower"),
+    "inception_score": ("Inception Score", "higher"),
+    "precision": ("Precision", "higher"),
+    "recall": ("Recall", "higher"),
+    "proxy_fd": ("Proxy Fréchet distance", "lower"),
+    "proxy_precision": ("Proxy precision", "higher"),
+    "proxy_recall": ("Proxy recall", "higher"),
+    "proxy_class_accuracy": ("Sample class accuracy (proxy)", "higher"),
+    "detail_ratio": ("Detail ÷ references' (Laplacian; 1 = as real)", "closer to 1"),
+    "contrast_ratio": ("Contrast ÷ references' (1 = as real)", "closer to 1"),
 }
 
 
@@ -372,7 +373,7 @@ def format_markdown(result: Dict) -> str:
     lines += ["| metric | value |", "| --- | --- |"]
     for key, value in result["metrics"].items():
         shown = "skipped" if value is None else f"{value:.4f}"
-        lines.append(f"| {_METRIC_LABELS.get(key, key)} | {shown} |")
+        lines.append(f"| {METRIC_INFO.get(key, (key,))[0]} | {shown} |")
     lines += [
         "",
         "## Protocol",
