@@ -32,7 +32,7 @@ def _per_image_reference(q, k, v, cu):
 
 
 @pytest.mark.parametrize("head_dim", [64, 72])
-@pytest.mark.parametrize("backend", ["dense", "varlen", "flex"])
+@pytest.mark.parametrize("backend", ["dense", "varlen", "flex", "jagged"])
 def test_backends_agree_with_per_image_attention(backend, head_dim):
     torch.manual_seed(0)
     lengths = [256, 17, 0, 200, 1, 0, 130]  # zero-length segments included
@@ -70,9 +70,12 @@ def test_bf16_packed_padded_per_image_agree(preset):
     assert (a[cu[1] : cu[2]] - single).abs().mean() < 0.02 * scale
 
 
-@pytest.mark.parametrize("preset,design", [("FiT-B/2-dit", "plain"), ("FiT-B/2-dit", "decoder"), ("FiTv2-B/2", "plain"),
-                                           ("FiT-B/2-dit", "side_interp"), ("FiT-B/2-dit", "mixer"), ("FiTv2-B/2", "unmasked")])
-def test_compiled_masked_gradients_agree_with_eager(preset, design):
+@pytest.mark.parametrize("preset,design,backend", [
+    ("FiT-B/2-dit", "plain", "varlen"), ("FiT-B/2-dit", "decoder", "varlen"), ("FiTv2-B/2", "plain", "varlen"),
+    ("FiT-B/2-dit", "side_interp", "varlen"), ("FiT-B/2-dit", "mixer", "varlen"), ("FiTv2-B/2", "unmasked", "varlen"),
+    ("FiT-B/2-dit", "plain", "jagged"), ("FiT-B/2-dit", "decoder", "jagged"),  # SDPA on nested jagged views
+])
+def test_compiled_masked_gradients_agree_with_eager(preset, design, backend):
     # The compiled step has its own kernels: the per-image window sums of the adaLN backward (models/segments.py)
     # and the RoPE tables as one op. Against fp32 gradients (dense attention, no autocast), the compiled bf16
     # gradients must be as close as the eager bf16 ones: rounding noise is the same order for both (0.05 of a
@@ -81,7 +84,7 @@ def test_compiled_masked_gradients_agree_with_eager(preset, design):
     # models/transformer.py with_mask_tokens; "unmasked" runs the full stream, no mask)
     torch.manual_seed(0)
     shape = dict(depth=2, mask_design="plain" if design == "unmasked" else design, side_decode_depth=1)
-    cfg = model_config(preset, attention="varlen", **shape)
+    cfg = model_config(preset, attention=backend, **shape)
     model = FiT(cfg).to(DEV)
     with torch.no_grad():
         for p in model.parameters():
