@@ -93,28 +93,21 @@ def main(argv=None) -> int:
         plan = prepare_attention(layout, "varlen" if cuda else "dense")
         reference = attention(q, k, v, plan)  # (T, H, D_h)
         forms = {"varlen_fa2" if cuda else "dense": lambda q, k, v: attention(q, k, v, plan)}
+        candidates = {}
         for backend in (("flash", "cudnn", "efficient") if cuda else ("math",)):
+            candidates[f"buckets_{backend}"] = lambda q, k, v, b=backend: bucketed_attention(q, k, v, runs, b)
+            candidates[f"njt_{backend}"] = lambda q, k, v, b=backend: jagged_attention(q, k, v, layout, b)
+        for form, fn in candidates.items():  # each checked against the model's attention before it is timed
+            where = f"{name} ({len(runs)} lengths, {T} tokens) {form}"
             try:
-                diff = (bucketed_attention(q, k, v, runs, backend).float() - reference.float()).abs().max().item()
+                diff = (fn(q, k, v).float() - reference.float()).abs().max().item()
             except RuntimeError as err:  # a backend that refuses these shapes or dtypes
-                print(f"{name} ({len(runs)} lengths, {T} tokens) buckets_{backend}: refused ({str(err)[:120]})")
+                print(f"{where}: refused ({str(err)[:120]})")
                 continue
-            print(f"{name} ({len(runs)} lengths, {T} tokens) buckets_{backend}: max |difference| from the model's "
-                  f"attention {diff:.2e}")
+            print(f"{where}: max |difference| from the model's attention {diff:.2e}")
             if not cuda and diff > 1e-5:
-                raise SystemExit(f"buckets_{backend} differs from the model's dense attention by {diff:.2e}")
-            forms[f"buckets_{backend}"] = lambda q, k, v, backend=backend: bucketed_attention(q, k, v, runs, backend)
-        for backend in (("flash", "cudnn", "efficient") if cuda else ("math",)):
-            try:
-                diff = (jagged_attention(q, k, v, layout, backend).float() - reference.float()).abs().max().item()
-            except RuntimeError as err:
-                print(f"{name} ({len(runs)} lengths, {T} tokens) njt_{backend}: refused ({str(err)[:120]})")
-                continue
-            print(f"{name} ({len(runs)} lengths, {T} tokens) njt_{backend}: max |difference| from the model's "
-                  f"attention {diff:.2e}")
-            if not cuda and diff > 1e-5:
-                raise SystemExit(f"njt_{backend} differs from the model's dense attention by {diff:.2e}")
-            forms[f"njt_{backend}"] = lambda q, k, v, backend=backend: jagged_attention(q, k, v, layout, backend)
+                raise SystemExit(f"{form} differs from the model's dense attention by {diff:.2e}")
+            forms[form] = fn
         if not cuda:
             continue
         qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
