@@ -757,3 +757,38 @@ def test_gap_table_means_over_t_and_high_noise_ratios(tmp_path):
         "| pl_s1 | step_0000020 | raw | 0.0507 (0.0006) | 0.0704 (0.0002) | – | 1.50 / 3.00 | 0.250 / 0.500 |",
     ]
     assert gap_table(tmp_path / "missing") == []
+
+
+def test_study_collect_files_a_device_runs_results_and_regenerates_the_report(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    device = tmp_path / "device"
+    device.mkdir()
+    (device / "packed_s0.jsonl").write_text(json.dumps(synthetic_line("packed", 0, "64x64", "none", 5.0)) + "\n")
+    probe = [{"checkpoint": "/tmp/study/decoder50_s0/run/checkpoints/step_0000391", "weights": "ema", "way": way,
+              "t": t, "eps_mse": 0.1} for way in ("unmasked", "masked") for t in (750, 950)]
+    (device / "decoder50_s0_gap.jsonl").write_text("".join(json.dumps(l) + "\n" for l in probe))
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = {**__import__("os").environ, "PYTHON": sys.executable, "PYTHONPATH": str(root / "src")}
+
+    def collect(*dirs):
+        return subprocess.run(["bash", str(root / "tools/study.sh"), "collect", *map(str, dirs)], cwd=repo, env=env,
+                              capture_output=True, text=True)
+
+    done = collect(device)
+    assert done.returncode == 0, done.stderr
+    assert (repo / "study/results/packed_s0.jsonl").read_text() == (device / "packed_s0.jsonl").read_text()
+    assert (repo / "study/gap/decoder50_s0_gap.jsonl").exists()
+    report = (repo / "REPORT.md").read_text()
+    assert "| packed |" in report and "| decoder50_s0 | step_0000391 | ema |" in report
+    assert collect(device).returncode == 0  # the same files again: nothing changes
+    (device / "packed_s0.jsonl").write_text(json.dumps(synthetic_line("packed", 0, "64x64", "none", 6.0)) + "\n")
+    refused = collect(device)
+    assert refused.returncode == 1 and "study/results/packed_s0.jsonl exists with other content" in refused.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no NAME_sSEED.jsonl" in collect(empty).stderr

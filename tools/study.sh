@@ -12,6 +12,9 @@
 #                                              (commit under study/results/) and NAME_sSEED.tar.gz (log, training
 #                                              record, sample grids); pass the device call carry=[".carry"]
 #   tools/study.sh next [N]                    the next N runs of study/queue.txt not yet in study/results/
+#   tools/study.sh collect DIR [DIR ...]       HERE, after a device run: every NAME_sSEED.jsonl in the folders to
+#                                              study/results/, NAME_sSEED_gap.jsonl to study/gap/, a sample sheet per
+#                                              NAME_sSEED.tar.gz to study/sheets/, then REPORT.md's tables regenerated
 #   tools/study.sh list                        the variants
 #
 # A first GPU session (no committed proxy yet), in one device command with carry=[".carry"]:
@@ -38,7 +41,7 @@
 # quality 85 with optimised tables (~48 MiB; mean pixel change ~2.4 of 255; MANIFEST.json says exactly), same
 # file names, so maskfit.data.split gives the same held-out split. Training, proxy and references all use this copy.
 set -uo pipefail
-cmd=${1:?usage: tools/study.sh carry|proxy|run|next|list}
+cmd=${1:?usage: tools/study.sh carry|proxy|run|next|collect|list}
 shift
 PY=${PYTHON:-python3}
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -98,9 +101,32 @@ case "$cmd" in
       name=${spec%%:*}; seed=${spec#*:}
       [ -f "study/results/${name}_s${seed}.jsonl" ] || echo "$spec"
     done | head -n "$n" ;;
+  collect)
+    # What a device run of `run` brought back (its files_at folders), into the committed places; REPORT.md's
+    # generated block follows. Refuses to overwrite a committed result with different content.
+    [ $# -ge 1 ] || { echo "usage: tools/study.sh collect DIR [DIR ...] (the device run's files_at folders)" >&2; exit 2; }
+    py=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}  # here: the project's venv
+    mkdir -p study/results study/gap study/sheets
+    found=0
+    for dir in "$@"; do
+      [ -d "$dir" ] || { echo "collect: $dir is not a folder" >&2; exit 2; }
+      for f in "$dir"/*_s[0-9]*.jsonl; do
+        [ -f "$f" ] || continue
+        case "$f" in *_gap.jsonl) dest=study/gap/$(basename "$f") ;; *) dest=study/results/$(basename "$f") ;; esac
+        if [ -f "$dest" ] && ! cmp -s "$f" "$dest"; then
+          echo "collect: $dest exists with other content; move it away first if $f should replace it" >&2; exit 1
+        fi
+        cp "$f" "$dest" && echo "collect: $dest" && found=$((found + 1))
+      done
+      for a in "$dir"/*_s[0-9]*.tar.gz; do
+        [ -f "$a" ] && $py -m maskfit.study_sheets "$a" --out study/sheets
+      done
+    done
+    [ "$found" -gt 0 ] || { echo "collect: no NAME_sSEED.jsonl in $*" >&2; exit 1; }
+    $py -m maskfit.study_report study/results --out REPORT.md ;;
   list)
     $PY -c 'from maskfit.experiment import load_variants
 for name, v in load_variants("configs/study/variants.toml").items():
     print(name.ljust(15), v.get("description", ""))' ;;
-  *) echo "unknown command $cmd: use carry, proxy, run, next or list" >&2; exit 2 ;;
+  *) echo "unknown command $cmd: use carry, proxy, run, next, collect or list" >&2; exit 2 ;;
 esac
