@@ -792,3 +792,17 @@ def test_study_collect_files_a_device_runs_results_and_regenerates_the_report(tm
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "no NAME_sSEED.jsonl" in collect(empty).stderr
+
+
+def test_trajectory_table_reads_the_probes_sampler_path_lines(tmp_path):
+    from maskfit.study_report import gap_table, trajectory_table
+
+    ckpt = "/tmp/study/decoder50_s0/run/checkpoints/step_0000391"
+    lines = [{"checkpoint": ckpt, "weights": w, "way": "trajectory", "t": t, "x0_std": t / 1000 + (w == "raw")}
+             for w in ("ema", "raw") for t in (999, 749, 500, 250, 125, 42, 0, 83)]
+    lines += [{"checkpoint": ckpt, "weights": "ema", "way": "trajectory_final", "x0_std": 0.25},
+              {"checkpoint": None, "weights": None, "way": "data", "x0_std": 0.5}]
+    (tmp_path / "decoder50_s0_gap.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    table = trajectory_table(tmp_path)
+    assert "| decoder50_s0 | step_0000391 | 0.999 | 0.749 | 0.500 | 0.250 | 0.125 | 0.042 | 0.000 | 0.250 | 0.500 |" in table
+    assert gap_table(tmp_path) == []  # no epsilon lines: no gap table, and no error

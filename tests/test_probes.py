@@ -189,3 +189,25 @@ def test_bucketed_and_jagged_attention_equal_the_models_on_a_length_sorted_strea
     expected = attention(q, k, v, prepare_attention(layout, "dense"))
     torch.testing.assert_close(probe.bucketed_attention(q, k, v, runs, "math"), expected)
     torch.testing.assert_close(probe.jagged_attention(q, k, v, layout, "math"), expected)
+
+
+def test_per_image_std_and_the_trajectory_of_a_model_that_predicts_no_noise():
+    probe = _probe()
+    grids = [(1, 2), (2, 2)]
+    x = torch.tensor([[0.0, 2.0], [2.0, 0.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0]])  # (T=6, C=2)
+    layout = pack([x[:2], x[2:]], grids, torch.tensor([0, 1])).layout
+    assert probe.per_image_std(x, layout) == pytest.approx((4 / 3) ** 0.5 / 2)  # image 0: std of 0,2,2,0; image 1: 0
+    # A fresh FiT outputs 0 (zero-initialised final layer): epsilon 0, so DDIM scales x_T by sqrt(ᾱ_prev / ᾱ_t)
+    # each step and every x0 prediction is x_T / sqrt(ᾱ_999): the same std at every step, and as the samples'.
+    model = FiT(model_config("FiT-tiny", patch_size=1, in_channels=4, num_classes=3)).eval()
+    stds = probe.trajectory(model, token_budget=16, device=torch.device("cpu"))
+    from maskfit.diffusion.gaussian import GaussianDiffusion
+
+    acp_last = float(GaussianDiffusion().schedule.alphas_cumprod[-1])
+    g = torch.Generator().manual_seed(7)  # the probe's fixed noise
+    noise = torch.cat([torch.randn(16, 4, generator=g) for _ in range(probe.TRAJECTORY_IMAGES)])
+    layout = pack(list(noise.split(16)), [(4, 4)] * probe.TRAJECTORY_IMAGES,
+                  torch.zeros(probe.TRAJECTORY_IMAGES, dtype=torch.long)).layout
+    expected = probe.per_image_std(noise, layout) / acp_last**0.5
+    assert len(stds) == probe.TRAJECTORY_STEPS + 1 and max(k for k in stds if k != "final") == 999
+    assert all(v == pytest.approx(expected, rel=1e-4) for v in stds.values())

@@ -564,6 +564,7 @@ def report_block(lines: Sequence[dict], plots: Path, report: Path, sheets: Optio
         out += [f"![{title}]({(rel / files[key].name).as_posix()})", ""]
     out += floor_table(floor)
     out += gap_table(gap)
+    out += trajectory_table(gap)
     out += sample_sheets(sheets, report)
     out.append(END)
     return "\n".join(out)
@@ -612,6 +613,8 @@ def gap_table(gap: Optional[Path]) -> List[str]:
     for path in files:
         per, slopes = {}, {}
         for line in (json.loads(l) for l in path.read_text().splitlines() if l.strip()):
+            if "eps_mse" not in line:  # the probe's trajectory lines: trajectory_table
+                continue
             key = (Path(line["checkpoint"]).name, line["weights"])
             per.setdefault(key, {}).setdefault(line["way"], {})[int(line["t"])] = float(line["eps_mse"])
             if "x0_slope" in line:
@@ -644,6 +647,39 @@ def gap_table(gap: Optional[Path]) -> List[str]:
             "| run | checkpoint | weights | unmasked | masked | full encoder + mask tokens | unmasked ÷ masked, t = 750 / 950 "
             "| x0 slope at t = 950, unmasked / masked |",
             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |", *rows, ""]
+
+
+TRAJECTORY_STEPS = (999, 749, 500, 250, 125, 42, 0)  # of the probe's 25 DDIM steps (round(i * 999 / 24))
+
+
+def trajectory_table(gap: Optional[Path]) -> List[str]:
+    """The gap probe's sampler-path lines: the x0 prediction's per-image std along an unguided DDIM run (EMA
+    weights), beside the samples' and the held-out images' own."""
+    files = sorted(gap.glob("*.jsonl")) if gap is not None and gap.is_dir() else []
+    rows = []
+    for path in files:
+        lines = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+        data = next((l["x0_std"] for l in lines if l["way"] == "data"), None)
+        per: Dict[str, Dict] = {}
+        for line in lines:
+            if line["way"] in ("trajectory", "trajectory_final") and line["weights"] == "ema":
+                step = Path(line["checkpoint"]).name
+                per.setdefault(step, {})["final" if line["way"] == "trajectory_final" else int(line["t"])] = line["x0_std"]
+        run = path.stem.removesuffix("_gap").removesuffix("_decoder")
+        for step, stds in sorted(per.items()):
+            cells = [f"{stds[t]:.3f}" if t in stds else "–" for t in TRAJECTORY_STEPS]
+            cells += [f"{stds['final']:.3f}" if "final" in stds else "–", "–" if data is None else f"{data:.3f}"]
+            rows.append(f"| {run} | {step} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    head = " | ".join(f"t = {t}" for t in TRAJECTORY_STEPS)
+    return ["### Along the sampler's path (x0 prediction's per-image std)", "",
+            "_`tools/probes/decoder_mask_token_gap.py`: an unguided DDIM run of 25 steps from fixed noise, 32 images "
+            "at the training grid, EMA weights; the std of each image's x0 prediction over its tokens and channels, "
+            "averaged over images, at some of the steps; then the samples' own and the held-out images'. Samples "
+            "that wash out stay below the data's._", "",
+            f"| run | checkpoint | {head} | samples | held-out images |",
+            "| --- | --- |" + " ---: |" * (len(TRAJECTORY_STEPS) + 2), *rows, ""]
 
 
 def sample_sheets(sheets: Optional[Path], report: Path) -> List[str]:

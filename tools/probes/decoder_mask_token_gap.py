@@ -31,6 +31,12 @@ on average). Far above the share at high noise is a decoder using the mask token
 to put attention when the visible tokens carry nothing (Darcet et al. 2024, "Vision Transformers Need
 Registers"; Xiao et al. 2024, attention sinks) and which sampling never provides.
 
+Along the sampler's own path, ``trajectory``: an unguided DDIM run of 25 steps from fixed noise (32 images at the
+training grid, labels cycling over the classes) records at each step the mean per-image standard deviation of the
+x0 prediction (``x0_std``, tokens and channels; the sampled images' own as ``trajectory_final``, the held-out images'
+as ``data``). Washed-out samples (REPORT) show here as an x0_std that falls short of the data's, and the step where
+it stops growing says at which noise level the contrast is lost.
+
 For the decoder, ``masked`` ~ ``full_encoder`` < ``unmasked`` says the sampling-time gap comes from the decoder's
 missing mask tokens, not from the encoder's denser context. Each image counts once (mean over its tokens, then over
 images). Prints one line per (checkpoint, weights): the mean over t of each way's epsilon MSE, and t = 950's; with
@@ -47,9 +53,10 @@ import torch
 
 from maskfit.data.pipeline import build_training_data
 from maskfit.diffusion.gaussian import GaussianDiffusion
+from maskfit.models.rope import training_grid
 from maskfit.models.transformer import _Stream, with_mask_tokens
 from maskfit.runs import autocast_for, load_model_from_checkpoint, run_patch_size
-from maskfit.tokens import segment_sum
+from maskfit.tokens import pack, segment_sum
 
 TIMESTEPS = (50, 250, 500, 750, 950)
 WAYS = ("unmasked", "masked", "full_encoder")
@@ -178,6 +185,44 @@ def gap(model, batches, device) -> dict:
     return sums
 
 
+TRAJECTORY_IMAGES, TRAJECTORY_STEPS = 32, 25
+
+
+def per_image_std(x, layout) -> float:
+    """Mean over images of each image's standard deviation over its tokens and channels; x: (T, C)."""
+    B, C = layout.num_images, x.shape[1]
+    v = x.double()
+    n = segment_sum(torch.full((v.shape[0],), float(C), dtype=torch.float64, device=v.device), layout.seq_id, B)
+    s1, s2 = segment_sum(v.sum(1), layout.seq_id, B), segment_sum((v * v).sum(1), layout.seq_id, B)
+    var = (s2 - s1 * s1 / n) / (n - 1).clamp(min=1)
+    return float(var.clamp(min=0).sqrt().mean())
+
+
+@torch.no_grad()
+def trajectory(model, token_budget: int, device) -> dict:
+    """{original t: mean per-image std of the x0 prediction} along an unguided DDIM run, and "final": the samples'."""
+    diffusion = GaussianDiffusion()
+    cfg = model.cfg
+    grids = [training_grid(token_budget)] * TRAJECTORY_IMAGES
+    g = torch.Generator().manual_seed(7)
+    noise = [torch.randn(h * w, cfg.token_dim, generator=g) for h, w in grids]
+    y = torch.arange(TRAJECTORY_IMAGES) % cfg.num_classes
+    batch = pack(noise, grids, y).to(device)
+    stds = {}
+
+    def model_fn(x, t, labels, layout):
+        with autocast_for("auto", device):
+            out = model(x, t, labels, layout)
+        eps = out[:, : x.shape[1]].float()
+        x0_hat = diffusion.predict_x0(x.float(), t[layout.seq_id], eps)  # t: original timesteps of the full schedule
+        stds[int(t[0])] = per_image_std(x0_hat, layout)
+        return out
+
+    sample = diffusion.sample(model_fn, batch.tokens, batch.y, batch.layout, steps=TRAJECTORY_STEPS, method="ddim")
+    stds["final"] = per_image_std(sample, batch.layout)
+    return stds
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoints", nargs="+")
@@ -204,6 +249,18 @@ def main(argv=None) -> int:
             print(f"{path} {weights}: {summary}", flush=True)
             lines += [{"checkpoint": str(path), "weights": weights, "way": way, "t": t, **v}
                       for way, per_t in result.items() for t, v in per_t.items()]
+            path_stds = trajectory(model, cfg.data.token_budget, device)
+            final = path_stds.pop("final")
+            lines += [{"checkpoint": str(path), "weights": weights, "way": "trajectory", "t": t, "x0_std": v}
+                      for t, v in sorted(path_stds.items(), reverse=True)]
+            lines.append({"checkpoint": str(path), "weights": weights, "way": "trajectory_final", "x0_std": final})
+            print(f"{path} {weights}: x0 std along DDIM "
+                  + ", ".join(f"t={t} {v:.3f}" for t, v in sorted(path_stds.items(), reverse=True)[::6])
+                  + f"; samples {final:.3f}", flush=True)
+    if batches:  # the held-out images' own spread, what the samples' should reach
+        data = sum(per_image_std(b.tokens, b.layout) for b in batches) / len(batches)
+        lines.append({"checkpoint": None, "weights": None, "way": "data", "x0_std": data})
+        print(f"held-out images: per-image std {data:.3f}", flush=True)
     if args.out:
         Path(args.out).write_text("".join(json.dumps(line) + "\n" for line in lines))
     return 0
