@@ -22,13 +22,15 @@
 #             at most 320 images, or with ROWS=decoder 50 % kept with the decoder (its full-grid stream padded to a
 #             static length since 2026-12-02, so CUDA graphs apply to it too); COMPILE_MODE (default
 #             reduce-overhead, i.e. CUDA graphs; or default); needs .carry
+#   remaining the two folder rows still unmeasured: ROWS=plain50 MODEL=FiT-B/2-dit and ROWS=decoder MODEL=FiT-B/2 of
+#             folder128_tokens, one command (ROWS: plain = unmasked and 50 % plain, or unmasked, plain50, decoder)
 #   graphs    CUDA graphs in maskfit train (train.compile_mode) on the small pixel model, token batching,
 #             unmasked and 50 % kept, default against reduce-overhead
 #   latents   FiT-B/2 (158.7 M) from a latent cache of random latents at ImageNet-like sizes (written first,
 #             8192 images), unmasked, 50 % plain, 50 % decoder
 # Each writes JSON lines and a log under OUT_DIR (default: $OUT, else ./device_out).
 set -uo pipefail
-stage=${1:?usage: tools/real_path.sh tests|pixels|sampling|latents|rest|workers|folder|folder128|folder128_tokens|graphs [OUT_DIR]}
+stage=${1:?usage: tools/real_path.sh tests|pixels|sampling|latents|rest|workers|folder|folder128|folder128_tokens|remaining|graphs [OUT_DIR]}
 out=${2:-${OUT:-device_out}}
 mkdir -p "$out"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -104,13 +106,22 @@ case "$stage" in
     mode=${COMPILE_MODE:-reduce-overhead}
     tok=(--set train.compile=true --set model.preset="\"${MODEL:-FiT-B/2}\"" --set data.batching='"tokens"' --set train.batch_size=null
          --set data.max_images_per_step=320 --set train.compile_mode="\"$mode\"")
-    if [ "${ROWS:-plain}" = plain ]; then
+    rows=${ROWS:-plain}
+    if [ "$rows" = plain ] || [ "$rows" = unmasked ]; then
       bench 200 --data configs/study/base.toml "${tok[@]}" --set data.tokens_per_step=65536 --steps 40 --warmup 10
+    fi
+    if [ "$rows" = plain ] || [ "$rows" = plain50 ]; then
       bench 200 --data configs/study/base.toml "${tok[@]}" --set data.tokens_per_step=32768 --set mask.keep_ratio=0.5 --steps 40 --warmup 10
-    else  # ROWS=decoder: 50 % kept with the MaskDiT decoder (the decoder sees the full grid)
+    fi
+    if [ "$rows" = decoder ]; then  # 50 % kept with the MaskDiT decoder (the decoder sees the full grid)
       bench 250 --data configs/study/base.toml "${tok[@]}" --set data.tokens_per_step=32768 --set mask.keep_ratio=0.5 \
         --set mask.design='"decoder"' --steps 40 --warmup 10
     fi ;;
+  remaining)
+    # The folder rows of item 2 not measured by 2026-12-02: FiT-B/2-dit at 50 % plain and FiT-B/2 with the decoder,
+    # both under token batching with CUDA graphs (about 2 minutes each; needs .carry).
+    ROWS=plain50 MODEL=FiT-B/2-dit "$0" folder128_tokens "$out/dit_plain50"  # each its own folder: a stage's log
+    ROWS=decoder MODEL=FiT-B/2 "$0" folder128_tokens "$out/b2_decoder" ;;     # starts afresh
   graphs)
     # CUDA graphs in the real path (train.compile_mode="reduce-overhead") on the launch-bound small model of the
     # issue (configs/imagenette_pixels.toml: 6.1 M, 256-token budget) from the synthetic set (no files to carry),
