@@ -308,6 +308,16 @@ def test_constant_schedule_then_unmasked_fine_tune_keeps_everything():
     assert keep_ratio_at(10**9, forever) == 0.5
 
 
+def test_interleaved_unmasked_steps_keep_everything_every_nth_step():
+    cfg = MaskConfig(keep_ratio=0.5, unmasked_every=4)
+    assert [keep_ratio_at(s, cfg) for s in range(8)] == [0.5, 0.5, 0.5, 1.0, 0.5, 0.5, 0.5, 1.0]
+    assert torch.equal(choose_keep((12, 20), cfg, 3, _gen()), torch.arange(240))
+    assert choose_keep((12, 20), cfg, 4, _gen()).shape == (120,)
+    # With a fine-tune too: the interleaved steps before it, every step after it.
+    both = MaskConfig(keep_ratio=0.5, unmasked_every=3, schedule_steps=10, final_unmasked_steps=2)
+    assert [keep_ratio_at(s, both) for s in range(10)] == [0.5, 0.5, 1.0, 0.5, 0.5, 1.0, 0.5, 0.5, 1.0, 1.0]
+
+
 def test_choose_keep_draws_count_and_positions_reproducibly():
     cfg = MaskConfig(strategy="block", keep_ratio=0.5, ratio_distribution="beta")
     a = choose_keep((16, 16), cfg, 0, per_image_generator(3, 1, 42))
@@ -338,6 +348,8 @@ def test_choose_keep_draws_count_and_positions_reproducibly():
         (dict(schedule_steps=10, final_unmasked_steps=11), "exceeds schedule_steps=10"),
         (dict(schedule="cosine", schedule_steps=10, final_unmasked_steps=10), "no steps left"),
         (dict(min_keep=0), "min_keep=0"),
+        (dict(unmasked_every=1), "unmasked_every=1: every N-th step unmasked needs N >= 2"),
+        (dict(unmasked_every=-2), "unmasked_every=-2"),
         (dict(resolution_dependent=True, resolution_exponent=-1.0), "resolution_exponent=-1.0"),
     ],
 )

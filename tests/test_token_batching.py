@@ -452,3 +452,33 @@ def test_compiled_full_grid_design_compiles_once_under_token_batching(monkeypatc
             graphs = compile_stats()[0]
     assert len(lengths) > 1  # the real kept tokens differ between steps; the padded shapes do not
     assert graphs >= 1 and compile_stats()[0] == graphs
+
+
+@pytest.mark.parametrize("batching", ["tokens", "images"])
+def test_interleaved_unmasked_steps_train_the_decoder_on_the_full_grid_and_resume_exactly(tmp_path, batching):
+    """mask.unmasked_every: every N-th step has no mask (the model sees the full grid it samples on), the others
+    keep half; under token batching an unmasked step carries fewer images for the same tokens."""
+    from safetensors.torch import load_file
+
+    from maskfit import checkpoint as ckpt_io
+    from maskfit.train import train
+
+    mask = {"keep_ratio": 0.5, "design": "decoder", "decoder_hidden": 32, "decoder_heads": 2, "unmasked_every": 3}
+    extra = {} if batching == "tokens" else {"batching": "images", "tokens_per_step": 0}
+
+    def config(out):
+        cfg = run_config(out, steps=6, mask=mask, **extra)
+        if batching == "images":
+            cfg.train.batch_size = 6
+        return cfg
+
+    data = build_training_data(config(tmp_path / "probe"), PATCH)
+    masked = [data.next_batch(step).mask is not None for step in range(6)]
+    assert masked == [True, True, False, True, True, False]
+    straight = train(config(tmp_path / "a"), progress=False)
+    train(config(tmp_path / "b"), progress=False, stop_after=3)
+    resumed = train(config(tmp_path / "b"), progress=False)
+    assert straight.step == resumed.step == 6
+    wa = load_file(str(ckpt_io.latest_checkpoint(tmp_path / "a") / "model.safetensors"))
+    wb = load_file(str(ckpt_io.latest_checkpoint(tmp_path / "b") / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -194,6 +194,7 @@ class MaskSection:
     block_size: int = 4  # "block" strategy cell side, in tokens
     schedule: str = "constant"  # "constant" | "linear" | "cosine": masking decays over train.steps
     final_unmasked_steps: int = 0  # unmasked fine-tune: the last steps keep every token
+    unmasked_every: int = 0  # every N-th step keeps every token, throughout training (0: never; a diagnostic)
     # Model design for masking (ModelConfig.mask_design): "plain" | "decoder" | "mixer" | "side_interp"
     design: str = "plain"
     # MaskDiT's decoder is 8 blocks x 512 (16 heads) behind a 28 x 1152 encoder (DiT-XL): per token it

@@ -103,7 +103,7 @@ EXECUTION_ONLY_TRAIN_FIELDS = ("out_dir", "seed", "device", "ckpt_at_images", "k
 
 # Recipe fields added after runs were recorded, with the value every earlier run had: left out of the digest while
 # they hold it, so a new option does not split one recipe's seeds across sessions; any other value enters it.
-LATER_RECIPE_DEFAULTS = {("mask", "decoder_pos_embed"): False}
+LATER_RECIPE_DEFAULTS = {("mask", "decoder_pos_embed"): False, ("mask", "unmasked_every"): 0}
 
 
 def config_digest(cfg: RunConfig) -> str:
@@ -287,7 +287,7 @@ def unmasked_config(cfg: RunConfig) -> RunConfig:
     """The run with every token kept (the fine-tune phase): same model, same data, no mask."""
     raw = to_dict(cfg)
     raw["mask"].update(keep_ratio=1.0, keep_count=None, ratio_distribution="constant", resolution_dependent=False,
-                       schedule="constant", final_unmasked_steps=0)
+                       schedule="constant", final_unmasked_steps=0, unmasked_every=0)
     return config_from_dict(raw)
 
 

@@ -289,7 +289,7 @@ class MaskConfig:
     (f = 0: every image keeps all tokens). Over the first D = schedule_steps - final_unmasked_steps
     steps f is 1 (``constant``), 1 - step / D (``linear``) or (1 + cos(pi * step / D)) / 2
     (``cosine``); after the run f stays at its final value. ``schedule_steps=None`` (constant only)
-    masks forever.
+    masks forever. ``unmasked_every = N`` also sets f = 0 at every N-th step (steps N-1, 2N-1, ...).
     """
 
     strategy: str = "uniform"  # one of STRATEGIES
@@ -305,6 +305,9 @@ class MaskConfig:
     schedule: str = "constant"  # "constant" | "linear" | "cosine": how masking decays over training
     schedule_steps: Optional[int] = None  # steps the schedule spans, unmasked fine-tune included
     final_unmasked_steps: int = 0  # last steps of schedule_steps at keep ratio 1 (unmasking fine-tune)
+    # Every N-th step (steps N-1, 2N-1, ...) keeps every token, throughout training: the model keeps meeting the
+    # full grid it is sampled on (0: never). A diagnostic of train/sample mismatch, not a published recipe.
+    unmasked_every: int = 0
     block_size: int = 4  # cell side of the "block" strategy, in tokens
 
     def __post_init__(self):
@@ -364,6 +367,11 @@ class MaskConfig:
             raise ValueError(f"unknown mask schedule {self.schedule!r}; choose one of {SCHEDULES}")
         if self.final_unmasked_steps < 0:
             raise ValueError(f"final_unmasked_steps={self.final_unmasked_steps} must be >= 0")
+        if self.unmasked_every < 0 or self.unmasked_every == 1:
+            raise ValueError(
+                f"unmasked_every={self.unmasked_every}: every N-th step unmasked needs N >= 2 (1 would never mask; "
+                "set keep_ratio=1.0 for that), or 0 for never"
+            )
         if self.schedule_steps is None:
             if self.schedule != "constant" or self.final_unmasked_steps:
                 raise ValueError(
@@ -389,6 +397,8 @@ def mask_scale_at(step: int, config: MaskConfig) -> float:
     """The schedule factor f(step) in [0, 1]: 1 = mask as configured, 0 = keep every token."""
     if step < 0:
         raise ValueError(f"step={step} is negative; steps count from 0")
+    if config.unmasked_every and (step + 1) % config.unmasked_every == 0:
+        return 0.0  # an interleaved unmasked step
     if config.schedule_steps is None:
         return 1.0
     decay_steps = config.schedule_steps - config.final_unmasked_steps

@@ -131,6 +131,7 @@ def mask_config(cfg: RunConfig) -> Optional[MaskConfig]:
         schedule=m.schedule,
         schedule_steps=None if m.schedule == "constant" and m.final_unmasked_steps == 0 else cfg.train.steps,
         final_unmasked_steps=m.final_unmasked_steps,
+        unmasked_every=m.unmasked_every,
         min_keep=m.min_keep,
         block_size=m.block_size,
     )
