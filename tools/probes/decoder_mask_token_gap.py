@@ -14,7 +14,7 @@ fp32 on a CPU), each way below scores
 - ``x0_slope``: the slope of the regression of the implied x0 prediction, (x_t - sqrt(1 - ᾱ) ε̂) / sqrt(ᾱ), on the
   clean image, per image over its scored tokens and channels: 1 is unbiased, below 1 a prediction shrunk toward
   the image's mean (the posterior mean is shrunk at high noise, so compare ways and runs, not against 1). At high
-  noise the epsilon MSE says little about this bias (one epsilon error unit is (1 - ᾱ)/ᾱ units of x0 error).
+  noise the epsilon MSE says little about this bias (the x0 MSE it implies is (1 - ᾱ)/ᾱ times larger).
 
 The ways:
 
