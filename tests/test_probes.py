@@ -188,7 +188,7 @@ def test_bucketed_and_jagged_attention_equal_the_models_on_a_length_sorted_strea
     q, k, v = (torch.randn(layout.num_tokens, 2, 8, generator=g) for _ in range(3))
     expected = attention(q, k, v, prepare_attention(layout, "dense"))
     torch.testing.assert_close(probe.bucketed_attention(q, k, v, runs, "math"), expected)
-    torch.testing.assert_close(probe.jagged_attention(q, k, v, layout, "math"), expected)
+    torch.testing.assert_close(probe.jagged_attention(q, k, v, layout, probe.BACKENDS["math"]), expected)
 
 
 def test_per_image_std_and_the_trajectory_of_a_model_that_predicts_no_noise():

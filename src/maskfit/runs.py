@@ -149,14 +149,14 @@ def build_training_run(
     if checkpoint is not None and ckpt_io.is_sharded(checkpoint):
         load_sharded_optimizer(model, optimizer, checkpoint, parallel)
     elif checkpoint is not None:
-        state = model.upgrade_optimizer_state(ckpt_io.load_optimizer_state(checkpoint, map_location=device),
-                                              param_names(model, optimizer))
+        names = param_names(model, optimizer)
+        state = model.upgrade_optimizer_state(ckpt_io.load_optimizer_state(checkpoint, map_location=device), names)
         try:
             load_optimizer(model, optimizer, state, parallel)
         except ValueError as err:  # torch: "loaded state dict contains a parameter group that doesn't match..."
             raise ValueError(
                 f"{checkpoint}/optimizer.pt holds AdamW state for {sum(len(g['params']) for g in state['param_groups'])} "
-                f"parameters, this model's optimizer {len(param_names(model, optimizer))} ({err}): the checkpoint was "
+                f"parameters, this model's optimizer {len(names)} ({err}): the checkpoint was "
                 "written by a different model config or code; resume it with the config it saved (config.json beside "
                 "it), or start from its weights instead (finetune.init_from) to leave its optimizer state behind"
             ) from err

@@ -44,8 +44,7 @@ METRICS = OrderedDict([
     ("contrast_ratio", ("samples' contrast ÷ references'", "closer to 1")),
 ])
 # Decimals per quantity (metrics and the runs table's columns); others get 2.
-DIGITS = {"proxy_class_accuracy": 3, "proxy_precision": 3, "proxy_recall": 3, "detail_ratio": 2, "contrast_ratio": 2,
-          "count": 0, "rate": 0, "mem": 1, "sec": 1}
+DIGITS = {"proxy_class_accuracy": 3, "proxy_precision": 3, "proxy_recall": 3, "count": 0, "rate": 0, "mem": 1, "sec": 1}
 # The decisive comparison's baselines (issue 12): every other run is read against them where they have results.
 REFERENCE_RUNS = ("packed", "fit_padded")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
@@ -598,9 +597,14 @@ def floor_table(floor: Optional[Path]) -> List[str]:
 
 
 GAP_WAYS = ("unmasked", "masked", "full_encoder")
-
-
 GAP_RATIO_STEPS = (750, 950)
+
+
+def read_gap_files(gap: Optional[Path]) -> List[Tuple[str, List[dict]]]:
+    """(run, lines) of each gap-probe file in ``gap`` (RUN_gap.jsonl; RUN_decoder_gap.jsonl before 2026-12-02)."""
+    files = sorted(gap.glob("*.jsonl")) if gap is not None and gap.is_dir() else []
+    return [(path.stem.removesuffix("_gap").removesuffix("_decoder"),
+             [json.loads(l) for l in path.read_text().splitlines() if l.strip()]) for path in files]
 
 
 def gap_table(gap: Optional[Path]) -> List[str]:
@@ -608,18 +612,16 @@ def gap_table(gap: Optional[Path]) -> List[str]:
     epsilon MSE per checkpoint and weights, three ways, mean over t (t = 950 in brackets), and the sampling path's
     MSE over the training forward's at the two highest noise levels, where the mean over t (dominated by t = 50)
     hides a gap: a decoder that needs its mask tokens is worst there (REPORT, decoder)."""
-    files = sorted(gap.glob("*.jsonl")) if gap is not None and gap.is_dir() else []
     rows = []
-    for path in files:
+    for run, lines in read_gap_files(gap):
         per, slopes = {}, {}
-        for line in (json.loads(l) for l in path.read_text().splitlines() if l.strip()):
+        for line in lines:
             if "eps_mse" not in line:  # the probe's trajectory lines: trajectory_table
                 continue
             key = (Path(line["checkpoint"]).name, line["weights"])
             per.setdefault(key, {}).setdefault(line["way"], {})[int(line["t"])] = float(line["eps_mse"])
             if "x0_slope" in line:
                 slopes.setdefault(key, {}).setdefault(line["way"], {})[int(line["t"])] = float(line["x0_slope"])
-        run = path.stem.removesuffix("_gap").removesuffix("_decoder")  # RUN_gap.jsonl (RUN_decoder_gap before)
         for (step, weights), ways in sorted(per.items()):
             cells = []
             for way in GAP_WAYS:
@@ -655,17 +657,14 @@ TRAJECTORY_STEPS = (999, 749, 500, 250, 125, 42, 0)  # of the probe's 25 DDIM st
 def trajectory_table(gap: Optional[Path]) -> List[str]:
     """The gap probe's sampler-path lines: the x0 prediction's per-image std along an unguided DDIM run (EMA
     weights), beside the samples' and the held-out images' own."""
-    files = sorted(gap.glob("*.jsonl")) if gap is not None and gap.is_dir() else []
     rows = []
-    for path in files:
-        lines = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    for run, lines in read_gap_files(gap):
         data = next((l["x0_std"] for l in lines if l["way"] == "data"), None)
         per: Dict[str, Dict] = {}
         for line in lines:
             if line["way"] in ("trajectory", "trajectory_final") and line["weights"] == "ema":
                 step = Path(line["checkpoint"]).name
                 per.setdefault(step, {})["final" if line["way"] == "trajectory_final" else int(line["t"])] = line["x0_std"]
-        run = path.stem.removesuffix("_gap").removesuffix("_decoder")
         for step, stds in sorted(per.items()):
             cells = [f"{stds[t]:.3f}" if t in stds else "–" for t in TRAJECTORY_STEPS]
             cells += [f"{stds['final']:.3f}" if "final" in stds else "–", "–" if data is None else f"{data:.3f}"]

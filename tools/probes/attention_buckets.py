@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from maskfit.bench import imagenet_like_grids
-from maskfit.models.attention import attention, prepare_attention
+from maskfit.models.attention import attention, jagged_attention, prepare_attention
 from maskfit.tokens import pack
 
 from cuda_timing import median_cuda_ms  # tools/probes/, the script's own folder
@@ -60,17 +60,6 @@ def bucketed_attention(q, k, v, runs, backend):
     return torch.cat(outs)  # (T, H, D_h)
 
 
-def jagged_attention(q, k, v, layout, backend):
-    """q, k, v: (T, H, D_h) packed -> (T, H, D_h), one SDPA call on nested jagged views of the stream."""
-    def nested(x):  # (T, H, D_h) -> (B, H, j, D_h), no copy
-        return torch.nested.nested_tensor_from_jagged(x, offsets=layout.cu_seqlens.long(),
-                                                      max_seqlen=layout.max_seqlen).transpose(1, 2)
-
-    with sdpa_kernel(BACKENDS[backend]):
-        out = F.scaled_dot_product_attention(nested(q), nested(k), nested(v))  # (B, H, j, D_h)
-    return out.transpose(1, 2).values()  # (T, H, D_h)
-
-
 def layout_for(grids, device):
     """The packed layout of images with these grids, in this order."""
     tokens = [torch.zeros(h * w, 1) for h, w in grids]
@@ -96,7 +85,7 @@ def main(argv=None) -> int:
         candidates = {}
         for backend in (("flash", "cudnn", "efficient") if cuda else ("math",)):
             candidates[f"buckets_{backend}"] = lambda q, k, v, b=backend: bucketed_attention(q, k, v, runs, b)
-            candidates[f"njt_{backend}"] = lambda q, k, v, b=backend: jagged_attention(q, k, v, layout, b)
+            candidates[f"njt_{backend}"] = lambda q, k, v, b=backend: jagged_attention(q, k, v, layout, BACKENDS[b])
         for form, fn in candidates.items():  # each checked against the model's attention before it is timed
             where = f"{name} ({len(runs)} lengths, {T} tokens) {form}"
             try:

@@ -103,22 +103,28 @@ def attention(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan) -> Tensor:
         cu = lay.cu_seqlens.to(torch.int32)
         return varlen_attn(q, k, v, cu, cu, lay.max_seqlen, lay.max_seqlen)  # (T, H, D_h)
     if plan.backend == "jagged":
-        offsets = lay.cu_seqlens.long()
-
-        def nested(x: Tensor) -> Tensor:  # (T, H, D_h) -> (B, H, j, D_h); max_seqlen spares a host sync
-            # Jagged SDPA wants each input contiguous before its transpose (v is a strided slice of qkv).
-            return torch.nested.nested_tensor_from_jagged(
-                x.contiguous(), offsets=offsets, max_seqlen=lay.max_seqlen).transpose(1, 2)
-
         kernel = JAGGED_KERNEL.get(q.device.type)
         if kernel is None:
             raise ValueError(f"attention 'jagged' has no kernel on {q.device.type}; use 'dense' there")
-        with sdpa_kernel([kernel]):
-            out = F.scaled_dot_product_attention(nested(q), nested(k), nested(v))  # (B, H, j, D_h)
-        return out.transpose(1, 2).values()  # (T, H, D_h)
+        return jagged_attention(q, k, v, lay, kernel)  # (T, H, D_h)
     qs, ks, vs = (x.transpose(0, 1)[None] for x in (q, k, v))  # (1, H, T, D_h)
     out = _compiled_flex()(qs, ks, vs, block_mask=plan.block_mask)  # (1, H, T, D_h)
     return out[0].transpose(0, 1)
+
+
+def jagged_attention(q: Tensor, k: Tensor, v: Tensor, lay: TokenLayout, kernel: SDPBackend) -> Tensor:
+    """q, k, v: (T, H, D_h) packed -> (T, H, D_h): one SDPA call on nested jagged views with ``kernel`` the only one
+    allowed (the ``jagged`` backend's; tools/probes/attention_buckets.py tries the others)."""
+    offsets = lay.cu_seqlens.long()
+
+    def nested(x: Tensor) -> Tensor:  # (T, H, D_h) -> (B, H, j, D_h); max_seqlen spares a host sync
+        # Jagged SDPA wants each input contiguous before its transpose (v is a strided slice of qkv).
+        return torch.nested.nested_tensor_from_jagged(
+            x.contiguous(), offsets=offsets, max_seqlen=lay.max_seqlen).transpose(1, 2)
+
+    with sdpa_kernel([kernel]):
+        out = F.scaled_dot_product_attention(nested(q), nested(k), nested(v))  # (B, H, j, D_h)
+    return out.transpose(1, 2).values()  # (T, H, D_h)
 
 
 # ----------------------------------------------------------------------------------------------------
