@@ -32,7 +32,7 @@ def _per_image_reference(q, k, v, cu):
 
 
 @pytest.mark.parametrize("head_dim", [64, 72])
-@pytest.mark.parametrize("backend", ["dense", "varlen", "flex", "jagged"])
+@pytest.mark.parametrize("backend", ["dense", "varlen", "flex"])
 def test_backends_agree_with_per_image_attention(backend, head_dim):
     torch.manual_seed(0)
     lengths = [256, 17, 0, 200, 1, 0, 130]  # zero-length segments included
@@ -73,7 +73,6 @@ def test_bf16_packed_padded_per_image_agree(preset):
 @pytest.mark.parametrize("preset,design,backend", [
     ("FiT-B/2-dit", "plain", "varlen"), ("FiT-B/2-dit", "decoder", "varlen"), ("FiTv2-B/2", "plain", "varlen"),
     ("FiT-B/2-dit", "side_interp", "varlen"), ("FiT-B/2-dit", "mixer", "varlen"), ("FiTv2-B/2", "unmasked", "varlen"),
-    ("FiT-B/2-dit", "plain", "jagged"), ("FiT-B/2-dit", "decoder", "jagged"),  # SDPA on nested jagged views
 ])
 def test_compiled_masked_gradients_agree_with_eager(preset, design, backend):
     # The compiled step has its own kernels: the per-image window sums of the adaLN backward (models/segments.py)

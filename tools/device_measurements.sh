@@ -29,8 +29,8 @@
 #              then tools/probes/attention_rope.py (RoPE's cost inside 12 attention layers, and a joint q/k form)
 #   attention  tools/probes/attention_buckets.py: FA2 varlen against one dense SDPA call per run of equal token
 #              counts and against nested-jagged SDPA (flash, cuDNN, efficient backends), 12 calls forward +
-#              backward, ImageNet-like and uniform; then the FiT-B/2-dit unmasked step with model.attention
-#              "jagged" (cuDNN) beside "varlen", same command
+#              backward, ImageNet-like and uniform; then the FiT-B/2-dit unmasked step with varlen (measured
+#              2026-12-02: varlen is fastest; the model's "jagged" backend was removed after it)
 #
 # The published code is not part of this repository: put a checkout of github.com/whlzy/FiT (its fit/ and
 # configs/ folders suffice) in the ignored folder third_party/FiT and carry that path to the device. Each
@@ -115,7 +115,6 @@ case "$stage" in
     ;;
   attention)
     timeout 120 python3 tools/probes/attention_buckets.py 2>&1 | tee -a "$out/$stage.log"
-    bench 220 --models FiT-B/2-dit --modes packed --attention jagged
     bench 220 --models FiT-B/2-dit --modes packed --attention varlen
     ;;
   *) echo "unknown stage $stage: use checks, designs, designs-b2, missing, profile, item3, item3-xl, xl-graphs, autotune, rope, recheck, tuning or attention" >&2; exit 2 ;;

@@ -35,6 +35,9 @@ out=${2:-${OUT:-device_out}}
 mkdir -p "$out"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 log="$out/$stage.log"
+# .carry/imagenette/train-128 travels as one zip (tools/study.sh carry explains why); unpacked here when missing
+[ -d .carry/imagenette/train-128 ] || [ ! -f .carry/imagenette/train-128.zip ] ||
+  python3 -m zipfile -e .carry/imagenette/train-128.zip .carry/imagenette
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$log"
 python3 -c 'import torch, sys; print("torch", torch.__version__, "python", sys.version.split()[0])' | tee -a "$log"
 bench() { local limit=$1; shift

@@ -17,7 +17,7 @@
 #                                              NAME_sSEED.tar.gz to study/sheets/, then REPORT.md's tables regenerated
 #   tools/study.sh list                        the variants
 #
-# A first GPU session (no committed proxy yet), in one device command with carry=[".carry"]:
+# A first GPU session (no committed proxy yet), in one device command with carry=[".carry/imagenette/train-128.zip"]:
 #   tools/study.sh proxy && PROXY=$OUT/proxy_classifier.safetensors tools/study.sh run packed:0
 # (the proxy is a small CNN, 30 epochs of 8 522 images at 64 px, not yet timed on the H200; the printed
 # estimate says whether the experiment still fits).
@@ -40,6 +40,8 @@
 # the proxy is over the 64 MiB a device call carries. `carry` writes every image again as a progressive JPEG at
 # quality 85 with optimised tables (~48 MiB; mean pixel change ~2.4 of 255; MANIFEST.json says exactly), same
 # file names, so maskfit.data.split gives the same held-out split. Training, proxy and references all use this copy.
+# It travels as one stored zip beside the folder (DATA.zip): the device call counts disk blocks, and 9 470 small files
+# fill 70 MiB of them for 49 MiB of bytes; `run` and `proxy` unpack it there when the folder is missing.
 set -uo pipefail
 cmd=${1:?usage: tools/study.sh carry|proxy|run|next|collect|list}
 shift
@@ -47,23 +49,27 @@ PY=${PYTHON:-python3}
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 DATA=${DATA:-.carry/imagenette/train-128}
 PROXY=${PROXY:-study/proxy/proxy_classifier.safetensors}
+unpack_data() { [ -d "$DATA" ] || [ ! -f "$DATA.zip" ] || $PY -m zipfile -e "$DATA.zip" "$(dirname "$DATA")"; }
 
 case "$cmd" in
   carry)
     src=${1:-../shared/data/imagenette/train-128}
     git check-ignore -q .carry/x || { echo ".carry/ is not ignored by git; it must not be committed" >&2; exit 2; }
     $PY -m maskfit.data.reencode "$src" "$DATA" --quality "${QUALITY:-85}" || exit $?
-    carried=$(du -sb .carry | cut -f1)
+    rm -f "$DATA.zip"; (cd "$(dirname "$DATA")" && $PY -m zipfile -c "$(basename "$DATA").zip" "$(basename "$DATA")") || exit $?
+    carried=$(du -sb "$DATA.zip" | cut -f1)
     tracked=$(git ls-files -z | du --files0-from=- -cb 2>/dev/null | tail -1 | cut -f1)
-    echo "carried .carry: $((carried / 1048576)) MiB; tracked files: $((tracked / 1048576)) MiB; limit 64 MiB together" ;;
+    echo "carried $DATA.zip: $((carried / 1048576)) MiB; tracked files: $((tracked / 1048576)) MiB; limit 64 MiB together" ;;
   proxy)
     out=${1:-${OUT:-device_out}}
+    unpack_data
     mkdir -p "$out"
     # 64 px input, width 16: 128-dimensional features, fewer than the samples per set (FD needs a full-rank covariance).
     $PY -m maskfit.cli train-classifier --data "$DATA" --data-split train --data-holdout-fraction 0.1 --size 64 \
       --width 16 --epochs 30 --out "$out/proxy_classifier.safetensors" 2>&1 | tee "$out/proxy.log" ;;
   run)
     out=${OUT_DIR:-${OUT:-device_out}}
+    unpack_data
     work=${STUDY_WORK:-/tmp/study}
     mkdir -p "$out" "$work"
     out=$(cd "$out" && pwd)  # absolute: the archive is written from inside $work

@@ -18,7 +18,7 @@ from typing import Optional, Union, get_args, get_origin, get_type_hints
 class ModelSection:
     preset: str = "FiT-B/2"  # a name from `maskfit models`
     overrides: dict = field(default_factory=dict)  # ModelConfig fields to change, e.g. {"in_channels": 3}
-    attention: str = "dense"  # "dense" | "varlen" | "flex" | "jagged" (cuDNN on nested jagged views; models/attention.py)
+    attention: str = "dense"  # "dense" | "varlen" | "flex" (models/attention.py)
 
     def __post_init__(self):
         from maskfit.models.transformer import ModelConfig

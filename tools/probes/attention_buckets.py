@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from maskfit.bench import imagenet_like_grids
-from maskfit.models.attention import attention, jagged_attention, prepare_attention
+from maskfit.models.attention import attention, prepare_attention
 from maskfit.tokens import pack
 
 from cuda_timing import median_cuda_ms  # tools/probes/, the script's own folder
@@ -45,6 +45,21 @@ def sorted_by_length(grids):
     ordered = sorted(grids, key=lambda g: -g[0] * g[1])
     runs = Counter(h * w for h, w in ordered)
     return ordered, sorted(runs.items(), key=lambda kv: -kv[0])
+
+
+def jagged_attention(q, k, v, layout, kernel):
+    """q, k, v: (T, H, D_h) packed -> (T, H, D_h): one SDPA call on nested jagged views (offsets = cu_seqlens, no
+    padding) with ``kernel`` the only one allowed (jagged SDPA otherwise tries FlashAttention-2 first)."""
+    offsets = layout.cu_seqlens.long()
+
+    def nested(x):  # (T, H, D_h) -> (B, H, j, D_h); max_seqlen spares a host sync
+        # Jagged SDPA wants each input contiguous before its transpose (v is a strided slice of qkv).
+        return torch.nested.nested_tensor_from_jagged(
+            x.contiguous(), offsets=offsets, max_seqlen=layout.max_seqlen).transpose(1, 2)
+
+    with sdpa_kernel([kernel]):
+        out = F.scaled_dot_product_attention(nested(q), nested(k), nested(v))  # (B, H, j, D_h)
+    return out.transpose(1, 2).values()  # (T, H, D_h)
 
 
 def bucketed_attention(q, k, v, runs, backend):

@@ -10,11 +10,11 @@ Every backend computes, for each image, softmax(q k^T / sqrt(D_h)) v over that i
 - ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (bundled FlashAttention-2, CUDA only) on the
   packed stream with ``cu_seqlens``: no compute on padding at all.
 - ``flex``: FlexAttention with a document mask, compiled; the BlockMask is built once per forward.
-- ``jagged``: ``scaled_dot_product_attention`` on nested jagged views of the packed stream (offsets =
-  ``cu_seqlens``, no padding) with cuDNN's fused attention as the only kernel allowed on CUDA (PyTorch's jagged
-  SDPA tries FlashAttention-2 first and cuDNN last, so anything else would silently be ``varlen`` again; a refusal
-  is an error), the math kernel on a CPU. Written to measure whether cuDNN beats the bundled FA2 on FiT's short,
-  packed sequences (issue 14 item 3); ``varlen`` stays the default.
+
+Measured and not kept (H200, 2026-12-02, tools/probes/attention_buckets.py, BENCHMARKS.md): SDPA on nested jagged
+views of the stream (6.6x to 117x slower than ``varlen`` in forward + backward, and under torch.compile its backward
+fails an AOTAutograd assertion on the nested tangent), and one dense SDPA call per run of equal lengths (2.5x slower on ImageNet-like sizes; equal on
+uniform ones).
 
 A plan is prepared once per forward (masks, block masks) and shared by every layer.
 """
@@ -26,13 +26,10 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from maskfit.tokens import TokenLayout
 
-ATTENTION_BACKENDS = ("dense", "varlen", "flex", "jagged")
-# The one SDPA kernel ``jagged`` may use, per device type.
-JAGGED_KERNEL = {"cuda": SDPBackend.CUDNN_ATTENTION, "cpu": SDPBackend.MATH}
+ATTENTION_BACKENDS = ("dense", "varlen", "flex")
 
 
 @dataclass
@@ -53,8 +50,8 @@ def prepare_attention(layout: TokenLayout, backend: str) -> AttentionPlan:
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
     padded_in_segments = layout.valid is not None and layout.uniform_len is not None
-    if backend in ("varlen", "jagged") and padded_in_segments:
-        # Padding inside segments (FiT's layout) needs a mask; FlashAttention-varlen and jagged batches have none.
+    if backend == "varlen" and padded_in_segments:
+        # Padding inside segments (FiT's layout) needs a mask; FlashAttention-varlen has none.
         backend = "dense"
     if backend == "dense":
         if layout.uniform_len is not None:
@@ -75,7 +72,7 @@ def prepare_attention(layout: TokenLayout, backend: str) -> AttentionPlan:
         # Empty slots query everything: never a fully masked row (NaN), and their outputs are discarded.
         mask = mask | ~exists[:, :, None]
         return AttentionPlan("dense", layout, mask=mask[:, None], slots=slots)  # (B, 1, L, L)
-    if backend in ("varlen", "jagged"):
+    if backend == "varlen":
         return AttentionPlan(backend, layout)
     return AttentionPlan("flex", layout, block_mask=_document_block_mask(layout))
 
@@ -102,29 +99,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan) -> Tensor:
 
         cu = lay.cu_seqlens.to(torch.int32)
         return varlen_attn(q, k, v, cu, cu, lay.max_seqlen, lay.max_seqlen)  # (T, H, D_h)
-    if plan.backend == "jagged":
-        kernel = JAGGED_KERNEL.get(q.device.type)
-        if kernel is None:
-            raise ValueError(f"attention 'jagged' has no kernel on {q.device.type}; use 'dense' there")
-        return jagged_attention(q, k, v, lay, kernel)  # (T, H, D_h)
     qs, ks, vs = (x.transpose(0, 1)[None] for x in (q, k, v))  # (1, H, T, D_h)
     out = _compiled_flex()(qs, ks, vs, block_mask=plan.block_mask)  # (1, H, T, D_h)
     return out[0].transpose(0, 1)
-
-
-def jagged_attention(q: Tensor, k: Tensor, v: Tensor, lay: TokenLayout, kernel: SDPBackend) -> Tensor:
-    """q, k, v: (T, H, D_h) packed -> (T, H, D_h): one SDPA call on nested jagged views with ``kernel`` the only one
-    allowed (the ``jagged`` backend's; tools/probes/attention_buckets.py tries the others)."""
-    offsets = lay.cu_seqlens.long()
-
-    def nested(x: Tensor) -> Tensor:  # (T, H, D_h) -> (B, H, j, D_h); max_seqlen spares a host sync
-        # Jagged SDPA wants each input contiguous before its transpose (v is a strided slice of qkv).
-        return torch.nested.nested_tensor_from_jagged(
-            x.contiguous(), offsets=offsets, max_seqlen=lay.max_seqlen).transpose(1, 2)
-
-    with sdpa_kernel([kernel]):
-        out = F.scaled_dot_product_attention(nested(q), nested(k), nested(v))  # (B, H, j, D_h)
-    return out.transpose(1, 2).values()  # (T, H, D_h)
 
 
 # ----------------------------------------------------------------------------------------------------

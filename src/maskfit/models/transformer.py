@@ -45,7 +45,7 @@ class ModelConfig:
     adaln: str = "full"  # "full": per block d->6d | "lora": per block d->r->6d plus a global d->6d
     adaln_lora_rank: int = 0
     rope_theta: float = 10000.0
-    attention: str = "dense"  # "dense" | "varlen" | "flex" | "jagged"
+    attention: str = "dense"  # "dense" | "varlen" | "flex"
     # Masked training designs (reference/masked.md). "plain" adds no module: the backbone runs on the kept
     # tokens and predicts only them. The others add modules that see the full grid:
     #   "decoder": MaskDiT light decoder on the full grid with a learnable mask token (Zheng et al. 2023 §3);
