@@ -276,6 +276,47 @@ def test_also_cfg_samples_the_final_checkpoint_unguided_and_reports_it_apart(ass
     assert "--also-cfg 0.5: a guidance scale is >= 1" in capsys.readouterr().err
 
 
+def test_also_attn_scale_samples_a_masked_run_with_scaled_logits_and_reports_it_apart(assets, tmp_path, capsys,
+                                                                                      monkeypatch):
+    import maskfit.sampling_run
+    from maskfit.experiment import eval_id
+    from maskfit.study_report import report_block
+
+    sampled_with = []
+    original = maskfit.sampling_run.sample_resolution
+
+    def recording(model, diffusion, autoencoder, size, multiple, p, options, *args, **kwargs):
+        sampled_with.append((size, options.rope.attn_scale, options.rope.train_keep))
+        return original(model, diffusion, autoencoder, size, multiple, p, options, *args, **kwargs)
+
+    monkeypatch.setattr(maskfit.sampling_run, "sample_resolution", recording)
+    out = tmp_path / "attn"
+    assert main(experiment_argv(assets, out, "--set", "mask.keep_ratio=0.5", "--also-attn-scale", "kept")) == 0
+    # The sampler got the scale with the run's kept fraction, once: the final checkpoint at the mark resolution.
+    assert [s for s in sampled_with if s[1] != "none"] == [((16, 16), "kept", 0.5)]
+    lines = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    scaled = [l for l in lines if l["attn_scale"] == "kept"]
+    final_main = [l for l in lines if l["attn_scale"] == "none" and l["is_final"] and l["resolution"] == "16x16"]
+    assert [(l["resolution"], l["method"], l["is_final"], l["cfg_scale"]) for l in scaled] == [("16x16", "none", True, 1.5)]
+    assert scaled[0]["checkpoint"] == final_main[0]["checkpoint"] and scaled[0]["eval_id"] != final_main[0]["eval_id"]
+    assert (out / "eval" / scaled[0]["eval_id"] / scaled[0]["checkpoint"] / "id" / "samples" / "none+attn_kept").is_dir()
+    block = report_block(lines, tmp_path / "plots", tmp_path / "REPORT.md")
+    assert "### The final checkpoint with attention scale `kept` beside none" in block
+    assert f"{final_main[0]['proxy_fd']:.2f} / {scaled[0]['proxy_fd']:.2f} |" in block
+    assert "### The final checkpoint with attention scale `kept` beside none: contrast" in block
+    assert "[2]" not in block  # the extra is not a second group of the run's tables
+    # Settings made before the attention scale existed keep their ids; an unmasked run skips the extra.
+    ev = {"num_images": 6, "sampler": "euler", "steps": 1, "cfg_scale": 1.5, "seed": 0, "batch_size": 6,
+          "weights": "ema", "proxy_sha256": "x", "labels": "per-class", "reference_rule_version": 2}
+    assert eval_id(dict(ev, attn_scale="none")) == eval_id(ev) != eval_id(dict(ev, attn_scale="kept"))
+    capsys.readouterr()
+    assert main(experiment_argv(assets, tmp_path / "dry", "--dry-run", "--also-attn-scale", "kept")) == 0
+    assert "attention scale" not in capsys.readouterr().out
+    assert main(experiment_argv(assets, tmp_path / "dry2", "--dry-run", "--set", "mask.keep_ratio=0.5",
+                                "--also-attn-scale", "kept")) == 0
+    assert "and the final checkpoint with attention scale 'kept' at the marks' resolutions" in capsys.readouterr().out
+
+
 def test_unmasked_finetune_resumes_the_masked_run_with_every_token(assets, tmp_path):
     import argparse
 
@@ -539,45 +580,57 @@ def test_git_dirty_reports_a_tree_that_differs_from_its_commit(tmp_path, monkeyp
 
 
 def _grid_archive(path: Path, run: str, steps=(10, 20)) -> None:
-    """An archive shaped like tools/study.sh run's: grids of two checkpoints, 8 x 2 images of HxW with 2-px borders."""
+    """An archive shaped like tools/study.sh run's: grids of two checkpoints, 8 x 2 images of HxW with 2-px borders,
+    under the main evaluation ``abc``; then, as ``--also-cfg`` adds, the last checkpoint's 64x64 grid under another
+    evaluation ``xyz`` (colour 250, 0, 0)."""
     import io
     import tarfile
 
     from PIL import Image
 
+    def add(tar, name, size, colour):
+        h, w = size
+        buf = io.BytesIO()
+        Image.new("RGB", (2 + 8 * (w + 2), 2 + 2 * (h + 2)), colour).save(buf, format="PNG")
+        info = tarfile.TarInfo(name)
+        info.size = buf.tell()
+        buf.seek(0)
+        tar.addfile(info, buf)
+
     with tarfile.open(path, "w:gz") as tar:
         for step in steps:
             for split, (h, w), method in (("id", (64, 64), "none"), ("id", (48, 80), "none"),
                                           ("ood", (96, 96), "vision_yarn"), ("ood", (96, 96), "none")):
-                grid = Image.new("RGB", (2 + 8 * (w + 2), 2 + 2 * (h + 2)), (step, h, w))
-                buf = io.BytesIO()
-                grid.save(buf, format="PNG")
-                info = tarfile.TarInfo(f"{run}/eval/abc/step_{step:07d}/{split}/samples/{method}/grid_{h}x{w}.png")
-                info.size = buf.tell()
-                buf.seek(0)
-                tar.addfile(info, buf)
+                add(tar, f"{run}/eval/abc/step_{step:07d}/{split}/samples/{method}/grid_{h}x{w}.png", (h, w), (step, h, w))
+        add(tar, f"{run}/eval/xyz/step_{steps[-1]:07d}/id/samples/none/grid_64x64.png", (64, 64), (250, 0, 0))
 
 
 def test_sample_sheet_takes_the_final_checkpoint_one_row_per_set_in_protocol_order(tmp_path):
     from PIL import Image
 
     from maskfit.study_report import write_report
-    from maskfit.study_sheets import main as sheets_main
+    from maskfit.study_sheets import main as sheets_main, read_sheet, sheet_strip
 
     _grid_archive(tmp_path / "packed_s0.tar.gz", "packed_s0")
     study = tmp_path / "study"
     assert sheets_main([str(tmp_path / "packed_s0.tar.gz"), "--out", str(study / "sheets")]) == 0
     order = (study / "sheets" / "packed_s0.txt").read_text()
-    assert order.startswith("step 20;")  # the last checkpoint, not the first
+    assert order.startswith("step 20 (eval abc);")  # the last checkpoint, not the first; its main evaluation
     assert order.index("48x80 none") < order.index("64x64 none") < order.index("96x96 none") < order.index("96x96 vision_yarn")
     sheet = Image.open(study / "sheets" / "packed_s0.jpg")
     assert sheet.size == (2 + 8 * 98, 4 * 2 + 50 + 66 + 98 + 98 + 3 * 6)  # widest strip; one row (h + 2 + 2) per set, gaps
     assert abs(sheet.getpixel((10, 10))[0] - 20) <= 3  # drawn from step 20's grids (JPEG tolerance)
+    # Each strip cuts back out where it was laid: the 64x64 one is the main evaluation's (20, 64, 64), not xyz's.
+    step, keys, read = read_sheet(study / "sheets" / "packed_s0.jpg")
+    assert step == 20 and keys[:2] == [(48, 80, "none"), (64, 64, "none")]
+    strip = np.asarray(sheet_strip(read, keys, (64, 64, "none")), dtype=float)
+    assert strip.shape == (2 + 64 + 2, 2 + 8 * 66, 3)
+    assert np.abs(strip[10:-10, 10:-10] - [20, 64, 64]).max() <= 6
     (study / "results").mkdir()
     (study / "results" / "a.jsonl").write_text(json.dumps(synthetic_line("packed", 0, "64x64", "none", 5.0)) + "\n")
     write_report(study / "results", tmp_path / "REPORT.md")
     text = (tmp_path / "REPORT.md").read_text()
-    assert "![samples of packed_s0](study/sheets/packed_s0.jpg)" in text and "step 20; strips top to bottom" in text
+    assert "![samples of packed_s0](study/sheets/packed_s0.jpg)" in text and "step 20 (eval abc); strips top to bottom" in text
     assert sheets_main([str(tmp_path / "missing.tar.gz"), "--out", str(study / "sheets")]) == 2
 
 

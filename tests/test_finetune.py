@@ -224,3 +224,12 @@ def test_packed_batch_scales_each_image_from_its_own_size():
             plain = model(alone_batch.tokens, t[b : b + 1], alone_batch.y, alone_batch.layout, rope=RopeExtrapolation())
             scaled = not torch.allclose(alone, plain, atol=1e-4)
             assert scaled == (grid != (4, 4)), grid  # clamped at 1: an image within 4 x 4 keeps plain RoPE
+
+
+def test_the_kept_fraction_a_run_attended_over_in_training():
+    from maskfit.config import config_from_dict
+    from maskfit.finetune import rope_train_keep
+
+    assert rope_train_keep(config_from_dict({})) == 1.0
+    assert rope_train_keep(config_from_dict({"mask": {"keep_ratio": 0.25}})) == 0.25
+    assert rope_train_keep(config_from_dict({"mask": {"keep_count": 64}, "data": {"token_budget": 256}})) == 0.25

@@ -450,3 +450,38 @@ def test_token_cos_sin_is_a_well_formed_custom_op_equal_to_the_inline_formula():
     torch.testing.assert_close(cos, angles.cos() * factor[seq_id, None])
     torch.testing.assert_close(sin, angles.sin() * factor[seq_id, None])
     assert cos.shape == (11, 16) and token_cos_sin(pos, seq_id, f_h, f_w, factor, torch.float32)[0].dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------------------
+# The attention scale of masked training ("kept")
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_kept_attention_scale_known_values():
+    # ln n / ln(k * min(n, 256)), at least 1: 16x16 at k = 0.5 attended 128 keys in training, so ln 256 / ln 128
+    # = 8/7; at k = 0.25, 8/6; 32x32 (1024 tokens, beyond the budget) at k = 0.5: ln 1024 / ln 128 = 10/7;
+    # 8x8 at k = 0.5: ln 64 / ln 32 = 6/5; one token: 1.
+    grids = _grid((16, 16), (32, 32), (8, 8), (1, 1))
+    half = attention_logit_scale(grids, RopeExtrapolation(attn_scale="kept", train_keep=0.5))
+    torch.testing.assert_close(half, torch.tensor([8 / 7, 10 / 7, 6 / 5, 1.0], dtype=torch.float64))
+    quarter = attention_logit_scale(_grid((16, 16)), RopeExtrapolation(attn_scale="kept", train_keep=0.25))
+    assert quarter.item() == pytest.approx(8 / 6, rel=1e-12)
+
+
+@pytest.mark.parametrize("hw", [(16, 16), (10, 12), (20, 20), (20, 40), (32, 32), (1, 1)])
+def test_kept_attention_scale_of_an_unmasked_run_is_fitv2_eq15(hw):
+    paper = attention_logit_scale(_grid(hw), RopeExtrapolation(attn_scale="paper"))
+    kept = attention_logit_scale(_grid(hw), RopeExtrapolation(attn_scale="kept", train_keep=1.0))
+    torch.testing.assert_close(kept, paper, rtol=1e-12, atol=0)
+
+
+def test_kept_attention_scale_multiplies_the_logits():
+    # Folded into the tables like eq. 15: cos^2 + sin^2 is the factor on the logits.
+    t = _tables(16, 16, 16, RopeExtrapolation(attn_scale="kept", train_keep=0.5))
+    torch.testing.assert_close(t.cos**2 + t.sin**2, torch.full_like(t.cos, 8 / 7))
+
+
+@pytest.mark.parametrize("keep", [0.0, -0.5, 1.5])
+def test_kept_fraction_out_of_range_is_refused(keep):
+    with pytest.raises(ValueError, match=rf"train_keep={keep}: the fraction of tokens kept in training is in \(0, 1\]"):
+        RopeExtrapolation(attn_scale="kept", train_keep=keep)

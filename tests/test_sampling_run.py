@@ -391,3 +391,12 @@ def test_compiled_sampling_draws_what_eager_draws_over_two_stream_lengths():
     for n in (2, 3):
         eager, compiled = draws["eager", n], draws["compiled", n]
         assert (compiled - eager).abs().mean() < 0.02 * eager.abs().mean(), n
+
+
+def test_a_samples_folder_records_the_kept_fraction_only_where_the_attention_scale_reads_it():
+    # Folders sampled before train_keep existed resume (it changes no pixel unless attn_scale is "kept").
+    from maskfit.models.rope import RopeExtrapolation
+    from maskfit.sampling_run import rope_settings
+
+    assert "train_keep" not in rope_settings(RopeExtrapolation(attn_scale="paper", train_keep=0.5))
+    assert rope_settings(RopeExtrapolation(attn_scale="kept", train_keep=0.5))["train_keep"] == 0.5

@@ -65,6 +65,10 @@ def test_methods_share_a_sample_set_only_when_their_rope_tables_agree():
     assert sample_set_for(Variant("vision_yarn"), (20, 20), **args) == Variant("yarn")
     assert sample_set_for(Variant("none", "paper"), (16, 16), **args) == Variant("none")  # log 256 / log 256 = 1
     assert sample_set_for(Variant("none", "code"), (16, 16), **args) == Variant("none", "code")  # ln 512 / ln 256
+    # The masked-training scale: an unmasked run's is eq. 15's (1 here); a run that kept half is scaled by 8/7.
+    assert sample_set_for(Variant("none", "kept"), (16, 16), **args, train_keep=1.0) == Variant("none")
+    assert sample_set_for(Variant("none", "kept"), (16, 16), **args, train_keep=0.5) == Variant("none", "kept")
+    assert sample_set_for(Variant("vision_ntk", "kept"), (20, 20), **args) == Variant("ntk", "paper")
 
 
 def test_the_sweeps_rope_readings_decide_shared_sets_and_signatures():

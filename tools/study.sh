@@ -29,6 +29,9 @@
 #   MARK_RES=64x64    resolutions evaluated at the marks (the final checkpoint gets the whole protocol)
 #   ALSO_CFG=1.0      the final checkpoint is also sampled with this guidance at MARK_RES (1.0: unguided, as FiT's
 #                     tables; from 2026-12-01 night on, ~4 s a run)
+#   ALSO_ATTN=kept    a masked run's final checkpoint is also sampled at MARK_RES with its attention logits scaled by
+#                     ln n / ln(kept keys) (models/rope.py "kept"; from 2026-12-02 third session on, ~4 s a run;
+#                     ALSO_ATTN= turns it off)
 #   LIMIT=570         seconds before an experiment is cut (what it finished still comes back)
 #   PROBE_LIMIT=150 PROBE_BATCHES=2   DDPM decoder runs: tools/probes/decoder_mask_token_gap.py on every checkpoint
 #                     afterwards (NAME_sSEED_gap.jsonl beside the results; commit it under study/gap/, where
@@ -77,6 +80,7 @@ case "$cmd" in
     while [ $# -gt 0 ] && [ "$1" != "--" ]; do specs+=("$1"); shift; done
     [ "${1:-}" = "--" ] && shift
     [ ${#specs[@]} -gt 0 ] || { echo "usage: tools/study.sh run NAME[:SEED] ... [-- EXPERIMENT ARGS]" >&2; exit 2; }
+    also_attn=${ALSO_ATTN-kept}  # set and empty: off
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null
     for spec in "${specs[@]}"; do
       name=${spec%%:*}; seed=0
@@ -85,7 +89,8 @@ case "$cmd" in
       timeout "${LIMIT:-570}" $PY -m maskfit.cli experiment configs/study/base.toml --variant "$name" --seed "$seed" \
         --out "$work/$tag" --proxy "$PROXY" --set "data.root=\"$DATA\"" --budget-seconds "${BUDGET:-180}" \
         --num-images "${NUM_IMAGES:-200}" --sample-batch-size "${SAMPLE_BATCH:-100}" --steps "${STEPS:-25}" --eval-at-images "${MARKS:-100000,200000}" \
-        --mark-resolutions "${MARK_RES:-64x64}" --also-cfg "${ALSO_CFG:-1.0}" --quiet "$@" 2>&1 | tee "$work/$tag.log"
+        --mark-resolutions "${MARK_RES:-64x64}" --also-cfg "${ALSO_CFG:-1.0}" \
+        ${also_attn:+--also-attn-scale "$also_attn"} --quiet "$@" 2>&1 | tee "$work/$tag.log"
       [ -f "$work/$tag/results.jsonl" ] && cp "$work/$tag/results.jsonl" "$out/$tag.jsonl"
       # A decoder run: does its decoder lean on mask tokens? (tools/probes/decoder_mask_token_gap.py, ~35 s); with
       # GAP_PROBE=1 any masked DDPM run, as the control.

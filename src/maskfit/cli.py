@@ -63,8 +63,9 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extrapolation", default="none",
                    help="RoPE extrapolation: none|pi|ntk|yarn|vision_ntk|vision_yarn")
     p.add_argument("--attn-scale", choices=ATTN_SCALES, default=None,
-                   help="FiTv2 eq. 15 attention scale: none | paper | code (the released ntkpro2); default none, "
-                        "or --recipe's for a FiTv2 run")
+                   help="attention scale: none | paper | code (FiTv2 eq. 15; code: the released ntkpro2) | kept (eq. "
+                        "15's argument for a masked run: ln n / ln(kept keys in training), models/rope.py); default "
+                        "none, or --recipe's for a FiTv2 run")
     p.add_argument("--out", default=None, help="output folder (default: <run>/samples)")
     add_sampler_arguments(p)
 

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from maskfit.config import RunConfig, config_from_dict, load_config, to_dict
+from maskfit.models.rope import ATTN_SCALES
 
 # The protocol (issue 12): in distribution at most 256 tokens of 4 px, out of distribution beyond.
 PROTOCOL_RESOLUTIONS = ("64x64", "48x80", "80x48", "44x88", "96x96", "64x128", "128x64")
@@ -403,6 +404,8 @@ def _sweep_args(ckpt: Path, reference: str, group: EvalGroup, ev: dict, out: Pat
             "--labels", "per-class", "--cfg-scale", str(ev["cfg_scale"]), "--sampler", ev["sampler"],
             "--steps", str(ev["steps"]), "--seed", str(ev["seed"]), "--batch-size", str(ev["batch_size"]),
             "--device", ev["device"], "--out", str(out)]
+    if ev.get("attn_scale", "none") != "none":  # only an extra evaluation sets it (--also-attn-scale)
+        argv += ["--attn-scale", ev["attn_scale"]]
     if ev["weights"] == "raw":
         argv.append("--no-ema")
     if ev["compile"]:
@@ -430,7 +433,10 @@ def eval_id(ev: dict) -> str:
     """Identifies what changes sampled pixels or metrics (not the device or compilation): a folder per setting."""
     keys = ("num_images", "sampler", "steps", "cfg_scale", "seed", "batch_size", "weights", "proxy_sha256",
             "labels", "reference_rule_version")
-    return hashlib.sha256(json.dumps({k: ev[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:10]
+    setting = {k: ev[k] for k in keys}
+    if ev.get("attn_scale", "none") != "none":  # added later: absent from every id made without it
+        setting["attn_scale"] = ev["attn_scale"]
+    return hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def result_line(run: dict, ckpt: dict, ev: dict, row: dict, training: dict) -> dict:
@@ -454,7 +460,8 @@ def result_line(run: dict, ckpt: dict, ev: dict, row: dict, training: dict) -> d
         # where
         "resolution": row["resolution"], "height": _number(row["height"]), "width": _number(row["width"]),
         "tokens": _number(row["tokens"]), "split": "ID" if row["split"] == "in-distribution" else "OOD",
-        "method": row["method"], "sample_set": row["sample_set"], "shared_sample_set": row["shared"] == "True",
+        "method": row["method"], "attn_scale": row.get("attn_scale") or "none",
+        "sample_set": row["sample_set"], "shared_sample_set": row["shared"] == "True",
         # the numbers
         **{k: _number(row.get(k, "")) for k in ("proxy_fd", "proxy_precision", "proxy_recall", "proxy_class_accuracy",
                                                  "detail_ratio", "contrast_ratio")},
@@ -551,6 +558,11 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
                    help="also sample the final checkpoint with this guidance scale at the mark resolutions (1.0: no "
                         "guidance, as FiT's and MaskDiT's no-CFG tables; MaskDiT's CFG numbers need its unmasked "
                         "fine-tune, its no-CFG numbers do not)")
+    p.add_argument("--also-attn-scale", choices=[a for a in ATTN_SCALES if a != "none"], default=None,
+                   help="a masked run also samples its final checkpoint with this attention scale at the mark "
+                        "resolutions (kept: logits times ln n / ln(kept keys in training), models/rope.py; the test "
+                        "of whether masked runs' washed-out samples come from attending over more keys than in "
+                        "training); an unmasked run skips it")
     p.add_argument("--sample-compile", action="store_true", help="torch.compile the sampler's network (per sweep call)")
     p.add_argument("--proxy", required=True, help="proxy classifier (maskfit train-classifier --data-split train)")
     p.add_argument("--eval-data", default=None, help="folder of the reference images (default: the run's data.root)")
@@ -632,8 +644,10 @@ def run_experiment(args) -> dict:
     also_cfg = args.also_cfg is not None and args.also_cfg != args.cfg_scale
     if args.also_cfg is not None and args.also_cfg < 1.0:
         raise ValueError(f"--also-cfg {args.also_cfg:g}: a guidance scale is >= 1 (1.0 = no guidance)")
+    also_attn = args.also_attn_scale is not None and is_masked(cfg)
     # The final checkpoint's extra evaluations at the marks' resolutions: each overrides the main setting ``ev``.
-    extras = ([{"weights": "raw"}] if raw_final else []) + ([{"cfg_scale": args.also_cfg}] if also_cfg else [])
+    extras = (([{"weights": "raw"}] if raw_final else []) + ([{"cfg_scale": args.also_cfg}] if also_cfg else [])
+              + ([{"attn_scale": args.also_attn_scale}] if also_attn else []))
     mark_flops = group_flops(mark_groups)
     flops = group_flops(final_groups) + mark_flops * len(marks)
     for extra in extras:  # an unguided pass costs half: one network evaluation per step instead of two
@@ -654,6 +668,8 @@ def run_experiment(args) -> dict:
           f"{args.weights.upper()} weights" + (", and the final checkpoint's raw weights at the marks' resolutions"
                                                if raw_final else "")
           + (f", and the final checkpoint with CFG {args.also_cfg:g} at the marks' resolutions" if also_cfg else "")
+          + (f", and the final checkpoint with attention scale {args.also_attn_scale!r} at the marks' resolutions"
+             if also_attn else "")
           + "\n"
           f"  estimate: {estimate['total_s']:.0f} s = training {estimate['train_s']:g} + start-up "
           f"{estimate['startup_s']:g} + sampling {estimate['sampling_s']:g} (at an assumed {tflops:g} TFLOP/s) "

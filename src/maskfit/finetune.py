@@ -80,6 +80,18 @@ def rope_train_grid(run_cfg: RunConfig) -> tuple[int, int]:
     return training_grid(run_cfg.data.token_budget)
 
 
+def rope_train_keep(run_cfg: RunConfig) -> float:
+    """The fraction of an image's tokens a run's backbone attended over in training (RopeExtrapolation.train_keep,
+    read by the "kept" attention scale): mask.keep_ratio (the mean of a Beta draw, the value at the reference size
+    of a resolution-dependent one), keep_count over the budget in count mode, 1 unmasked. A run whose last phase
+    was an unmasked fine-tune still reports its masked phase's fraction: which one to sample with is the user's
+    question, and "none" answers the other reading."""
+    m = run_cfg.mask
+    if m.keep_count is not None:
+        return min(1.0, m.keep_count / run_cfg.data.token_budget)
+    return float(m.keep_ratio)
+
+
 def _base_checkpoint(fcfg: FinetuneConfig) -> Path:
     path = Path(fcfg.init_from)
     if not path.exists():

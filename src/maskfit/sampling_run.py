@@ -264,12 +264,18 @@ def sampler_options(choices: dict, rope: RopeExtrapolation, cfg_scale: float, pr
     )
 
 
-def rope_for(method: str, train_grid, choices: dict) -> RopeExtrapolation:
+def rope_for(method: str, train_grid, choices: dict, train_keep: float = 1.0) -> RopeExtrapolation:
     """RoPE extrapolation ``method`` read as the resolved choices say (attention scale, NTK exponent, YaRN ramp)."""
     return RopeExtrapolation(
         method, train_grid, attn_scale=choices["attn_scale"], ntk_exponent=choices["ntk_exponent"],
-        yarn_ramp=choices["yarn_ramp"],
+        yarn_ramp=choices["yarn_ramp"], train_keep=train_keep,
     )
+
+
+def rope_settings(rope: RopeExtrapolation) -> dict:
+    """What a samples folder records of the RoPE setting: every field, except ``train_keep`` where the attention
+    scale does not read it (it changes no pixel there, and folders sampled before it existed still resume)."""
+    return {k: v for k, v in vars(rope).items() if k != "train_keep" or rope.attn_scale == "kept"}
 
 
 @dataclass
@@ -326,7 +332,7 @@ def explain_out_of_memory(what: str, batch_size: int, device: torch.device):
 
 def run_sampling(args) -> dict:
     from maskfit.checkpoint import atomic_write_text, resolve_checkpoint
-    from maskfit.finetune import rope_train_grid
+    from maskfit.finetune import rope_train_grid, rope_train_keep
     from maskfit.locks import folder_lock
     from maskfit.paths import check_output_dir
     from maskfit.runs import build_diffusion, resolve_device
@@ -348,7 +354,8 @@ def run_sampling(args) -> dict:
     for h, w in resolutions:
         check_resolution(h, w, multiple)
     options = sampler_options(
-        choices, rope_for(args.extrapolation, rope_train_grid(run_cfg), choices), args.cfg_scale, precision,
+        choices, rope_for(args.extrapolation, rope_train_grid(run_cfg), choices, rope_train_keep(run_cfg)),
+        args.cfg_scale, precision,
         guidance_schedule=getattr(args, "cfg_schedule", "constant"),
     )
     out.mkdir(parents=True, exist_ok=True)
@@ -361,7 +368,7 @@ def run_sampling(args) -> dict:
         # The checkpoint itself, not the run folder: a run that trained on must not reuse older samples.
         "checkpoint": str(ckpt.resolve()), "use_ema": not args.no_ema, "num_images": args.num_images,
         "batch_size": args.batch_size, "labels": args.labels, "seed": args.seed,
-        "attention": model.cfg.attention, "options": {**vars(options), "rope": vars(options.rope)},
+        "attention": model.cfg.attention, "options": {**vars(options), "rope": rope_settings(options.rope)},
     }
     grids = None
     if distribution is not None or pack:

@@ -456,8 +456,8 @@ def plot_throughput(lines, labels, row_labels, path: Path) -> None:
 
 def split_extra(lines: Sequence[dict]) -> Tuple[List[dict], List[dict]]:
     """(the lines of the tables, the extra evaluations): a run's tables use its main evaluation setting (the
-    eval_id most of its lines share); ``maskfit experiment --raw-final`` (the final raw weights) and ``--also-cfg``
-    (another guidance scale) add a few lines of the final checkpoint under other settings, which get tables of
+    eval_id most of its lines share); ``maskfit experiment --raw-final`` (the final raw weights), ``--also-cfg``
+    (another guidance scale) and ``--also-attn-scale`` (scaled attention logits) add a few lines of the final checkpoint under other settings, which get tables of
     their own."""
     counts: Dict[str, Dict[str, int]] = {}
     for l in lines:
@@ -468,9 +468,11 @@ def split_extra(lines: Sequence[dict]) -> Tuple[List[dict], List[dict]]:
     return ([l for l, x in zip(lines, is_extra) if not x], [l for l, x in zip(lines, is_extra) if x])
 
 
-def _extra_table(lines: Sequence[dict], extra: Sequence[dict], labels, heading: str, note: str) -> List[str]:
-    """Proxy FD of each run's final checkpoint under its main setting beside the extra setting, per resolution."""
-    if not extra:
+def _extra_table(lines: Sequence[dict], extra: Sequence[dict], labels, heading: str, note: str,
+                 metric: str = "proxy_fd") -> List[str]:
+    """``metric`` (proxy FD unless named) of each run's final checkpoint under its main setting beside the extra
+    setting, per resolution; nothing when no extra line has the metric."""
+    if not any(l.get(metric) is not None for l in extra):
         return []
     label_of_run = {l["run"]: label_of(l, labels) for l in lines}
     columns = list(dict.fromkeys((l["resolution"], l["method"]) for l in extra))
@@ -482,20 +484,27 @@ def _extra_table(lines: Sequence[dict], extra: Sequence[dict], labels, heading: 
         runs = {run for run, lab in label_of_run.items() if lab == label}
         cells = []
         for res, method in columns:
-            pick = lambda group: [l.get("proxy_fd") for l in group if l["run"] in runs and l.get("is_final")
+            pick = lambda group: [l.get(metric) for l in group if l["run"] in runs and l.get("is_final")
                                   and (l["resolution"], l["method"]) == (res, method)]
-            cells.append(f"{fmt_cell(pick(lines), 'proxy_fd')} / {fmt_cell(pick(extra), 'proxy_fd')}")
+            cells.append(f"{fmt_cell(pick(lines), metric)} / {fmt_cell(pick(extra), metric)}")
         out.append(f"| {label} | " + " | ".join(cells) + " |")
     return out + [""]
 
 
 def extra_tables(lines: Sequence[dict], extra: Sequence[dict], labels) -> List[str]:
-    """One table per kind of extra evaluation: the final raw weights, and each other guidance scale. Every extra
-    line's run has main lines too (split_extra takes the main setting from the run's own lines)."""
+    """One table per kind of extra evaluation: the final raw weights, each other guidance scale, and each attention
+    scale (its FD and its samples' contrast). Every extra line's run has main lines too (split_extra takes the
+    main setting from the run's own lines)."""
     main_of_run = {l["run"]: l for l in lines}
-    raw, other_cfg = [], []
+    raw, other_attn, other_cfg = [], [], []
     for l in extra:
-        (raw if l.get("weights") != main_of_run[l["run"]].get("weights") else other_cfg).append(l)
+        main = main_of_run[l["run"]]
+        if l.get("weights") != main.get("weights"):
+            raw.append(l)
+        elif l.get("attn_scale", "none") != main.get("attn_scale", "none"):
+            other_attn.append(l)
+        else:
+            other_cfg.append(l)
     out = _extra_table(lines, raw, labels, "The final checkpoint's raw weights beside its EMA",
                        "A short last phase (the unmasked fine-tune) barely moves an EMA with a memory of hundreds of "
                        "steps: the raw weights show what that phase reached. Proxy FD, lower is better; EMA / raw.")
@@ -507,6 +516,16 @@ def extra_tables(lines: Sequence[dict], extra: Sequence[dict], labels) -> List[s
                             + (" without guidance (FiT's and MaskDiT's no-CFG setting; MaskDiT's CFG numbers rely on "
                                "its unmasked fine-tune, its no-CFG numbers do not)" if scale == 1.0 else "")
                             + f". Proxy FD, lower is better; CFG {main} / CFG {scale:g}.")
+    for scale in sorted({l["attn_scale"] for l in other_attn}):
+        at_scale = [l for l in other_attn if l["attn_scale"] == scale]
+        heading = f"The final checkpoint with attention scale `{scale}` beside none"
+        note = (f"`maskfit experiment --also-attn-scale {scale}`: the same weights, sampler and guidance, with the "
+                "attention logits scaled (models/rope.py; `kept`: ln n / ln(keys attended in training), n the "
+                "image's tokens). ")
+        out += _extra_table(lines, at_scale, labels, heading, note + "Proxy FD, lower is better; none / scaled.")
+        out += _extra_table(lines, at_scale, labels, heading + ": contrast",
+                            note + "Samples' contrast over the references' (1 = as real, below = washed out); "
+                            "none / scaled.", metric="contrast_ratio")
     return out
 
 
@@ -687,7 +706,10 @@ def sample_sheets(sheets: Optional[Path], report: Path) -> List[str]:
     if not found:
         return []
     rel = Path(os.path.relpath(sheets, report.parent))
-    out = ["### Samples (final checkpoints, first 8 samples of each set)", ""]
+    out = ["### Samples (final checkpoints, first 8 samples of each set)", "",
+           "_A caption that names no evaluation is a sheet written before 2026-12-02's third session: where that run "
+           "also sampled its final checkpoint unguided or with raw weights, its 64x64 strip may be from that "
+           "evaluation instead of the main one (REPORT.md, Findings)._", ""]
     for image in found:
         order = image.with_suffix(".txt")
         caption = order.read_text().strip() if order.is_file() else "strip order not recorded"

@@ -21,7 +21,7 @@ from typing import Dict, List, Sequence, Tuple
 
 from PIL import Image
 
-GRID_PATH = re.compile(r"^(?P<run>[^/]+)/eval/[^/]+/step_(?P<step>\d+)/(?:id|ood)/samples/(?P<method>[^/]+)/grid_(?P<h>\d+)x(?P<w>\d+)\.png$")
+GRID_PATH = re.compile(r"^(?P<run>[^/]+)/eval/(?P<eval_id>[^/]+)/step_(?P<step>\d+)/(?:id|ood)/samples/(?P<method>[^/]+)/grid_(?P<h>\d+)x(?P<w>\d+)\.png$")
 ROWS_PER_STRIP = 1
 JPEG_QUALITY = 92
 GAP = 6  # white pixels between strips
@@ -33,27 +33,32 @@ def sheet_order(keys: Sequence[Tuple[int, int, str]]) -> List[Tuple[int, int, st
     return sorted(keys, key=lambda k: (k[0] * k[1] > 4096, k[0] * k[1], k[1], k[2] != "none", k[2]))
 
 
-def read_final_grids(archive: Path) -> Tuple[str, int, Dict[Tuple[int, int, str], Image.Image]]:
-    """(run, step, {(H, W, method): grid}) of the archive's last checkpoint (the run's final one)."""
-    found: Dict[int, Dict[Tuple[int, int, str], str]] = {}
+def read_final_grids(archive: Path) -> Tuple[str, int, str, Dict[Tuple[int, int, str], Image.Image]]:
+    """(run, step, eval id, {(H, W, method): grid}) of the archive's last checkpoint (the run's final one), under
+    its main evaluation: the eval id with the most grids there. The extra evaluations (``--also-cfg``,
+    ``--raw-final``, ``--also-attn-scale``) sample the same checkpoint at a few sizes under other settings, and
+    their grids must not stand in for the main one's (sheets written before 2026-12-02's third session could take
+    a 64x64 strip from one of them)."""
+    found: Dict[Tuple[int, str], Dict[Tuple[int, int, str], str]] = {}
     run = None
     with tarfile.open(archive, "r:gz") as tar:
         for member in tar.getmembers():
             m = GRID_PATH.match(member.name)
             if m and member.isfile():
                 run = m["run"]
-                found.setdefault(int(m["step"]), {})[(int(m["h"]), int(m["w"]), m["method"])] = member.name
+                found.setdefault((int(m["step"]), m["eval_id"]), {})[(int(m["h"]), int(m["w"]), m["method"])] = member.name
         if not found:
             raise ValueError(
                 f"{archive} holds no sample grids (RUN/eval/ID/step_N/(id|ood)/samples/METHOD/grid_HxW.png); pass an "
                 "archive written by tools/study.sh run"
             )
-        step = max(found)
+        step = max(s for s, _ in found)
+        eval_id = min((e for s, e in found if s == step), key=lambda e: (-len(found[(step, e)]), e))
         grids = {}
-        for key, name in found[step].items():
+        for key, name in found[(step, eval_id)].items():
             with tar.extractfile(name) as f:
                 grids[key] = Image.open(BytesIO(f.read())).convert("RGB")
-    return run, step, grids
+    return run, step, eval_id, grids
 
 
 def top_rows(grid: Image.Image, height: int, rows: int = ROWS_PER_STRIP) -> Image.Image:
@@ -74,14 +79,44 @@ def make_sheet(grids: Dict[Tuple[int, int, str], Image.Image]) -> Tuple[Image.Im
     return sheet, order
 
 
+GRID_COLUMNS = 8  # sampling_run's grids: 8 samples a row
+SHEET_ORDER = re.compile(r"^step (?P<step>\d+)(?: \(eval (?P<eval_id>\w+)\))?; strips top to bottom: (?P<strips>.+)$")
+
+
+def read_sheet(path: Path) -> Tuple[int, List[Tuple[int, int, str]], Image.Image]:
+    """(step, strips' (H, W, method) in order, sheet) of a sheet written by :func:`write_sheet` (RUN.jpg and RUN.txt)."""
+    text = path.with_suffix(".txt").read_text().strip()
+    match = SHEET_ORDER.match(text)
+    if not match:
+        raise ValueError(f"{path.with_suffix('.txt')}: not a sheet's strip order (\"step N; strips top to bottom: ...\")")
+    order = []
+    for item in match["strips"].split(","):
+        size, method = item.split()
+        h, w = size.split("x")
+        order.append((int(h), int(w), method))
+    return int(match["step"]), order, Image.open(path).convert("RGB")
+
+
+def sheet_strip(sheet: Image.Image, order: Sequence[Tuple[int, int, str]], key: Tuple[int, int, str]) -> Image.Image:
+    """The strip of ``key`` (the first row of its grid, borders included) cut back out of a sheet laid out by
+    :func:`make_sheet` in ``order``: what ``grid_cells`` reads as a grid of one row."""
+    y = 0
+    for k in order:
+        height = 2 + ROWS_PER_STRIP * (k[0] + 2)
+        if k == key:
+            return sheet.crop((0, y, min(sheet.width, 2 + GRID_COLUMNS * (k[1] + 2)), y + height))
+        y += height + GAP
+    raise KeyError(f"no {key[0]}x{key[1]} {key[2]} strip on this sheet; it has {', '.join(f'{h}x{w} {m}' for h, w, m in order)}")
+
+
 def write_sheet(archive: Path, out: Path) -> Path:
-    run, step, grids = read_final_grids(archive)
+    run, step, eval_id, grids = read_final_grids(archive)
     sheet, order = make_sheet(grids)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{run}.jpg"
     sheet.save(path, quality=JPEG_QUALITY, optimize=True)
     (out / f"{run}.txt").write_text(
-        f"step {step}; strips top to bottom: " + ", ".join(f"{h}x{w} {m}" for h, w, m in order) + "\n"
+        f"step {step} (eval {eval_id}); strips top to bottom: " + ", ".join(f"{h}x{w} {m}" for h, w, m in order) + "\n"
     )
     return path
 

@@ -148,9 +148,9 @@ class Variant:
     def label(self) -> str:
         return self.method if self.attn_scale == "none" else f"{self.method}+attn_{self.attn_scale}"
 
-    def rope(self, train_grid: Tuple[int, int]) -> RopeExtrapolation:
+    def rope(self, train_grid: Tuple[int, int], train_keep: float = 1.0) -> RopeExtrapolation:
         return RopeExtrapolation(self.method, train_grid, attn_scale=self.attn_scale, yarn_ramp=self.yarn_ramp,
-                                 ntk_exponent=self.ntk_exponent)
+                                 ntk_exponent=self.ntk_exponent, train_keep=train_keep)
 
 
 # Every (method, attention scale) in a fixed order: a shared sample set is named by the first member
@@ -204,14 +204,14 @@ def model_head_dims(model_cfg) -> Tuple[int, ...]:
 
 
 def rope_signature(variant: Variant, grid: Tuple[int, int], train_grid: Tuple[int, int],
-                   head_dim: Union[int, Sequence[int]], theta: float) -> np.ndarray:
+                   head_dim: Union[int, Sequence[int]], theta: float, train_keep: float = 1.0) -> np.ndarray:
     """What the model sees of a RoPE setting at one grid: row and column frequencies and the q/k factor.
 
     ``rope_tables`` builds every attention layer's cos/sin from exactly these (and the positions, which
     depend only on the grid), so two settings with equal signatures give the same model function.
     """
     g = torch.tensor([grid])  # (1, 2)
-    cfg = variant.rope(train_grid)
+    cfg = variant.rope(train_grid, train_keep)
     parts = []
     for d in ([head_dim] if isinstance(head_dim, int) else head_dim):
         f_h, f_w = axis_frequencies(g, d, cfg, theta)  # (1, d/4) each
@@ -221,17 +221,17 @@ def rope_signature(variant: Variant, grid: Tuple[int, int], train_grid: Tuple[in
 
 
 def sample_set_for(variant: Variant, grid: Tuple[int, int], train_grid: Tuple[int, int],
-                   head_dim: Union[int, Sequence[int]], theta: float) -> Variant:
+                   head_dim: Union[int, Sequence[int]], theta: float, train_keep: float = 1.0) -> Variant:
     """The first variant of ALL_VARIANTS (read with ``variant``'s YaRN ramp and NTK exponent) with the same
     RoPE tables as ``variant`` at ``grid``.
 
     Equality is up to float64 rounding (rtol 1e-12): at scale 1 YaRN's (1-g) f/1 + g f is f
     mathematically but may differ from f in the last bit; such settings are the same model.
     """
-    own = rope_signature(variant, grid, train_grid, head_dim, theta)
+    own = rope_signature(variant, grid, train_grid, head_dim, theta, train_keep)
     for other in ALL_VARIANTS:
         other = replace(other, yarn_ramp=variant.yarn_ramp, ntk_exponent=variant.ntk_exponent)
-        if np.allclose(rope_signature(other, grid, train_grid, head_dim, theta), own, rtol=1e-12, atol=0.0):
+        if np.allclose(rope_signature(other, grid, train_grid, head_dim, theta, train_keep), own, rtol=1e-12, atol=0.0):
             return other
     return variant  # unreachable: variant itself is in ALL_VARIANTS
 
@@ -310,7 +310,7 @@ def _run_sweep(args, ckpt: Path, out: Path) -> dict:
     from maskfit.data.pipeline import autoencoder_factor
     from maskfit.evaluate.cli import load_image_folder
     from maskfit.evaluate.report import evaluate_samples, network_id
-    from maskfit.finetune import rope_train_grid
+    from maskfit.finetune import rope_train_grid, rope_train_keep
     from maskfit.sampling_run import (
         load_autoencoder, load_sampling_model, record_settings, resolve_precision, resolve_sampling_choices,
         sample_resolution, sampler_options,
@@ -332,6 +332,7 @@ def _run_sweep(args, ckpt: Path, out: Path) -> dict:
     multiple = factor * p
     budget = run_cfg.data.token_budget
     train_grid = rope_train_grid(run_cfg)  # as `maskfit sample`: RoPE scales count from this square grid
+    train_keep = rope_train_keep(run_cfg)  # read by the "kept" attention scale only
     derived = not args.resolutions
     resolutions = derive_resolutions(budget, multiple) if derived else parse_resolutions(args.resolutions, budget, multiple)
 
@@ -375,14 +376,14 @@ def _run_sweep(args, ckpt: Path, out: Path) -> dict:
     results: Dict[Tuple[str, str], dict] = {}  # (set label, resolution label) -> evaluation result
     t0 = time.perf_counter()
     for res in resolutions:
-        sets = {v: sample_set_for(v, res.grid, train_grid, head_dim, theta) for v in variants}
+        sets = {v: sample_set_for(v, res.grid, train_grid, head_dim, theta, train_keep) for v in variants}
         for set_variant in dict.fromkeys(sets.values()):  # each distinct set once, in row order
             set_dir = out / "samples" / set_variant.label
             npz = set_dir / f"samples_{res.label}.npz"
             if not npz.exists():  # finished sets are skipped whole; unfinished ones resume from their shards
                 if autoencoder is None:
                     autoencoder, _ = load_autoencoder(run_cfg, args.vae_path, device)
-                options = sampler_options(choices, set_variant.rope(train_grid), args.cfg_scale, precision)
+                options = sampler_options(choices, set_variant.rope(train_grid, train_keep), args.cfg_scale, precision)
                 set_dir.mkdir(parents=True, exist_ok=True)
                 sample_resolution(model, diffusion, autoencoder, (res.height, res.width), multiple, p, options,
                                   sample_args, set_dir, device)
@@ -397,7 +398,7 @@ def _run_sweep(args, ckpt: Path, out: Path) -> dict:
         for v in variants:
             s = sets[v]
             result = results[(s.label, res.label)]
-            scales = axis_scales(torch.tensor([res.grid]), v.rope(train_grid))[0].tolist()  # (s_h, s_w)
+            scales = axis_scales(torch.tensor([res.grid]), v.rope(train_grid, train_keep))[0].tolist()  # (s_h, s_w)
             row = {
                 "variant": v.label, "method": v.method, "attn_scale": v.attn_scale, "yarn_ramp": v.yarn_ramp,
                 "ntk_exponent": v.ntk_exponent, "split": res.split,
@@ -655,7 +656,8 @@ def add_sweep_arguments(p) -> None:
     p.add_argument("--methods", default=",".join(EXTRAPOLATION_METHODS),
                    help=f"comma list of RoPE extrapolation methods (default: all: {','.join(EXTRAPOLATION_METHODS)})")
     p.add_argument("--attn-scale", dest="attn_scales", type=attn_scales_arg, default=None,
-                   help="comma list of FiTv2 eq. 15 attention scales (none|paper|code); every method x scale is a row "
+                   help="comma list of attention scales (none|paper|code: FiTv2 eq. 15; kept: its masked-training form, "
+                        "models/rope.py); every method x scale is a row "
                         "(default: none, or --recipe's for a FiTv2 run)")
     p.add_argument("--resolutions", action="append", default=None,
                    help="HxW or S pixels, comma list or repeated (default: FiT's six grids scaled to the run's budget)")

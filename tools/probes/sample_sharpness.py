@@ -5,7 +5,9 @@
 
 ARCHIVE: a ``tools/study.sh run`` archive (``NAME_sSEED.tar.gz``) or an experiment folder; every
 ``eval/ID/step_N/id/samples/none/grid_HxW.png`` at the chosen size is read (the first 64 samples of the set,
-as ``maskfit experiment`` saves them). Two numbers per grid (``maskfit.evaluate.image_stats``, which every
+as ``maskfit experiment`` saves them). A committed sheet (``study/sheets/NAME_sSEED.jpg``, with its ``.txt``) gives
+the final checkpoint's first 8 samples at that size (eval id ``sheet``): JPEG at quality 92, and 8 samples a
+run, so a rough reading, but one every run has, archived or not. Two numbers per grid (``maskfit.evaluate.image_stats``, which every
 evaluation now also reports as ratios to its references): ``laplacian``, the energy of the finest detail (blurred
 samples score low, speckle noise high), and ``contrast``, the per-image standard deviation (washed-out samples
 score low). This probe reads them from the grids of runs made before the evaluation did.
@@ -30,6 +32,7 @@ from PIL import Image
 
 from maskfit.evaluate.image_stats import detail_and_contrast
 from maskfit.sample import grid_cells
+from maskfit.study_sheets import read_sheet, sheet_strip
 
 GRID = re.compile(r"(?:^|/)eval/(?P<eval_id>[^/]+)/step_(?P<step>\d+)/id/samples/none/grid_(?P<h>\d+)x(?P<w>\d+)\.png$")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -43,6 +46,11 @@ def grids_in(source: Path, size: Tuple[int, int]) -> Iterator[Tuple[str, int, Im
             return match["eval_id"], int(match["step"])
         return None
 
+    if source.suffix.lower() == ".jpg" and source.with_suffix(".txt").exists():  # a committed sample sheet
+        step, order, sheet = read_sheet(source)
+        if (*size, "none") in order:
+            yield "sheet", step, sheet_strip(sheet, order, (*size, "none"))
+        return
     if source.is_dir():
         for path in sorted(source.rglob("grid_*.png")):
             key = wanted(path.relative_to(source).as_posix())
@@ -74,7 +82,8 @@ def parse_size(text: str) -> Tuple[int, int]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sources", nargs="+", type=Path, help="study archives (.tar.gz) or experiment folders")
+    parser.add_argument("sources", nargs="+", type=Path,
+                        help="study archives (.tar.gz), experiment folders, or committed sheets (study/sheets/RUN.jpg)")
     parser.add_argument("--size", type=parse_size, default=(64, 64), help="HEIGHTxWIDTH of the grids to score")
     parser.add_argument("--real", type=Path, help="a folder of real images to score the same way")
     parser.add_argument("--out", type=Path, help="write one JSON line per grid here")
@@ -95,7 +104,7 @@ def main(argv=None) -> int:
             found += 1
         if not found:
             raise SystemExit(f"{source}: no eval/ID/step_N/id/samples/none/grid_{args.size[0]}x{args.size[1]}.png "
-                             "in it; pass --size of a grid the run sampled")
+                             "in it (nor such a strip, for a sheet); pass --size of a grid the run sampled")
     for row in rows:
         print(f"{row['source']:<32} {str(row['eval_id']):<12} step {str(row['step']):>6}  "
               f"laplacian {row['laplacian']:.4f}  contrast {row['contrast']:.3f}")

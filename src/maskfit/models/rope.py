@@ -14,6 +14,13 @@ L_train is the training grid side (16 for a 256-token budget):
 - ``yarn`` / ``vision_yarn``: YaRN (Peng et al. 2023; FiT eqs. 6-8, Def. 3.2) with alpha=1, beta=32 and the
   attention temperature sqrt(1/t) = 0.1 ln s + 1 on q and k.
 - attention scale (FiTv2 eq. 15): logits times max(1, log_{L_train^2}(h*w)).
+- attention scale for masked training (``kept``, ours): the same entropy argument for a model that attended
+  over a fraction k of each image's tokens in training (k = mask.keep_ratio): logits times
+  ln(n) / ln(k * min(n, L_train^2)) for an n-token image, at least 1. At k = 1 it is FiTv2 eq. 15 (paper
+  reading). Why: attention's entropy grows with ln(keys) (Chiang & Cholak 2022; the argument of eq. 15), so a
+  model trained on k*n keys spreads its attention wider over the n keys sampling gives it, as when
+  extrapolating to a larger image; multiplying the logits by the ratio of the logs restores the training
+  entropy to first order.
 
 Where the released code departs from the papers, the paper is the default and the code's behaviour
 is an option (``reference/fit.md`` §3.3):
@@ -37,7 +44,8 @@ from torch import Tensor
 
 EXTRAPOLATION_METHODS = ("none", "pi", "ntk", "yarn", "vision_ntk", "vision_yarn")
 # Readings of the paper-vs-code departures above ("paper" first where the papers give one).
-ATTN_SCALES = ("none", "paper", "code")  # FiTv2 eq. 15: off, the paper's reading, the released code's
+# FiTv2 eq. 15: off, the paper's reading, the released code's; then ours for masked training (module docstring)
+ATTN_SCALES = ("none", "paper", "code", "kept")
 NTK_EXPONENTS = ("axis", "head")
 YARN_RAMPS = ("paper", "code")
 
@@ -48,11 +56,14 @@ class RopeExtrapolation:
 
     method: str = "none"  # one of EXTRAPOLATION_METHODS
     train_grid: tuple[int, int] = (16, 16)  # training grid side per axis (rows, cols), in patches
-    attn_scale: str = "none"  # "none" | "paper" | "code" (FiTv2 eq. 15)
+    attn_scale: str = "none"  # "none" | "paper" | "code" (FiTv2 eq. 15) | "kept" (masked training)
     ntk_exponent: str = "axis"  # "axis": m/(m-2), m = D_h/2 (released code) | "head": D_h/(D_h-2)
     yarn_ramp: str = "paper"  # "paper": linear in rotations r | "code": linear in dimension index
     yarn_alpha: float = 1.0
     yarn_beta: float = 32.0
+    # Fraction of an image's tokens the model attended over in training (mask.keep_ratio; 1 unmasked). Only
+    # attn_scale "kept" reads it.
+    train_keep: float = 1.0
 
     def __post_init__(self):
         if self.method not in EXTRAPOLATION_METHODS:
@@ -66,6 +77,9 @@ class RopeExtrapolation:
                 raise ValueError(f"RopeExtrapolation.{name}={value!r}; choose one of {allowed}")
         if min(self.train_grid) < 1:
             raise ValueError(f"train_grid {self.train_grid} must be at least 1 patch per side")
+        if not 0.0 < self.train_keep <= 1.0:
+            raise ValueError(f"RopeExtrapolation.train_keep={self.train_keep}: the fraction of tokens kept in "
+                             "training is in (0, 1] (mask.keep_ratio; 1 for an unmasked run)")
 
     @property
     def decoupled(self) -> bool:
@@ -174,12 +188,17 @@ def yarn_mscale(grid: Tensor, cfg: RopeExtrapolation) -> Tensor:
 
 
 def attention_logit_scale(grid: Tensor, cfg: RopeExtrapolation) -> Tensor:
-    """(B,) multiplier on attention logits from FiTv2 eq. 15 (1 when disabled)."""
+    """(B,) multiplier on attention logits from FiTv2 eq. 15, or its masked-training form (1 when disabled)."""
     g = grid.to(torch.float64)
     n_test = g[:, 0] * g[:, 1]
     n_train = float(cfg.train_grid[0] * cfg.train_grid[1])
     if cfg.attn_scale == "none":
         return torch.ones_like(n_test)
+    if cfg.attn_scale == "kept":
+        # Keys per image in training: the kept fraction of the image, or of the budget for a larger one; at
+        # least 2, so that the log is positive (a 1-token image has one key either way: factor 1).
+        n_ref = (cfg.train_keep * n_test.clamp_max(n_train)).clamp_min(2.0)
+        return (torch.log(n_test.clamp_min(1.0)) / torch.log(n_ref)).clamp_min(1.0)
     if cfg.attn_scale == "paper":
         return (torch.log(n_test) / math.log(n_train)).clamp_min(1.0)
     # Released code ("ntk-aware-pro2"): ln(2hw)/ln(L0^2) when 2hw > L0^2; note it exceeds 1 at 256 tokens.
