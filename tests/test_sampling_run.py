@@ -400,3 +400,20 @@ def test_a_samples_folder_records_the_kept_fraction_only_where_the_attention_sca
 
     assert "train_keep" not in rope_settings(RopeExtrapolation(attn_scale="paper", train_keep=0.5))
     assert rope_settings(RopeExtrapolation(attn_scale="kept", train_keep=0.5))["train_keep"] == 0.5
+
+
+def test_the_kept_attention_scale_reaches_the_model_with_the_runs_fraction_or_the_one_given(lively_run, tmp_path,
+                                                                                          capsys):
+    # An unmasked run kept every token: "kept" is FiTv2 eq. 15 (paper reading), pixel for pixel; a fraction of 0.5
+    # given on the command line scales the logits further and is recorded with the samples.
+    paper = _draw(lively_run, tmp_path / "paper", "--attn-scale", "paper")
+    np.testing.assert_array_equal(_draw(lively_run, tmp_path / "kept", "--attn-scale", "kept"), paper)
+    half = _draw(lively_run, tmp_path / "half", "--attn-scale", "kept", "--kept-fraction", "0.5")
+    assert not np.array_equal(half, paper)
+    saved = json.loads((tmp_path / "half" / "24x24" / "settings.json").read_text())["settings"]
+    assert (saved["options"]["rope"]["attn_scale"], saved["options"]["rope"]["train_keep"]) == ("kept", 0.5)
+    base = ["sample", str(lively_run), "-n", "1", "--steps", "2", "--device", "cpu"]
+    assert main(base + ["--out", str(tmp_path / "x"), "--kept-fraction", "0.5"]) == 2
+    assert "--kept-fraction 0.5 is read by --attn-scale kept only (this run samples with 'none')" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "y"), "--attn-scale", "kept", "--kept-fraction", "0"]) == 2
+    assert "--kept-fraction 0: the kept fraction is in (0, 1], e.g. 0.5" in capsys.readouterr().err

@@ -66,6 +66,9 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
                    help="attention scale: none | paper | code (FiTv2 eq. 15; code: the released ntkpro2) | kept (eq. "
                         "15's argument for a masked run: ln n / ln(kept keys in training), models/rope.py); default "
                         "none, or --recipe's for a FiTv2 run")
+    p.add_argument("--kept-fraction", type=float, default=None, metavar="K",
+                   help="with --attn-scale kept: the kept fraction the scale assumes (default: the run's "
+                        "mask.keep_ratio); a larger K is a milder scale")
     p.add_argument("--out", default=None, help="output folder (default: <run>/samples)")
     add_sampler_arguments(p)
 

@@ -339,6 +339,9 @@ def run_sampling(args) -> dict:
 
     out = Path(args.out) if args.out else Path(args.checkpoint) / "samples"
     check_output_dir(out, "--out", "samples folder")  # before the model loads
+    kept_fraction = getattr(args, "kept_fraction", None)
+    if kept_fraction is not None and not 0.0 < kept_fraction <= 1.0:
+        raise ValueError(f"--kept-fraction {kept_fraction:g}: the kept fraction is in (0, 1], e.g. 0.5")
     device = resolve_device(args.device)
     precision = resolve_precision(getattr(args, "precision", "auto"), device)
     # Resolved once: the checkpoint loaded is the one recorded, even if the run writes a newer one meanwhile.
@@ -353,8 +356,12 @@ def run_sampling(args) -> dict:
     resolutions = [parse_resolution(r) for r in (args.resolution or [str(train_grid[0] * multiple)])]
     for h, w in resolutions:
         check_resolution(h, w, multiple)
+    if kept_fraction is not None and choices["attn_scale"] != "kept":
+        raise ValueError(f"--kept-fraction {kept_fraction:g} is read by --attn-scale kept only (this run samples "
+                         f"with {choices['attn_scale']!r}); add --attn-scale kept or drop --kept-fraction")
+    train_keep = rope_train_keep(run_cfg) if kept_fraction is None else kept_fraction
     options = sampler_options(
-        choices, rope_for(args.extrapolation, rope_train_grid(run_cfg), choices, rope_train_keep(run_cfg)),
+        choices, rope_for(args.extrapolation, rope_train_grid(run_cfg), choices, train_keep),
         args.cfg_scale, precision,
         guidance_schedule=getattr(args, "cfg_schedule", "constant"),
     )
