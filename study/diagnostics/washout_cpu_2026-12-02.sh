@@ -11,10 +11,11 @@ COMMON=(--set 'model.attention="dense"'
   --set 'model.overrides={"depth": 4, "ffn_hidden": 512, "hidden_size": 128, "in_channels": 3, "num_classes": 10, "num_heads": 2, "patch_size": 4}'
   --set 'data.root="../shared/data/imagenette/train-64"' --set 'data.num_images=2048' --set 'data.num_workers=0'
   --set 'train.batch_size=32' --set 'train.device="cpu"' --set 'optim.lr=0.0003' --set 'train.compile=false')
-for spec in "p25:0.25" "packed:1.0"; do
-  name=${spec%%:*}; keep=${spec#*:}
+for spec in "p25:0.25:0" "packed:1.0:0" "p25mix:0.25:10"; do  # name, kept fraction, one unmasked step in N (0: none)
+  IFS=: read -r name keep every <<< "$spec"
   $PY -m maskfit.cli train configs/study/base.toml "${COMMON[@]}" --set "mask.keep_ratio=$keep" --set 'train.steps=2000' \
-    --set "train.out_dir=\"$D/$name\"" --set 'train.ckpt_every=1000' --set 'train.keep_checkpoints=0'
+    --set "mask.unmasked_every=$every" --set "train.out_dir=\"$D/$name\"" --set 'train.ckpt_every=1000' \
+    --set 'train.keep_checkpoints=0'
 done
 draw() {  # checkpoint, out, images, seed, batch size, extra sample flags
   $PY -m maskfit.cli sample "$1" -r 64 -n "$3" --labels per-class --sampler ddim --steps 25 --cfg-scale 1.5 \
@@ -28,8 +29,9 @@ for ck in step_0001000 step_0002000; do
   draw "$D/packed/checkpoints/$ck" "$D/samples/packed/$ck/none" 64 0 64 --attn-scale none
 done
 draw "$D/p25/checkpoints/step_0002000" "$D/samples/p25/step_0002000/kept_k0.5" 64 0 64 --attn-scale kept --kept-fraction 0.5
+draw "$D/p25mix/checkpoints/step_0002000" "$D/samples/p25mix/step_0002000/none" 64 0 64 --attn-scale none
 # 256 samples (seed 1) at step 2 000: proxy FD against 1 000 images of the 64-px folder (relative comparison only)
-for spec in "p25:none" "p25:kept" "packed:none"; do
+for spec in "p25:none" "p25:kept" "packed:none" "p25mix:none"; do
   name=${spec%%:*}; scale=${spec#*:}
   draw "$D/$name/checkpoints/step_0002000" "$D/fd/$name/$scale" 256 1 128 --attn-scale "$scale"
   $PY -m maskfit.cli eval "$D/fd/$name/$scale/samples_64x64.npz" --reference ../shared/data/imagenette/train-64 \
