@@ -21,7 +21,7 @@
 #             shapes), MODEL (default FiT-B/2), unmasked (65 536 tokens a step) and 50 % plain (32 768 kept), each
 #             at most 320 images, or with ROWS=decoder 50 % kept with the decoder (its full-grid stream padded to a
 #             static length since 2026-12-02, so CUDA graphs apply to it too); COMPILE_MODE (default
-#             reduce-overhead, i.e. CUDA graphs; or default); needs .carry
+#             reduce-overhead, i.e. CUDA graphs; or default); carry .carry/imagenette/train-128.zip
 #   remaining the two folder rows still unmeasured: ROWS=plain50 MODEL=FiT-B/2-dit and ROWS=decoder MODEL=FiT-B/2 of
 #             folder128_tokens, one command (ROWS: plain = unmasked and 50 % plain, or unmasked, plain50, decoder)
 #   graphs    CUDA graphs in maskfit train (train.compile_mode) on the small pixel model, token batching,
@@ -36,8 +36,7 @@ mkdir -p "$out"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 log="$out/$stage.log"
 # .carry/imagenette/train-128 travels as one zip (tools/study.sh carry explains why); unpacked here when missing
-[ -d .carry/imagenette/train-128 ] || [ ! -f .carry/imagenette/train-128.zip ] ||
-  python3 -m zipfile -e .carry/imagenette/train-128.zip .carry/imagenette
+PYTHON=python3 tools/study.sh unpack || exit $?
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$log"
 python3 -c 'import torch, sys; print("torch", torch.__version__, "python", sys.version.split()[0])' | tee -a "$log"
 bench() { local limit=$1; shift
@@ -122,7 +121,7 @@ case "$stage" in
     fi ;;
   remaining)
     # The folder rows of item 2 not measured by 2026-12-02: FiT-B/2-dit at 50 % plain and FiT-B/2 with the decoder,
-    # both under token batching with CUDA graphs (about 2 minutes each; needs .carry).
+    # both under token batching with CUDA graphs (about 2 minutes each; carry .carry/imagenette/train-128.zip).
     ROWS=plain50 MODEL=FiT-B/2-dit "$0" folder128_tokens "$out/dit_plain50"  # each its own folder: a stage's log
     ROWS=decoder MODEL=FiT-B/2 "$0" folder128_tokens "$out/b2_decoder" ;;     # starts afresh
   graphs)

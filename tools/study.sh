@@ -10,11 +10,13 @@
 #   tools/study.sh run NAME[:SEED] ... [-- EXPERIMENT ARGS]
 #                                              device: each experiment in turn; results to OUT_DIR as NAME_sSEED.jsonl
 #                                              (commit under study/results/) and NAME_sSEED.tar.gz (log, training
-#                                              record, sample grids); pass the device call carry=[".carry"]
+#                                              record, sample grids); pass the device call carry=[".carry/imagenette/train-128.zip"]
 #   tools/study.sh next [N]                    the next N runs of study/queue.txt not yet in study/results/
 #   tools/study.sh collect DIR [DIR ...]       HERE, after a device run: every NAME_sSEED.jsonl in the folders to
 #                                              study/results/, NAME_sSEED_gap.jsonl to study/gap/, a sample sheet per
 #                                              NAME_sSEED.tar.gz to study/sheets/, then REPORT.md's tables regenerated
+#   tools/study.sh unpack                      device: the carried zip into DATA's folder when it is missing (run and
+#                                              proxy do it themselves; tools/real_path.sh calls it)
 #   tools/study.sh list                        the variants
 #
 # A first GPU session (no committed proxy yet), in one device command with carry=[".carry/imagenette/train-128.zip"]:
@@ -46,7 +48,7 @@
 # It travels as one stored zip beside the folder (DATA.zip): the device call counts disk blocks, and 9 470 small files
 # fill 70 MiB of them for 49 MiB of bytes; `run` and `proxy` unpack it there when the folder is missing.
 set -uo pipefail
-cmd=${1:?usage: tools/study.sh carry|proxy|run|next|collect|list}
+cmd=${1:?usage: tools/study.sh carry|proxy|run|next|collect|unpack|list}
 shift
 PY=${PYTHON:-python3}
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -139,5 +141,7 @@ case "$cmd" in
     $PY -c 'from maskfit.experiment import load_variants
 for name, v in load_variants("configs/study/variants.toml").items():
     print(name.ljust(15), v.get("description", ""))' ;;
-  *) echo "unknown command $cmd: use carry, proxy, run, next, collect or list" >&2; exit 2 ;;
+  unpack)
+    unpack_data ;;
+  *) echo "unknown command $cmd: use carry, proxy, run, next, collect, unpack or list" >&2; exit 2 ;;
 esac

@@ -457,8 +457,8 @@ def plot_throughput(lines, labels, row_labels, path: Path) -> None:
 def split_extra(lines: Sequence[dict]) -> Tuple[List[dict], List[dict]]:
     """(the lines of the tables, the extra evaluations): a run's tables use its main evaluation setting (the
     eval_id most of its lines share); ``maskfit experiment --raw-final`` (the final raw weights), ``--also-cfg``
-    (another guidance scale) and ``--also-attn-scale`` (scaled attention logits) add a few lines of the final checkpoint under other settings, which get tables of
-    their own."""
+    (another guidance scale) and ``--also-attn-scale`` (scaled attention logits) add a few lines of the final
+    checkpoint under other settings, which get tables of their own."""
     counts: Dict[str, Dict[str, int]] = {}
     for l in lines:
         per_run = counts.setdefault(l["run"], {})

@@ -106,7 +106,8 @@ def sheet_strip(sheet: Image.Image, order: Sequence[Tuple[int, int, str]], key: 
         if k == key:
             return sheet.crop((0, y, min(sheet.width, 2 + GRID_COLUMNS * (k[1] + 2)), y + height))
         y += height + GAP
-    raise KeyError(f"no {key[0]}x{key[1]} {key[2]} strip on this sheet; it has {', '.join(f'{h}x{w} {m}' for h, w, m in order)}")
+    strips = ", ".join(f"{h}x{w} {m}" for h, w, m in order)
+    raise KeyError(f"no {key[0]}x{key[1]} {key[2]} strip on this sheet; it has {strips}")
 
 
 def write_sheet(archive: Path, out: Path) -> Path:

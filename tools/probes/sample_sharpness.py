@@ -5,16 +5,18 @@
 
 ARCHIVE: a ``tools/study.sh run`` archive (``NAME_sSEED.tar.gz``) or an experiment folder; every
 ``eval/ID/step_N/id/samples/none/grid_HxW.png`` at the chosen size is read (the first 64 samples of the set,
-as ``maskfit experiment`` saves them). A committed sheet (``study/sheets/NAME_sSEED.jpg``, with its ``.txt``) gives
-the final checkpoint's first 8 samples at that size (eval id ``sheet``): JPEG at quality 92, and 8 samples a
-run, so a rough reading, but one every run has, archived or not. Two numbers per grid (``maskfit.evaluate.image_stats``, which every
-evaluation now also reports as ratios to its references): ``laplacian``, the energy of the finest detail (blurred
-samples score low, speckle noise high), and ``contrast``, the per-image standard deviation (washed-out samples
-score low). This probe reads them from the grids of runs made before the evaluation did.
+as ``maskfit experiment`` saves them). A committed sheet (``study/sheets/NAME_sSEED.jpg``, with its ``.txt``)
+gives the final checkpoint's first 8 samples at that size (eval id ``sheet``): JPEG at quality 92, and 8 samples
+a run, so a rough reading, but one every run has, archived or not. Two numbers per grid
+(``maskfit.evaluate.image_stats``, which every evaluation now also reports as ratios to its references):
+``laplacian``, the energy of the finest detail (blurred samples score low, speckle noise high), and ``contrast``,
+the per-image standard deviation (washed-out samples score low). This probe reads them from the grids of runs
+made before the evaluation did.
 
 ``--real FOLDER`` scores real images the same way (256 files evenly spaced in sorted order, so every class
-folder contributes, each resized to the size with bicubic filtering, no crop), the values a faithful sampler's grids should sit near. The FD of the proxy
-says samples got worse; these two say in which direction (lost detail, lost contrast, or added noise).
+folder contributes, each resized to the size with bicubic filtering, no crop), the values a faithful sampler's
+grids should sit near. The FD of the proxy says samples got worse; these two say in which direction (lost
+detail, lost contrast, or added noise).
 """
 from __future__ import annotations
 

@@ -12,9 +12,9 @@ Every backend computes, for each image, softmax(q k^T / sqrt(D_h)) v over that i
 - ``flex``: FlexAttention with a document mask, compiled; the BlockMask is built once per forward.
 
 Measured and not kept (H200, 2026-12-02, tools/probes/attention_buckets.py, BENCHMARKS.md): SDPA on nested jagged
-views of the stream (6.6x to 117x slower than ``varlen`` in forward + backward, and under torch.compile its backward
-fails an AOTAutograd assertion on the nested tangent), and one dense SDPA call per run of equal lengths (2.5x slower on ImageNet-like sizes; equal on
-uniform ones).
+views of the stream (6.6x to 117x slower than ``varlen`` in forward + backward, and under torch.compile its
+backward fails an AOTAutograd assertion on the nested tangent), and one dense SDPA call per run of equal lengths
+(2.5x slower on ImageNet-like sizes; equal on uniform ones).
 
 A plan is prepared once per forward (masks, block masks) and shared by every layer.
 """
@@ -73,7 +73,7 @@ def prepare_attention(layout: TokenLayout, backend: str) -> AttentionPlan:
         mask = mask | ~exists[:, :, None]
         return AttentionPlan("dense", layout, mask=mask[:, None], slots=slots)  # (B, 1, L, L)
     if backend == "varlen":
-        return AttentionPlan(backend, layout)
+        return AttentionPlan("varlen", layout)
     return AttentionPlan("flex", layout, block_mask=_document_block_mask(layout))
 
 
