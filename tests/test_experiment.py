@@ -317,6 +317,49 @@ def test_also_attn_scale_samples_a_masked_run_with_scaled_logits_and_reports_it_
     assert "and the final checkpoint with attention scale 'kept' at the marks' resolutions" in capsys.readouterr().out
 
 
+def test_also_subset_sampling_samples_a_plain_run_as_it_trained_and_reports_it_apart(assets, tmp_path, capsys,
+                                                                                     monkeypatch):
+    import maskfit.sampling_run
+    from maskfit.experiment import eval_id
+    from maskfit.study_report import report_block
+
+    sampled_with = []
+    original = maskfit.sampling_run.sample_resolution
+
+    def recording(model, diffusion, autoencoder, size, multiple, p, options, *args, **kwargs):
+        sampled_with.append((size, options.subset_keep))
+        return original(model, diffusion, autoencoder, size, multiple, p, options, *args, **kwargs)
+
+    monkeypatch.setattr(maskfit.sampling_run, "sample_resolution", recording)
+    out = tmp_path / "subsets"
+    assert main(experiment_argv(assets, out, "--set", "mask.keep_ratio=0.5", "--also-subset-sampling")) == 0
+    # Once, with the run's keep ratio: the final checkpoint at the mark resolution; every other set on the full grid.
+    assert [s for s in sampled_with if s[1] != 1.0] == [((16, 16), 0.5)]
+    lines = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    subset = [l for l in lines if l["subset_keep"] == 0.5]
+    final_main = [l for l in lines if l["subset_keep"] == 1.0 and l["is_final"] and l["resolution"] == "16x16"]
+    assert [(l["resolution"], l["method"], l["is_final"], l["attn_scale"]) for l in subset] == [
+        ("16x16", "none", True, "none")]
+    assert subset[0]["checkpoint"] == final_main[0]["checkpoint"] and subset[0]["eval_id"] != final_main[0]["eval_id"]
+    block = report_block(lines, tmp_path / "plots", tmp_path / "REPORT.md")
+    assert "### The final checkpoint sampled on token subsets beside the full grid" in block
+    assert f"{final_main[0]['proxy_fd']:.2f} / {subset[0]['proxy_fd']:.2f} |" in block
+    assert "### The final checkpoint sampled on token subsets beside the full grid: contrast" in block
+    assert "[2]" not in block
+    # Ids made before subset sampling existed stay; a decoder run or an unmasked one skips the extra.
+    ev = {"num_images": 6, "sampler": "euler", "steps": 1, "cfg_scale": 1.5, "seed": 0, "batch_size": 6,
+          "weights": "ema", "proxy_sha256": "x", "labels": "per-class", "reference_rule_version": 2}
+    assert eval_id(dict(ev, subset_keep=1.0)) == eval_id(ev) != eval_id(dict(ev, subset_keep=0.5))
+    capsys.readouterr()
+    for extra in ([], ["--set", "mask.keep_ratio=0.5", "--set", 'mask.design="decoder"']):
+        assert main(experiment_argv(assets, tmp_path / f"dry{len(extra)}", "--dry-run", "--also-subset-sampling",
+                                    *extra)) == 0
+        assert "token subsets" not in capsys.readouterr().out
+    assert main(experiment_argv(assets, tmp_path / "dry_plain", "--dry-run", "--set", "mask.keep_ratio=0.5",
+                                "--also-subset-sampling")) == 0
+    assert "and the final checkpoint on token subsets of 0.5 at the marks' resolutions" in capsys.readouterr().out
+
+
 def test_unmasked_finetune_resumes_the_masked_run_with_every_token(assets, tmp_path):
     import argparse
 

@@ -168,6 +168,8 @@ def test_sampler_choices_that_cannot_work_are_refused():
     (["--guidance-channels", "0"], "--guidance-channels"),
     (["--guidance-channels", "three"], "--guidance-channels"),
     (["--sampler", "dpm"], "--sampler"),
+    (["--subset-keep", "0"], "--subset-keep"),
+    (["--subset-keep", "1.5"], "--subset-keep"),
 ])
 def test_bad_sampling_values_are_argparse_errors(argv, flag, capsys):
     for command in (["sample", "RUN"], ["sweep", "RUN", "--reference", "REF"]):
@@ -417,3 +419,15 @@ def test_the_kept_attention_scale_reaches_the_model_with_the_runs_fraction_or_th
     assert "--kept-fraction 0.5 is read by --attn-scale kept only (this run samples with 'none')" in capsys.readouterr().err
     assert main(base + ["--out", str(tmp_path / "y"), "--attn-scale", "kept", "--kept-fraction", "0"]) == 2
     assert "--kept-fraction 0: the kept fraction is in (0, 1], e.g. 0.5" in capsys.readouterr().err
+
+
+def test_subset_sampling_reaches_the_model_and_is_recorded_only_when_on(lively_run, tmp_path):
+    # --subset-keep 1 is the full grid, pixel for pixel, and its folder records nothing new (older folders resume);
+    # 0.5 runs the network on random halves of each image and says so in the folder's settings.
+    default = _draw(lively_run, tmp_path / "default")
+    np.testing.assert_array_equal(_draw(lively_run, tmp_path / "one", "--subset-keep", "1"), default)
+    half = _draw(lively_run, tmp_path / "half", "--subset-keep", "0.5")
+    assert not np.array_equal(half, default)
+    settings = lambda name: json.loads((tmp_path / name / "24x24" / "settings.json").read_text())["settings"]
+    assert "subset_keep" not in settings("one")["options"]
+    assert settings("half")["options"]["subset_keep"] == 0.5

@@ -34,6 +34,9 @@
 #   ALSO_ATTN=kept    a masked run's final checkpoint is also sampled at MARK_RES with its attention logits scaled by
 #                     ln n / ln(kept keys) (models/rope.py "kept"; from 2026-12-02 third session on, ~4 s a run;
 #                     ALSO_ATTN= turns it off)
+#   SUBSETS=1         a plain run with uniform masking also samples its final checkpoint at MARK_RES on random token
+#                     subsets of its keep ratio, as it trained (--also-subset-sampling; from 2026-12-02 fourth session
+#                     on, ~4 s a run; SUBSETS= turns it off)
 #   LIMIT=570         seconds before an experiment is cut (what it finished still comes back)
 #   PROBE_LIMIT=150 PROBE_BATCHES=2   DDPM decoder runs: tools/probes/decoder_mask_token_gap.py on every checkpoint
 #                     afterwards (NAME_sSEED_gap.jsonl beside the results; commit it under study/gap/, where
@@ -83,6 +86,7 @@ case "$cmd" in
     [ "${1:-}" = "--" ] && shift
     [ ${#specs[@]} -gt 0 ] || { echo "usage: tools/study.sh run NAME[:SEED] ... [-- EXPERIMENT ARGS]" >&2; exit 2; }
     also_attn=${ALSO_ATTN-kept}  # set and empty: off
+    subsets=${SUBSETS-1}  # plain uniform masked runs also sample on token subsets; SUBSETS= turns it off
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null
     for spec in "${specs[@]}"; do
       name=${spec%%:*}; seed=0
@@ -92,7 +96,7 @@ case "$cmd" in
         --out "$work/$tag" --proxy "$PROXY" --set "data.root=\"$DATA\"" --budget-seconds "${BUDGET:-180}" \
         --num-images "${NUM_IMAGES:-200}" --sample-batch-size "${SAMPLE_BATCH:-100}" --steps "${STEPS:-25}" --eval-at-images "${MARKS:-100000,200000}" \
         --mark-resolutions "${MARK_RES:-64x64}" --also-cfg "${ALSO_CFG:-1.0}" \
-        ${also_attn:+--also-attn-scale "$also_attn"} --quiet "$@" 2>&1 | tee "$work/$tag.log"
+        ${also_attn:+--also-attn-scale "$also_attn"} ${subsets:+--also-subset-sampling} --quiet "$@" 2>&1 | tee "$work/$tag.log"
       [ -f "$work/$tag/results.jsonl" ] && cp "$work/$tag/results.jsonl" "$out/$tag.jsonl"
       # A decoder run: does its decoder lean on mask tokens? (tools/probes/decoder_mask_token_gap.py, ~35 s); with
       # GAP_PROBE=1 any masked DDPM run, as the control.

@@ -125,6 +125,13 @@ def is_masked(cfg: RunConfig) -> bool:
     return cfg.mask.keep_count is not None or cfg.mask.keep_ratio < 1.0
 
 
+def subset_sampling_applies(cfg: RunConfig) -> bool:
+    """Whether subset sampling reproduces the run's training view: plain design, uniform masking at a ratio (its
+    mean ratio where drawn per image) below 1; the unmasked fine-tune, if any, does not change that."""
+    return (cfg.mask.keep_count is None and cfg.mask.keep_ratio < 1.0 and cfg.mask.design == "plain"
+            and cfg.mask.strategy == "uniform")
+
+
 def design_label(cfg: RunConfig) -> str:
     """'padded' (FiT's layout) | 'packed' (unmasked, no padding) | the masked design (plain, decoder, ...)."""
     if is_masked(cfg):
@@ -406,6 +413,8 @@ def _sweep_args(ckpt: Path, reference: str, group: EvalGroup, ev: dict, out: Pat
             "--device", ev["device"], "--out", str(out)]
     if ev.get("attn_scale", "none") != "none":  # only an extra evaluation sets it (--also-attn-scale)
         argv += ["--attn-scale", ev["attn_scale"]]
+    if ev.get("subset_keep", 1.0) != 1.0:  # only an extra evaluation sets it (--also-subset-sampling)
+        argv += ["--subset-keep", str(ev["subset_keep"])]
     if ev["weights"] == "raw":
         argv.append("--no-ema")
     if ev["compile"]:
@@ -436,6 +445,8 @@ def eval_id(ev: dict) -> str:
     setting = {k: ev[k] for k in keys}
     if ev.get("attn_scale", "none") != "none":  # added later: absent from every id made without it
         setting["attn_scale"] = ev["attn_scale"]
+    if ev.get("subset_keep", 1.0) != 1.0:  # the same
+        setting["subset_keep"] = ev["subset_keep"]
     return hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -461,6 +472,7 @@ def result_line(run: dict, ckpt: dict, ev: dict, row: dict, training: dict) -> d
         "resolution": row["resolution"], "height": _number(row["height"]), "width": _number(row["width"]),
         "tokens": _number(row["tokens"]), "split": "ID" if row["split"] == "in-distribution" else "OOD",
         "method": row["method"], "attn_scale": row.get("attn_scale") or "none",
+        "subset_keep": float(row.get("subset_keep") or 1.0),
         "sample_set": row["sample_set"], "shared_sample_set": row["shared"] == "True",
         # the numbers
         **{k: _number(row.get(k, "")) for k in ("proxy_fd", "proxy_precision", "proxy_recall", "proxy_class_accuracy",
@@ -563,6 +575,10 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
                         "resolutions (kept: logits times ln n / ln(kept keys in training), models/rope.py; the test "
                         "of whether masked runs' washed-out samples come from attending over more keys than in "
                         "training); an unmasked run skips it")
+    p.add_argument("--also-subset-sampling", action="store_true",
+                   help="a plain masked run with uniform masking also samples its final checkpoint at the mark "
+                        "resolutions the way it trained: every network call on random subsets of its keep ratio of "
+                        "each image's tokens (maskfit sample --subset-keep); other runs skip it")
     p.add_argument("--sample-compile", action="store_true", help="torch.compile the sampler's network (per sweep call)")
     p.add_argument("--proxy", required=True, help="proxy classifier (maskfit train-classifier --data-split train)")
     p.add_argument("--eval-data", default=None, help="folder of the reference images (default: the run's data.root)")
@@ -645,9 +661,11 @@ def run_experiment(args) -> dict:
     if args.also_cfg is not None and args.also_cfg < 1.0:
         raise ValueError(f"--also-cfg {args.also_cfg:g}: a guidance scale is >= 1 (1.0 = no guidance)")
     also_attn = args.also_attn_scale is not None and is_masked(cfg)
+    also_subsets = getattr(args, "also_subset_sampling", False) and subset_sampling_applies(cfg)
     # The final checkpoint's extra evaluations at the marks' resolutions: each overrides the main setting ``ev``.
     extras = (([{"weights": "raw"}] if raw_final else []) + ([{"cfg_scale": args.also_cfg}] if also_cfg else [])
-              + ([{"attn_scale": args.also_attn_scale}] if also_attn else []))
+              + ([{"attn_scale": args.also_attn_scale}] if also_attn else [])
+              + ([{"subset_keep": cfg.mask.keep_ratio}] if also_subsets else []))
     mark_flops = group_flops(mark_groups)
     flops = group_flops(final_groups) + mark_flops * len(marks)
     for extra in extras:  # an unguided pass costs half: one network evaluation per step instead of two
@@ -670,6 +688,8 @@ def run_experiment(args) -> dict:
           + (f", and the final checkpoint with CFG {args.also_cfg:g} at the marks' resolutions" if also_cfg else "")
           + (f", and the final checkpoint with attention scale {args.also_attn_scale!r} at the marks' resolutions"
              if also_attn else "")
+          + (f", and the final checkpoint on token subsets of {cfg.mask.keep_ratio:g} at the marks' resolutions"
+             if also_subsets else "")
           + "\n"
           f"  estimate: {estimate['total_s']:.0f} s = training {estimate['train_s']:g} + start-up "
           f"{estimate['startup_s']:g} + sampling {estimate['sampling_s']:g} (at an assumed {tflops:g} TFLOP/s) "

@@ -27,7 +27,7 @@ from maskfit.diffusion.gaussian import _SAMPLERS as DDPM_SAMPLERS
 from maskfit.diffusion.guidance import GuidanceConfig, guided
 from maskfit.models.rope import RopeExtrapolation
 from maskfit.models.transformer import FiT
-from maskfit.tokens import pack, split_images, unpatchify
+from maskfit.tokens import pack, split_images, subset_cover, unpatchify
 from maskfit.runs import autocast_for
 
 # The samplers of each objective: "ddpm" = FiT v1 (gaussian.py), "flow" = FiTv2 (flow.py).
@@ -78,8 +78,14 @@ class SamplerOptions:
     atol: Optional[float] = None  # dopri5 only; None: flow.py's defaults (FiTv2's 1e-6 and 1e-3)
     rtol: Optional[float] = None
     precision: str = "fp32"  # the network's forward: "bf16" autocast or "fp32" (see the module docstring)
+    # Subset sampling (ours, for plain masked models): below 1, every network call sees random subsets of this
+    # fraction of each image's tokens, as in masked training, instead of the full grid (``subset_denoiser``).
+    subset_keep: float = 1.0
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.subset_keep <= 1.0:
+            raise ValueError(f"SamplerOptions.subset_keep={self.subset_keep}: the fraction of tokens each network "
+                             "call sees is in (0, 1]; 1 samples on the full grid, a masked run's keep ratio as trained")
         if self.precision not in PRECISIONS:
             raise ValueError(f"SamplerOptions.precision={self.precision!r}; choose one of {PRECISIONS}")
         if self.method != "dopri5" and (self.atol is not None or self.rtol is not None):
@@ -135,8 +141,32 @@ def t_to_fraction_for(diffusion):
     return ddpm_fraction(diffusion.num_timesteps)
 
 
-def guided_denoiser(model: FiT, diffusion, options: SamplerOptions):
-    """The sampling denoiser: the full grid (never masked), RoPE extrapolation, classifier-free guidance."""
+def subset_denoiser(model_fn, keep_ratio: float, generator: Optional[torch.Generator] = None):
+    """A denoiser that runs ``model_fn`` on random subsets of each image's tokens, as masked training showed them.
+
+    Each call cuts every image into ceil(1/keep_ratio) random subsets of round(keep_ratio * n) tokens that cover it
+    (``maskfit.tokens.subset_cover``), runs the network once on all subsets as separate segments (each keeps its
+    image's label, time, grid and true positions) and returns each token's prediction from the subset that held it,
+    the mean where two did. A plain model trained at keep ratio k thus meets, at every step, the k·n keys it learnt
+    on rather than n (the mismatch REPORT.md's "washed out" finding is about); new subsets are drawn every call.
+    keep_ratio 1 returns ``model_fn`` itself.
+    """
+    if keep_ratio == 1.0:
+        return model_fn
+
+    def fn(x: Tensor, t: Tensor, y: Tensor, layout) -> Tensor:
+        cover = subset_cover(layout, keep_ratio, generator)
+        m = cover.subsets
+        out = model_fn(x[cover.index], t.repeat(m), y.repeat(m), cover.layout)  # (T_s, D_out)
+        total = out.new_zeros(x.shape[0], out.shape[1]).index_add_(0, cover.index, out)  # (T, D_out)
+        return total / cover.coverage[:, None].to(out.dtype)  # (T, D_out)
+
+    return fn
+
+
+def guided_denoiser(model: FiT, diffusion, options: SamplerOptions, generator: Optional[torch.Generator] = None):
+    """The sampling denoiser: RoPE extrapolation, classifier-free guidance, and the full grid unless
+    ``options.subset_keep`` < 1 (then random subsets drawn from ``generator``, shared by cond and uncond)."""
     rope = options.rope
 
     def model_fn(x, t, y, lay):
@@ -150,7 +180,13 @@ def guided_denoiser(model: FiT, diffusion, options: SamplerOptions):
         scale=options.cfg_scale, null_class=model.null_class, channels=options.guidance_channels,
         schedule=options.guidance_schedule,
     )
-    return guided(model_fn, guidance, model.cfg.patch_size, t_to_fraction_for(diffusion))
+    fn = guided(model_fn, guidance, model.cfg.patch_size, t_to_fraction_for(diffusion))
+    if options.subset_keep < 1.0 and model.cfg.mask_design != "plain":
+        raise ValueError(
+            f"subset_keep={options.subset_keep} reproduces the plain design's training view (the backbone on the kept "
+            f"tokens only), but this model's mask design is {model.cfg.mask_design!r}; sample it with subset_keep=1"
+        )
+    return subset_denoiser(fn, options.subset_keep, generator)
 
 
 @torch.no_grad()
@@ -175,7 +211,9 @@ def sample_tokens(
     dummy = [torch.empty(h * w, 0) for h, w in grids]
     layout = pack(dummy, list(grids), labels.cpu()).layout.to(device)
     noise = torch.randn(layout.num_tokens, cfg.token_dim, generator=generator, device=device)
-    fn = guided_denoiser(model, diffusion, options)
+    # Subset draws from their own generator (seeded from the sampler's), so the noise stays that of a full-grid run.
+    subset_generator = torch.Generator(device=device).manual_seed(generator.initial_seed() + 1)
+    fn = guided_denoiser(model, diffusion, options, subset_generator)
     # Tolerances exist for dopri5 only (flow.py); the other samplers take no such arguments.
     tolerances = {k: v for k, v in (("atol", options.atol), ("rtol", options.rtol)) if v is not None}
     tokens = diffusion.sample(

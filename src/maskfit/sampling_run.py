@@ -76,6 +76,18 @@ def finite_float(text: str) -> float:
     return value
 
 
+def subset_keep_arg(text: str) -> float:
+    """--subset-keep: a fraction of tokens in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the fraction of each image's tokens a network call sees is in "
+                                         "(0, 1], e.g. 0.5 for a run trained at mask.keep_ratio=0.5")
+    return value
+
+
 def add_sampler_arguments(p) -> None:
     """The options every sampling command shares (`maskfit sample`, `maskfit sweep`).
 
@@ -106,6 +118,10 @@ def add_sampler_arguments(p) -> None:
     p.add_argument("--precision", choices=("auto",) + PRECISIONS, default="auto",
                    help="the network's forward: 'auto' = bf16 autocast on CUDA, fp32 on a CPU; the sampler state, "
                         "guidance and decoding are fp32 either way")
+    p.add_argument("--subset-keep", type=subset_keep_arg, default=1.0, metavar="K",
+                   help="subset sampling, for plain masked runs: every network call sees random subsets of K of each "
+                        "image's tokens that together cover it, as masked training showed them (e.g. the run's "
+                        "mask.keep_ratio), instead of the full grid; default 1 (the full grid)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network once for every stream length (dynamic shapes): a minute or two "
                         "up front, then faster per image; worth it for thousands of images")
@@ -255,13 +271,20 @@ def labels_for(spec: str, n: int, num_classes: int, generator: torch.Generator, 
 
 
 def sampler_options(choices: dict, rope: RopeExtrapolation, cfg_scale: float, precision: str,
-                    guidance_schedule: str = "constant") -> SamplerOptions:
-    """SamplerOptions from ``resolve_sampling_choices``' choices (the RoPE setting is the caller's)."""
+                    guidance_schedule: str = "constant", subset_keep: float = 1.0) -> SamplerOptions:
+    """SamplerOptions from ``resolve_sampling_choices``' choices (the RoPE setting and subset sampling the caller's)."""
     return SamplerOptions(
         method=choices["sampler"], steps=choices["steps"], cfg_scale=cfg_scale,
         guidance_channels=choices["guidance_channels"], guidance_schedule=guidance_schedule, rope=rope,
-        atol=choices["atol"], rtol=choices["rtol"], precision=precision,
+        atol=choices["atol"], rtol=choices["rtol"], precision=precision, subset_keep=subset_keep,
     )
+
+
+def option_settings(options: SamplerOptions) -> dict:
+    """What a samples folder records of the options: every field, except ``subset_keep`` at its default 1 (added
+    later; folders sampled on the full grid before it existed still resume)."""
+    return {**{k: v for k, v in vars(options).items() if k != "subset_keep" or v != 1.0},
+            "rope": rope_settings(options.rope)}
 
 
 def rope_for(method: str, train_grid, choices: dict, train_keep: float = 1.0) -> RopeExtrapolation:
@@ -363,7 +386,7 @@ def run_sampling(args) -> dict:
     options = sampler_options(
         choices, rope_for(args.extrapolation, rope_train_grid(run_cfg), choices, train_keep),
         args.cfg_scale, precision,
-        guidance_schedule=getattr(args, "cfg_schedule", "constant"),
+        guidance_schedule=getattr(args, "cfg_schedule", "constant"), subset_keep=getattr(args, "subset_keep", 1.0),
     )
     out.mkdir(parents=True, exist_ok=True)
     distribution = getattr(args, "distribution", None)
@@ -375,7 +398,7 @@ def run_sampling(args) -> dict:
         # The checkpoint itself, not the run folder: a run that trained on must not reuse older samples.
         "checkpoint": str(ckpt.resolve()), "use_ema": not args.no_ema, "num_images": args.num_images,
         "batch_size": args.batch_size, "labels": args.labels, "seed": args.seed,
-        "attention": model.cfg.attention, "options": {**vars(options), "rope": rope_settings(options.rope)},
+        "attention": model.cfg.attention, "options": option_settings(options),
     }
     grids = None
     if distribution is not None or pack:

@@ -492,15 +492,17 @@ def _extra_table(lines: Sequence[dict], extra: Sequence[dict], labels, heading: 
 
 
 def extra_tables(lines: Sequence[dict], extra: Sequence[dict], labels) -> List[str]:
-    """One table per kind of extra evaluation: the final raw weights, each other guidance scale, and each attention
-    scale (its FD and its samples' contrast). Every extra line's run has main lines too (split_extra takes the
+    """One table per kind of extra evaluation: the final raw weights, each other guidance scale, each attention
+    scale and subset sampling (these two with their FD and their samples' contrast). Every extra line's run has main lines too (split_extra takes the
     main setting from the run's own lines)."""
     main_of_run = {l["run"]: l for l in lines}
-    raw, other_attn, other_cfg = [], [], []
+    raw, other_attn, other_cfg, subsets = [], [], [], []
     for l in extra:
         main = main_of_run[l["run"]]
         if l.get("weights") != main.get("weights"):
             raw.append(l)
+        elif l.get("subset_keep", 1.0) != main.get("subset_keep", 1.0):
+            subsets.append(l)
         elif l.get("attn_scale", "none") != main.get("attn_scale", "none"):
             other_attn.append(l)
         else:
@@ -526,6 +528,15 @@ def extra_tables(lines: Sequence[dict], extra: Sequence[dict], labels) -> List[s
         out += _extra_table(lines, at_scale, labels, heading + ": contrast",
                             note + "Samples' contrast over the references' (1 = as real, below = washed out); "
                             "none / scaled.", metric="contrast_ratio")
+    if subsets:
+        heading = "The final checkpoint sampled on token subsets beside the full grid"
+        note = ("`maskfit experiment --also-subset-sampling`: the same weights, sampler and guidance, every network call "
+                "on random subsets of the run's keep ratio of each image's tokens that together cover it, as it "
+                "trained (maskfit.sample.subset_denoiser). ")
+        out += _extra_table(lines, subsets, labels, heading, note + "Proxy FD, lower is better; full grid / subsets.")
+        out += _extra_table(lines, subsets, labels, heading + ": contrast",
+                            note + "Samples' contrast over the references' (1 = as real, below = washed out); "
+                            "full grid / subsets.", metric="contrast_ratio")
     return out
 
 

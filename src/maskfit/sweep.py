@@ -350,6 +350,9 @@ def _run_sweep(args, ckpt: Path, out: Path) -> dict:
         "guidance_channels": choices["guidance_channels"], "yarn_ramp": choices["yarn_ramp"],
         "ntk_exponent": choices["ntk_exponent"], "precision": precision, "attention": model.cfg.attention,
     }
+    subset_keep = getattr(args, "subset_keep", 1.0)
+    if subset_keep != 1.0:  # added later: absent from the settings of every folder sampled on the full grid
+        settings["subset_keep"] = subset_keep
     record_settings(out, settings)  # refuses a folder sampled with other settings
 
     # Each reference is read once: an image folder is decoded at its first use, not once per evaluation.
@@ -383,7 +386,8 @@ def _run_sweep(args, ckpt: Path, out: Path) -> dict:
             if not npz.exists():  # finished sets are skipped whole; unfinished ones resume from their shards
                 if autoencoder is None:
                     autoencoder, _ = load_autoencoder(run_cfg, args.vae_path, device)
-                options = sampler_options(choices, set_variant.rope(train_grid, train_keep), args.cfg_scale, precision)
+                options = sampler_options(choices, set_variant.rope(train_grid, train_keep), args.cfg_scale, precision,
+                                          subset_keep=subset_keep)
                 set_dir.mkdir(parents=True, exist_ok=True)
                 sample_resolution(model, diffusion, autoencoder, (res.height, res.width), multiple, p, options,
                                   sample_args, set_dir, device)
@@ -410,7 +414,7 @@ def _run_sweep(args, ckpt: Path, out: Path) -> dict:
                 "comparable_to_published": result["comparable_to_published"],
                 # The sweep-wide choices on every row, so a row read alone says how it was sampled.
                 "recipe": choices["recipe"], "sampler": choices["sampler"], "steps": choices["steps"],
-                "guidance_channels": choices["guidance_channels"], "precision": precision,
+                "guidance_channels": choices["guidance_channels"], "precision": precision, "subset_keep": subset_keep,
             }
             row.update(result["metrics"])
             rows.append(row)

@@ -14,6 +14,7 @@ a subset of tokens (masked training) keeps its true positions.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -254,6 +255,75 @@ def masked_view(layout: TokenLayout, keep: Sequence[Tensor], max_seqlen: Optiona
         keep=raster.to(layout.pos.device),
     )
     return MaskedView(index_t, kept)
+
+
+@dataclass
+class SubsetCover:
+    """Random subsets of each image's tokens that together cover every token (sampling a masked model as it trained).
+
+    index: (T_s,) stream position of each token of the subsets' stream, subset-major (subset 0 of every image first);
+    layout: the subsets' own layout: segment i*B + b is subset i of image b, its tokens at their true positions and
+        image b's full grid, so RoPE (and its extrapolation) sees what it saw in masked training;
+    coverage: (T,) how many subsets hold each token of the full stream (1, or 2 where windows overlap);
+    subsets: how many subsets each image is cut into.
+    """
+
+    index: Tensor
+    layout: TokenLayout
+    coverage: Tensor
+    subsets: int
+
+
+def subset_cover(layout: TokenLayout, keep_ratio: float, generator: Optional[torch.Generator] = None) -> SubsetCover:
+    """Cut every image of a packed stream of full grids into ceil(1/keep_ratio) random subsets of its tokens.
+
+    Each subset holds round(keep_ratio * n) of the image's n tokens (half up, at least 1), the count uniform masking
+    keeps in training (``maskfit.masking``). The subsets are windows of one random order of the image's tokens,
+    starting at i*n/m for i < m = ceil(1/keep_ratio) and wrapping around, so together they hold every token: with
+    1/keep_ratio an integer they are a partition (each token once), otherwise neighbouring windows overlap (75 %
+    kept: two windows of 3/4 of the tokens, half of them held twice). The draw runs on the layout's device (one sort
+    of T random keys); the window structure is read from the offsets on the host.
+    """
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio={keep_ratio}: the fraction of tokens each subset holds is in (0, 1], e.g. 0.5")
+    if layout.valid is not None or layout.keep is not None:
+        raise ValueError("subset_cover needs a packed stream of full grids (no padding, no masked subset); "
+                         "build it with maskfit.tokens.pack and no keep=")
+    device = layout.pos.device
+    m = math.ceil(1.0 / keep_ratio - 1e-9)
+    cu = layout.cu_seqlens.long().cpu()  # (B+1,)
+    n = cu[1:] - cu[:-1]  # (B,) tokens of each image
+    B = n.shape[0]
+    size = torch.minimum(torch.floor(n * keep_ratio + 0.5).long().clamp_min(1), n)  # (B,) tokens of each subset
+    seg_image = torch.arange(B).repeat(m)  # (m*B,) image of segment i*B + b
+    seg_window = torch.arange(m).repeat_interleave(B)  # (m*B,) window index i
+    seg_len = size[seg_image]  # (m*B,)
+    seg_of = torch.repeat_interleave(torch.arange(m * B), seg_len)  # (T_s,) segment of each subset token
+    offsets = _segment_offsets(seg_len)  # (m*B+1,)
+    j = torch.arange(int(offsets[-1])) - offsets[:-1].long()[seg_of]  # (T_s,) place inside its window
+    img = seg_image[seg_of]  # (T_s,)
+    start = (seg_window[seg_of] * n[img]) // m  # (T_s,) where its window starts in the image's random order
+    slot = cu[img] + (start + j) % n[img].clamp_min(1)  # (T_s,) place in the stream sorted by (image, random key)
+    # One random order of each image's tokens: sort by image id plus a key in [0, 1) (images stay contiguous).
+    key = torch.rand(layout.num_tokens, generator=generator, device=device, dtype=torch.float64)
+    order = torch.argsort(layout.seq_id.to(torch.float64) + key)  # (T,) stream positions, image by image, shuffled
+    index = order[slot.to(device)]  # (T_s,) stream position of each subset token
+    pos = layout.pos[index]  # (T_s, 2)
+    grid = layout.grid.repeat(m, 1)  # (m*B, 2)
+    seq_id = seg_of.to(device)
+    lengths = seg_len.tolist()
+    subsets = TokenLayout(
+        pos=pos,
+        seq_id=seq_id,
+        cu_seqlens=offsets.to(device),
+        grid=grid,
+        max_seqlen=max(lengths) if lengths else 0,
+        uniform_len=lengths[0] if lengths and all(v == lengths[0] for v in lengths) else None,
+        keep=pos[:, 0] * grid[seq_id, 1] + pos[:, 1],
+    )
+    coverage = torch.zeros(layout.num_tokens, device=device).index_add_(
+        0, index, torch.ones(index.shape[0], device=device))  # (T,)
+    return SubsetCover(index=index, layout=subsets, coverage=coverage, subsets=m)
 
 
 def to_padded(batch: TokenBatch, seq_len: Optional[int] = None) -> TokenBatch:
