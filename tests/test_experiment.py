@@ -776,7 +776,8 @@ def test_report_tables_the_decoder_probe_per_checkpoint(tmp_path):
     assert "| decoder50_s0 | step_0000391 | ema | 0.3500 (0.3950) | 0.1500 (0.1950) | 0.2500 (0.2950) |" in text
 
 
-def test_study_queue_names_known_variants_and_next_skips_the_runs_with_results():
+def test_study_queue_names_known_variants_and_next_skips_the_runs_with_results(tmp_path):
+    import os
     import subprocess
     from pathlib import Path
 
@@ -789,9 +790,18 @@ def test_study_queue_names_known_variants_and_next_skips_the_runs_with_results()
     for spec in queue:
         name, seed = spec.split(":")
         assert name in variants and seed.isdigit(), spec
-    done = subprocess.run(["bash", "tools/study.sh", "next", "100"], cwd=root, capture_output=True, text=True, check=True)
-    pending = done.stdout.split()
-    assert pending == [s for s in queue if not (root / "study/results" / f"{s.replace(':', '_s')}.jsonl").exists()]
+    env = dict(os.environ, STUDY_WORK=str(tmp_path))  # this machine's work folder: nothing started here
+
+    def pending():
+        done = subprocess.run(["bash", "tools/study.sh", "next", "100"], cwd=root, capture_output=True, text=True,
+                              check=True, env=env)
+        return done.stdout.split()
+
+    expected = [s for s in queue if not (root / "study/results" / f"{s.replace(':', '_s')}.jsonl").exists()]
+    assert pending() == expected
+    if expected:  # a run started on this machine (a warm device's work folder) is not handed out again
+        (tmp_path / expected[0].replace(":", "_s")).mkdir()
+        assert pending() == expected[1:]
 
 
 def test_differences_are_called_only_beyond_both_spreads():

@@ -6,6 +6,7 @@ from maskfit.diffusion.gaussian import GaussianDiffusion
 from maskfit.models.transformer import FiT, model_config
 from maskfit.sample import SamplerOptions, guided_denoiser, subset_denoiser
 from maskfit.tokens import masked_view, pack, subset_cover, to_padded
+from tests.test_masked_model import _perturbed
 
 GRIDS = [(4, 4), (2, 6), (4, 5)]  # 16, 12 and 20 tokens: half of each is a whole number
 
@@ -74,14 +75,6 @@ def test_bad_subset_requests_name_the_fix():
         subset_cover(to_padded(batch, seq_len=20).layout, 0.5)
     with pytest.raises(ValueError, match=r"subset_keep=1.5: the fraction of tokens each network call sees"):
         SamplerOptions(subset_keep=1.5)
-
-
-def _perturbed(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def test_each_token_is_predicted_as_the_masked_training_forward_predicts_it():

@@ -111,12 +111,14 @@ case "$cmd" in
         $(find "$tag/run" -maxdepth 1 -name log.jsonl 2>/dev/null) $(find "$tag/eval" -name 'grid_*.png' 2>/dev/null))
     done ;;
   next)
-    # The first N runs of study/queue.txt with no study/results/NAME_sSEED.jsonl yet (a device command:
-    # tools/study.sh run $(tools/study.sh next)).
+    # The first N runs of study/queue.txt with no study/results/NAME_sSEED.jsonl yet and not started on this machine
+    # (a device command: tools/study.sh run $(tools/study.sh next)). A warm device keeps the work folder between
+    # commands, so chained commands each take a new run; one cut short is rerun by name, and resumes.
     n=${1:-1}
+    work=${STUDY_WORK:-/tmp/study}
     grep -v '^\s*#' study/queue.txt | grep -v '^\s*$' | while read -r spec; do
       name=${spec%%:*}; seed=${spec#*:}
-      [ -f "study/results/${name}_s${seed}.jsonl" ] || echo "$spec"
+      [ -f "study/results/${name}_s${seed}.jsonl" ] || [ -d "$work/${name}_s${seed}" ] || echo "$spec"
     done | head -n "$n" ;;
   collect)
     # What a device run of `run` brought back (its files_at folders), into the committed places; REPORT.md's

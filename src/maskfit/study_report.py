@@ -520,24 +520,25 @@ def extra_tables(lines: Sequence[dict], extra: Sequence[dict], labels) -> List[s
                             + f". Proxy FD, lower is better; CFG {main} / CFG {scale:g}.")
     for scale in sorted({l["attn_scale"] for l in other_attn}):
         at_scale = [l for l in other_attn if l["attn_scale"] == scale]
-        heading = f"The final checkpoint with attention scale `{scale}` beside none"
-        note = (f"`maskfit experiment --also-attn-scale {scale}`: the same weights, sampler and guidance, with the "
-                "attention logits scaled (models/rope.py; `kept`: ln n / ln(keys attended in training), n the "
-                "image's tokens). ")
-        out += _extra_table(lines, at_scale, labels, heading, note + "Proxy FD, lower is better; none / scaled.")
-        out += _extra_table(lines, at_scale, labels, heading + ": contrast",
-                            note + "Samples' contrast over the references' (1 = as real, below = washed out); "
-                            "none / scaled.", metric="contrast_ratio")
-    if subsets:
-        heading = "The final checkpoint sampled on token subsets beside the full grid"
-        note = ("`maskfit experiment --also-subset-sampling`: the same weights, sampler and guidance, every network call "
-                "on random subsets of the run's keep ratio of each image's tokens that together cover it, as it "
-                "trained (maskfit.sample.subset_denoiser). ")
-        out += _extra_table(lines, subsets, labels, heading, note + "Proxy FD, lower is better; full grid / subsets.")
-        out += _extra_table(lines, subsets, labels, heading + ": contrast",
-                            note + "Samples' contrast over the references' (1 = as real, below = washed out); "
-                            "full grid / subsets.", metric="contrast_ratio")
+        out += _fd_and_contrast_tables(
+            lines, at_scale, labels, f"The final checkpoint with attention scale `{scale}` beside none",
+            f"`maskfit experiment --also-attn-scale {scale}`: the same weights, sampler and guidance, with the "
+            "attention logits scaled (models/rope.py; `kept`: ln n / ln(keys attended in training), n the image's "
+            "tokens). ", "none / scaled")
+    out += _fd_and_contrast_tables(
+        lines, subsets, labels, "The final checkpoint sampled on token subsets beside the full grid",
+        "`maskfit experiment --also-subset-sampling`: the same weights, sampler and guidance, every network call on "
+        "random subsets of the run's keep ratio of each image's tokens that together cover it, as it trained "
+        "(maskfit.sample.subset_denoiser). ", "full grid / subsets")
     return out
+
+
+def _fd_and_contrast_tables(lines, extra, labels, heading: str, note: str, order: str) -> List[str]:
+    """Two extra tables for a sampling-time change aimed at the masked runs' washout: its FD, then its contrast."""
+    return (_extra_table(lines, extra, labels, heading, f"{note}Proxy FD, lower is better; {order}.")
+            + _extra_table(lines, extra, labels, heading + ": contrast",
+                           f"{note}Samples' contrast over the references' (1 = as real, below = washed out); {order}.",
+                           metric="contrast_ratio"))
 
 
 def report_block(lines: Sequence[dict], plots: Path, report: Path, sheets: Optional[Path] = None,
