@@ -317,7 +317,7 @@ def test_also_attn_scale_samples_a_masked_run_with_scaled_logits_and_reports_it_
     assert "and the final checkpoint with attention scale 'kept' at the marks' resolutions" in capsys.readouterr().out
 
 
-def test_also_subset_sampling_samples_a_plain_run_as_it_trained_and_reports_it_apart(assets, tmp_path, capsys,
+def test_also_subset_sampling_samples_a_masked_run_as_it_trained_and_reports_it_apart(assets, tmp_path, capsys,
                                                                                      monkeypatch):
     import maskfit.sampling_run
     from maskfit.experiment import eval_id
@@ -346,18 +346,19 @@ def test_also_subset_sampling_samples_a_plain_run_as_it_trained_and_reports_it_a
     assert f"{final_main[0]['proxy_fd']:.2f} / {subset[0]['proxy_fd']:.2f} |" in block
     assert "### The final checkpoint sampled on token subsets beside the full grid: contrast" in block
     assert "[2]" not in block
-    # Ids made before subset sampling existed stay; a decoder run or an unmasked one skips the extra.
+    # Ids made before subset sampling existed stay; an unmasked run, or one masked by another strategy, skips it.
     ev = {"num_images": 6, "sampler": "euler", "steps": 1, "cfg_scale": 1.5, "seed": 0, "batch_size": 6,
           "weights": "ema", "proxy_sha256": "x", "labels": "per-class", "reference_rule_version": 2}
     assert eval_id(dict(ev, subset_keep=1.0)) == eval_id(ev) != eval_id(dict(ev, subset_keep=0.5))
     capsys.readouterr()
-    for extra in ([], ["--set", "mask.keep_ratio=0.5", "--set", 'mask.design="decoder"']):
+    for extra in ([], ["--set", "mask.keep_ratio=0.5", "--set", 'mask.strategy="block"']):
         assert main(experiment_argv(assets, tmp_path / f"dry{len(extra)}", "--dry-run", "--also-subset-sampling",
                                     *extra)) == 0
         assert "token subsets" not in capsys.readouterr().out
-    assert main(experiment_argv(assets, tmp_path / "dry_plain", "--dry-run", "--set", "mask.keep_ratio=0.5",
-                                "--also-subset-sampling")) == 0
-    assert "and the final checkpoint on token subsets of 0.5 at the marks' resolutions" in capsys.readouterr().out
+    for design in ("plain", "decoder"):
+        assert main(experiment_argv(assets, tmp_path / f"dry_{design}", "--dry-run", "--set", "mask.keep_ratio=0.5",
+                                    "--set", f'mask.design="{design}"', "--also-subset-sampling")) == 0
+        assert "and the final checkpoint on token subsets of 0.5 at the marks' resolutions" in capsys.readouterr().out
 
 
 def test_unmasked_finetune_resumes_the_masked_run_with_every_token(assets, tmp_path):

@@ -298,7 +298,8 @@ def _sampling_model(attention: str) -> FiT:
     return model.to(DEV).eval().requires_grad_(False)
 
 
-def test_varlen_bf16_sampling_agrees_with_dense_fp32():
+@pytest.mark.parametrize("subset_keep", [1.0, 0.5])  # 0.5: every call through the masked forward on half the tokens
+def test_varlen_bf16_sampling_agrees_with_dense_fp32(subset_keep):
     from dataclasses import replace
 
     from maskfit.config import config_from_dict
@@ -318,7 +319,7 @@ def test_varlen_bf16_sampling_agrees_with_dense_fp32():
                         generator=torch.Generator(device=DEV).manual_seed(0))  # sample_tokens' first draw
 
     def displacement(model, precision):
-        options = SamplerOptions(method="euler", steps=4, cfg_scale=1.5, precision=precision)
+        options = SamplerOptions(method="euler", steps=4, cfg_scale=1.5, precision=precision, subset_keep=subset_keep)
         tokens = sample_tokens(model, diffusion, grids, labels, options, torch.Generator(device=DEV).manual_seed(0), DEV)
         assert all(t.dtype == torch.float32 for t in tokens)  # the sampler state stays fp32
         return torch.cat(tokens) - noise  # what the network added (the shared noise alone would agree)

@@ -1,10 +1,9 @@
-"""Subset sampling: a plain masked model sampled on random subsets of each image's tokens, as it trained."""
+"""Subset sampling: a masked model sampled on random subsets of each image's tokens, as it trained."""
 import pytest
 import torch
 
-from maskfit.diffusion.gaussian import GaussianDiffusion
 from maskfit.models.transformer import FiT, model_config
-from maskfit.sample import SamplerOptions, guided_denoiser, subset_denoiser
+from maskfit.sample import SamplerOptions, subset_denoiser
 from maskfit.tokens import masked_view, pack, subset_cover, to_padded
 from tests.test_masked_model import _perturbed
 
@@ -77,16 +76,19 @@ def test_bad_subset_requests_name_the_fix():
         SamplerOptions(subset_keep=1.5)
 
 
-def test_each_token_is_predicted_as_the_masked_training_forward_predicts_it():
-    # The network on subset i of every image gives, at those tokens, exactly the plain design's masked forward
-    # (the training step's) with keep = subset i: the sampler meets the view the model learnt on.
-    model = _perturbed(FiT(model_config("FiT-tiny")))
+@pytest.mark.parametrize("design", ["plain", "decoder", "mixer", "side_interp"])
+def test_each_token_is_predicted_as_the_masked_training_forward_predicts_it(design):
+    # Subset i of every image gives, at its tokens, exactly the design's masked forward (the training step's) with
+    # keep = subset i: the sampler meets the view the model learnt on, mask tokens and full-grid decoders included.
+    cfg = model_config("FiT-tiny", mask_design=design, decoder_depth=1, decoder_hidden=32, decoder_heads=2,
+                       mixer_depth=1, side_decode_depth=1)
+    model = _perturbed(FiT(cfg))
     batch = _stream(dim=model.cfg.token_dim)
     lay = batch.layout
     t, y = torch.tensor([10.0, 400.0, 900.0]), torch.tensor([1, 5, 2])
 
-    def model_fn(x, t_, y_, layout):
-        return model(x, t_, y_, layout)
+    def model_fn(x, t_, y_, layout, mask=None):
+        return model(x, t_, y_, layout, mask=mask)
 
     with torch.no_grad():
         out = subset_denoiser(model_fn, 0.5, torch.Generator().manual_seed(7))(batch.tokens, t, y, lay)
@@ -105,22 +107,21 @@ def test_overlapping_tokens_take_the_mean_of_their_subsets():
     x = torch.zeros(lay.num_tokens, 2)
     calls = []
 
-    def model_fn(x_, t_, y_, layout):  # each subset token returns its subset's segment number
-        calls.append(layout.num_images)
-        return layout.seq_id.to(x_.dtype)[:, None].expand(-1, 2)
+    def model_fn(x_, t_, y_, layout, mask=None):  # each kept token returns the number of the copy that kept it
+        calls.append((layout.num_images, mask.index.shape[0]))
+        out = torch.full((x_.shape[0], 2), -1.0)
+        out[mask.index] = mask.layout.seq_id.to(x_.dtype)[:, None]
+        return out
 
     out = subset_denoiser(model_fn, 0.75, torch.Generator().manual_seed(1))(x, torch.zeros(1), torch.zeros(1), lay)
     cover = subset_cover(lay, 0.75, torch.Generator().manual_seed(1))
     shared = cover.coverage == 2
-    assert calls == [2]  # one network call for both subsets
+    assert calls == [(2, 24)]  # one network call: two copies of the image, 12 kept tokens in each
     assert torch.all(out[shared] == 0.5) and set(out[~shared, 0].tolist()) == {0.0, 1.0}
 
 
-def test_keep_one_is_the_full_grid_denoiser_and_other_designs_are_refused():
-    def model_fn(x, t, y, layout):
+def test_keep_one_is_the_full_grid_denoiser():
+    def model_fn(x, t, y, layout, mask=None):
         return x
 
     assert subset_denoiser(model_fn, 1.0) is model_fn
-    cfg = model_config("FiT-tiny", mask_design="decoder")
-    with pytest.raises(ValueError, match="reproduces the plain design's training view.*'decoder'.*subset_keep=1"):
-        guided_denoiser(FiT(cfg), GaussianDiffusion(), SamplerOptions(subset_keep=0.5))

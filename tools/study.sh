@@ -34,9 +34,9 @@
 #   ALSO_ATTN=kept    a masked run's final checkpoint is also sampled at MARK_RES with its attention logits scaled by
 #                     ln n / ln(kept keys) (models/rope.py "kept"; from 2026-12-02 third session on, ~4 s a run;
 #                     ALSO_ATTN= turns it off)
-#   SUBSETS=1         a plain run with uniform masking also samples its final checkpoint at MARK_RES on random token
-#                     subsets of its keep ratio, as it trained (--also-subset-sampling; from 2026-12-02 fourth session
-#                     on, ~4 s a run; SUBSETS= turns it off)
+#   SUBSETS=1         a run with uniform masking also samples its final checkpoint at MARK_RES through its masked
+#                     forward on random token subsets of its keep ratio, as it trained (--also-subset-sampling; from
+#                     2026-12-02 fourth session on, ~4 s a run, more for a decoder; SUBSETS= turns it off)
 #   LIMIT=570         seconds before an experiment is cut (what it finished still comes back)
 #   PROBE_LIMIT=150 PROBE_BATCHES=2   DDPM decoder runs: tools/probes/decoder_mask_token_gap.py on every checkpoint
 #                     afterwards (NAME_sSEED_gap.jsonl beside the results; commit it under study/gap/, where
@@ -86,7 +86,7 @@ case "$cmd" in
     [ "${1:-}" = "--" ] && shift
     [ ${#specs[@]} -gt 0 ] || { echo "usage: tools/study.sh run NAME[:SEED] ... [-- EXPERIMENT ARGS]" >&2; exit 2; }
     also_attn=${ALSO_ATTN-kept}  # set and empty: off
-    subsets=${SUBSETS-1}  # plain uniform masked runs also sample on token subsets; SUBSETS= turns it off
+    subsets=${SUBSETS-1}  # uniformly masked runs also sample on token subsets; SUBSETS= turns it off
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null
     for spec in "${specs[@]}"; do
       name=${spec%%:*}; seed=0

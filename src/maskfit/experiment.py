@@ -126,10 +126,9 @@ def is_masked(cfg: RunConfig) -> bool:
 
 
 def subset_sampling_applies(cfg: RunConfig) -> bool:
-    """Whether subset sampling reproduces the run's training view: plain design, uniform masking at a ratio (its
-    mean ratio where drawn per image) below 1; the unmasked fine-tune, if any, does not change that."""
-    return (cfg.mask.keep_count is None and cfg.mask.keep_ratio < 1.0 and cfg.mask.design == "plain"
-            and cfg.mask.strategy == "uniform")
+    """Whether subset sampling reproduces the run's training view: uniform masking at a ratio (its mean ratio where
+    drawn per image) below 1, any design; the unmasked fine-tune, if any, does not change that."""
+    return cfg.mask.keep_count is None and cfg.mask.keep_ratio < 1.0 and cfg.mask.strategy == "uniform"
 
 
 def design_label(cfg: RunConfig) -> str:
@@ -576,9 +575,10 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
                         "of whether masked runs' washed-out samples come from attending over more keys than in "
                         "training); an unmasked run skips it")
     p.add_argument("--also-subset-sampling", action="store_true",
-                   help="a plain masked run with uniform masking also samples its final checkpoint at the mark "
-                        "resolutions the way it trained: every network call on random subsets of its keep ratio of "
-                        "each image's tokens (maskfit sample --subset-keep); other runs skip it")
+                   help="a masked run with uniform masking also samples its final checkpoint at the mark "
+                        "resolutions the way it trained: every network call through its masked forward on random "
+                        "subsets of its keep ratio of each image's tokens (maskfit sample --subset-keep); other runs "
+                        "skip it")
     p.add_argument("--sample-compile", action="store_true", help="torch.compile the sampler's network (per sweep call)")
     p.add_argument("--proxy", required=True, help="proxy classifier (maskfit train-classifier --data-split train)")
     p.add_argument("--eval-data", default=None, help="folder of the reference images (default: the run's data.root)")

@@ -27,7 +27,7 @@ from maskfit.diffusion.gaussian import _SAMPLERS as DDPM_SAMPLERS
 from maskfit.diffusion.guidance import GuidanceConfig, guided
 from maskfit.models.rope import RopeExtrapolation
 from maskfit.models.transformer import FiT
-from maskfit.tokens import pack, split_images, subset_cover, unpatchify
+from maskfit.tokens import MaskedView, pack, split_images, subset_cover, unpatchify
 from maskfit.runs import autocast_for
 
 # The samplers of each objective: "ddpm" = FiT v1 (gaussian.py), "flow" = FiTv2 (flow.py).
@@ -78,8 +78,8 @@ class SamplerOptions:
     atol: Optional[float] = None  # dopri5 only; None: flow.py's defaults (FiTv2's 1e-6 and 1e-3)
     rtol: Optional[float] = None
     precision: str = "fp32"  # the network's forward: "bf16" autocast or "fp32" (see the module docstring)
-    # Subset sampling (ours, for plain masked models): below 1, every network call sees random subsets of this
-    # fraction of each image's tokens, as in masked training, instead of the full grid (``subset_denoiser``).
+    # Subset sampling (ours, for masked models): below 1, every network call sees random subsets of this fraction
+    # of each image's tokens through the masked forward, as in training, instead of the full grid (``subset_denoiser``).
     subset_keep: float = 1.0
 
     def __post_init__(self) -> None:
@@ -142,51 +142,56 @@ def t_to_fraction_for(diffusion):
 
 
 def subset_denoiser(model_fn, keep_ratio: float, generator: Optional[torch.Generator] = None):
-    """A denoiser that runs ``model_fn`` on random subsets of each image's tokens, as masked training showed them.
+    """A denoiser that runs ``model_fn`` as masked training ran the network: on random subsets of each image's tokens.
 
-    Each call cuts every image into ceil(1/keep_ratio) random subsets of round(keep_ratio * n) tokens that cover it
-    (``maskfit.tokens.subset_cover``), runs the network once on all subsets as separate segments (each keeps its
-    image's label, time, grid and true positions) and returns each token's prediction from the subset that held it,
-    the mean where two did. A plain model trained at keep ratio k thus meets, at every step, the k·n keys it learnt
-    on rather than n (the mismatch REPORT.md's "washed out" finding is about); new subsets are drawn every call.
-    keep_ratio 1 returns ``model_fn`` itself.
+    ``model_fn(x, t, y, layout, mask=None)`` is the network (``FiT.forward``'s arguments). Each call cuts every image
+    into m = ceil(1/keep_ratio) random subsets of round(keep_ratio * n) tokens that together cover it
+    (``maskfit.tokens.subset_cover``) and runs the network's *masked* forward once on m copies of the stream, copy i
+    keeping subset i: each design meets exactly its training view (plain: the backbone on the kept tokens only;
+    decoder, side-interpolator: the encoder on them, mask tokens elsewhere, the full grid after; mixer: its dense
+    blocks first). Each token's prediction is the one from the copy that kept it (the mean where two did), as the
+    training loss reads it. A model trained at keep ratio k thus meets, at every step, the k·n keys it learnt on
+    rather than n (the mismatch REPORT.md's "washed out" finding is about); new subsets are drawn every call.
+    keep_ratio 1 returns ``model_fn`` itself (the full grid, no mask).
     """
     if keep_ratio == 1.0:
         return model_fn
 
     def fn(x: Tensor, t: Tensor, y: Tensor, layout) -> Tensor:
+        T, B = x.shape[0], layout.num_images
         cover = subset_cover(layout, keep_ratio, generator)
         m = cover.subsets
-        out = model_fn(x[cover.index], t.repeat(m), y.repeat(m), cover.layout)  # (T_s, D_out)
-        total = out.new_zeros(x.shape[0], out.shape[1]).index_add_(0, cover.index, out)  # (T, D_out)
-        return total / cover.coverage[:, None].to(out.dtype)  # (T, D_out)
+        # Segment i*B + b of the cover is subset i of image b, i.e. image i*B + b of the stream repeated m times,
+        # and its tokens sit at cover.index + i*T there: the cover's own layout is that stream's kept layout.
+        copy = torch.div(cover.layout.seq_id, B, rounding_mode="floor")  # (T_s,) which copy holds each subset token
+        view = MaskedView(cover.index + copy * T, cover.layout)
+        out = model_fn(x.repeat(m, 1), t.repeat(m), y.repeat(m), layout.repeat(m), mask=view)  # (m*T, D_out)
+        kept = out[view.index]  # (T_s, D_out): each copy's prediction at the tokens it kept
+        total = kept.new_zeros(T, kept.shape[1]).index_add_(0, cover.index, kept)  # (T, D_out)
+        return total / cover.coverage[:, None].to(kept.dtype)  # (T, D_out)
 
     return fn
 
 
 def guided_denoiser(model: FiT, diffusion, options: SamplerOptions, generator: Optional[torch.Generator] = None):
     """The sampling denoiser: RoPE extrapolation, classifier-free guidance, and the full grid unless
-    ``options.subset_keep`` < 1 (then random subsets drawn from ``generator``, shared by cond and uncond)."""
+    ``options.subset_keep`` < 1 (then each network call on random token subsets drawn from ``generator``)."""
     rope = options.rope
 
-    def model_fn(x, t, y, lay):
+    def model_fn(x, t, y, lay, mask=None):
         # The network in options.precision (bf16 autocast: FlashAttention's dtype, the GPU's fast path); its output
         # back in fp32 before guidance and the sampler use it, so their state and arithmetic never drop to bf16.
         with autocast_for(options.precision, x.device):
-            out = model(x, t, y, lay, rope=rope)  # (T, D_out), bf16 under autocast
+            out = model(x, t, y, lay, rope=rope, mask=mask)  # (T, D_out), bf16 under autocast
         return out.float()  # (T, D_out)
 
     guidance = GuidanceConfig(
         scale=options.cfg_scale, null_class=model.null_class, channels=options.guidance_channels,
         schedule=options.guidance_schedule,
     )
-    fn = guided(model_fn, guidance, model.cfg.patch_size, t_to_fraction_for(diffusion))
-    if options.subset_keep < 1.0 and model.cfg.mask_design != "plain":
-        raise ValueError(
-            f"subset_keep={options.subset_keep} reproduces the plain design's training view (the backbone on the kept "
-            f"tokens only), but this model's mask design is {model.cfg.mask_design!r}; sample it with subset_keep=1"
-        )
-    return subset_denoiser(fn, options.subset_keep, generator)
+    # Subsets below guidance: the conditional and unconditional halves each get their own draw.
+    network = subset_denoiser(model_fn, options.subset_keep, generator)
+    return guided(network, guidance, model.cfg.patch_size, t_to_fraction_for(diffusion))
 
 
 @torch.no_grad()

@@ -119,9 +119,9 @@ def add_sampler_arguments(p) -> None:
                    help="the network's forward: 'auto' = bf16 autocast on CUDA, fp32 on a CPU; the sampler state, "
                         "guidance and decoding are fp32 either way")
     p.add_argument("--subset-keep", type=subset_keep_arg, default=1.0, metavar="K",
-                   help="subset sampling, for plain masked runs: every network call sees random subsets of K of each "
-                        "image's tokens that together cover it, as masked training showed them (e.g. the run's "
-                        "mask.keep_ratio), instead of the full grid; default 1 (the full grid)")
+                   help="subset sampling, for masked runs: every network call runs the model's masked forward on "
+                        "random subsets of K of each image's tokens that together cover it, as masked training did "
+                        "(e.g. the run's mask.keep_ratio), instead of the full grid; default 1 (the full grid)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network once for every stream length (dynamic shapes): a minute or two "
                         "up front, then faster per image; worth it for thousands of images")

@@ -493,8 +493,8 @@ def _extra_table(lines: Sequence[dict], extra: Sequence[dict], labels, heading: 
 
 def extra_tables(lines: Sequence[dict], extra: Sequence[dict], labels) -> List[str]:
     """One table per kind of extra evaluation: the final raw weights, each other guidance scale, each attention
-    scale and subset sampling (these two with their FD and their samples' contrast). Every extra line's run has main lines too (split_extra takes the
-    main setting from the run's own lines)."""
+    scale and subset sampling (these two with their FD and their samples' contrast). Every extra line's run has
+    main lines too (split_extra takes the main setting from the run's own lines)."""
     main_of_run = {l["run"]: l for l in lines}
     raw, other_attn, other_cfg, subsets = [], [], [], []
     for l in extra:
@@ -527,9 +527,9 @@ def extra_tables(lines: Sequence[dict], extra: Sequence[dict], labels) -> List[s
             "tokens). ", "none / scaled")
     out += _fd_and_contrast_tables(
         lines, subsets, labels, "The final checkpoint sampled on token subsets beside the full grid",
-        "`maskfit experiment --also-subset-sampling`: the same weights, sampler and guidance, every network call on "
-        "random subsets of the run's keep ratio of each image's tokens that together cover it, as it trained "
-        "(maskfit.sample.subset_denoiser). ", "full grid / subsets")
+        "`maskfit experiment --also-subset-sampling`: the same weights, sampler and guidance, every network call "
+        "through the model's masked forward on random subsets of the run's keep ratio of each image's tokens that "
+        "together cover it, as it trained (maskfit.sample.subset_denoiser). ", "full grid / subsets")
     return out
 
 
