@@ -18,7 +18,13 @@ COMMON=(--set 'model.attention="dense"'
   --set 'mask.keep_ratio=0.5' --set 'mask.design="decoder"' --set 'mask.aux_loss_weight=0.0' \
   --set 'mask.decoder_hidden=128' --set 'mask.decoder_heads=2' --set 'train.steps=2000' \
   --set "train.out_dir=\"$D/dec50noaux\"" --set 'train.ckpt_every=1000' --set 'train.keep_checkpoints=0'
-for spec in "p25:0.25" "p25:0.5" "packed:0.25" "p25mix:0.25" "dec50noaux:1" "dec50noaux:0.5"; do  # run, fraction each network call sees
+# and with its auxiliary loss (weight 0.1 on the dropped tokens: the GPU's decoder50); added the same session
+[ -d "$D/dec50/checkpoints/step_0002000" ] || $PY -m maskfit.cli train configs/study/base.toml "${COMMON[@]}" \
+  --set 'mask.keep_ratio=0.5' --set 'mask.design="decoder"' \
+  --set 'mask.decoder_hidden=128' --set 'mask.decoder_heads=2' --set 'train.steps=2000' \
+  --set "train.out_dir=\"$D/dec50\"" --set 'train.ckpt_every=1000' --set 'train.keep_checkpoints=0'
+for spec in "p25:0.25" "p25:0.5" "packed:0.25" "p25mix:0.25" "dec50noaux:1" "dec50noaux:0.5" \
+            "dec50:1" "dec50:0.5"; do  # run, fraction each network call sees
   IFS=: read -r name keep <<< "$spec"
   dir="$D/fd_subset/$name/$keep"
   mkdir -p "$(dirname "$dir")"
@@ -30,7 +36,7 @@ for spec in "p25:0.25" "p25:0.5" "packed:0.25" "p25mix:0.25" "dec50noaux:1" "dec
 import json, sys
 path, name, keep = sys.argv[1], sys.argv[2], float(sys.argv[3])
 m = json.load(open(path))["metrics"]
-print(json.dumps({"run": name, "keep_ratio": {"p25": 0.25, "p25mix": 0.25, "packed": 1.0, "dec50noaux": 0.5}[name],
+print(json.dumps({"run": name, "keep_ratio": {"p25": 0.25, "p25mix": 0.25, "packed": 1.0, "dec50noaux": 0.5, "dec50": 0.5}[name],
                   "checkpoint": "step_0002000", "images_seen": 64000, "subset_keep": keep, "samples": 256, "seed": 1,
                   "reference": "train-64, 1000 images at 64x64", **{k: m[k] for k in (
                       "proxy_fd", "proxy_precision", "proxy_recall", "proxy_class_accuracy", "detail_ratio",
