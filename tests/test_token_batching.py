@@ -167,6 +167,67 @@ def test_bins_never_exceed_the_budget_nor_the_image_cap():
     assert sorted(seen) == list(range(300))
 
 
+def _plain_bins(grids, budget, mask, seed, max_images, buffer_size, steps):
+    """The bin rule as the sampler's docstring states it, written plainly: every pending image's count re-read
+    at every pick, each from its own mask generator (the sampler reads each count once per bin and draws only
+    where the count is random)."""
+    from maskfit.data.pipeline import mask_generator
+    from maskfit.masking import num_keep_for
+    from maskfit.packing import pick_next
+
+    epoch, cursor, pending, bins = 0, 0, [], []
+    for step in range(steps):
+        if cursor >= len(grids) and not pending:
+            epoch, cursor = epoch + 1, 0
+        order = np.random.default_rng([seed, epoch]).permutation(len(grids))
+
+        def fill():
+            nonlocal cursor
+            while len(pending) < buffer_size and cursor < len(order):
+                pending.append(int(order[cursor]))
+                cursor += 1
+
+        def length(i):
+            n = grids[i][0] * grids[i][1]
+            return n if mask is None else num_keep_for(n, mask, step, mask_generator(seed, epoch, i))
+
+        room, chosen, counts = budget, [], []
+        fill()
+        while pending and (max_images is None or len(chosen) < max_images):
+            lengths = [length(i) for i in pending]
+            pick = pick_next(lengths, room)
+            if pick is None:
+                break
+            chosen.append(pending.pop(pick))
+            counts.append(lengths[pick])
+            room -= lengths[pick]
+            fill()
+        bins.append((epoch, step, tuple(chosen), tuple(counts)))
+    return bins
+
+
+@pytest.mark.parametrize("mask", [
+    None,
+    MaskConfig(keep_ratio=0.5),
+    MaskConfig(keep_ratio=0.6, ratio_distribution="beta"),
+    MaskConfig(keep_ratio=0.5, resolution_dependent=True, reference_tokens=32),
+    MaskConfig(keep_ratio=0.25, schedule="linear", schedule_steps=60, final_unmasked_steps=10),
+    MaskConfig(keep_ratio=0.5, unmasked_every=4),
+], ids=["unmasked", "half", "beta", "resdep", "linear+finetune", "every4"])
+@pytest.mark.parametrize("max_images", [None, 5])
+def test_sampler_bins_equal_the_plainly_written_rule(mask, max_images):
+    # Three epochs of a small set (drains at the epoch ends included), a buffer smaller than a bin's images.
+    grids = token_grids(SyntheticDataset(90, 8, seed=3, sizes=SyntheticSizes(token_budget=64, patch_px=4)), 4)
+    sampler = TokenBudgetSampler(grids, 120, mask=mask, seed=2, max_images=max_images, buffer_size=6)
+    steps = 70
+    got = []
+    for _ in range(steps):
+        plan = sampler.next_bin()
+        got.append((plan.epoch, plan.step, plan.indices, plan.counts))
+    assert got == _plain_bins(grids, 120, mask, 2, max_images, 6, steps)
+    assert got[-1][0] >= 2  # the run crossed two epoch boundaries
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_resume_reproduces_bins_and_masks(workers):
     cfg = run_config(steps=20, mask={"keep_ratio": 0.5, "ratio_distribution": "beta"}, num_workers=workers)
