@@ -71,3 +71,30 @@ def test_data_bench_times_synthetic_loader_and_real_rows_of_one_config(tmp_path)
     assert synthetic.ms_per_step > 0 and real.ms_per_step > 0
     assert real.gpu_ms_per_step is None  # CUDA events only
     assert not (tmp_path / "unused").exists()  # the bench trains in a temporary folder
+    assert real.host_profile is None  # only on request
+
+
+def test_data_bench_host_profile_reports_the_real_rows_window(tmp_path, capsys):
+    """`maskfit bench --data CONFIG --profile`: the real row's timed window, by where the main thread was."""
+    from maskfit.bench_data import bench_config
+    from maskfit.config import config_from_dict
+
+    cfg = config_from_dict({
+        "model": {"preset": "FiTv2-tiny", "attention": "dense", "overrides": {"patch_size": 4, "num_classes": 4}},
+        "data": {"source": "synthetic", "num_images": 64, "num_classes": 4, "token_budget": 16,
+                 "autoencoder": "identity", "layout": "packed", "batching": "tokens", "tokens_per_step": 64,
+                 "max_images_per_step": 12},
+        "diffusion": {"objective": "flow"}, "mask": {"keep_ratio": 0.5},
+        "train": {"out_dir": str(tmp_path / "unused"), "steps": 3, "device": "cpu", "seed": 0},
+    })
+    *_, real = bench_config(cfg, "tiny.toml", steps=4, warmup=1, host_profile=True)
+    profile = real.host_profile
+    assert profile["samples"] > 10
+    for shares in (profile["innermost"], profile["maskfit"]):
+        assert 0 < sum(shares.values()) <= 1 + 1e-9 and len(shares) <= 10
+    # no workers: the main thread both builds the batches (masks drawn in the data pipeline) and runs the step
+    # (backward and optimizer under train_step itself)
+    assert profile["maskfit"].get("train.py:train_step", 0) > 0.1
+    data_files = ("datasets.py", "synthetic.py", "masking.py", "pipeline.py", "tokens.py", "transfer.py", "packing.py")
+    assert sum(v for k, v in profile["maskfit"].items() if k.startswith(data_files)) > 0
+    assert "host profile:" in capsys.readouterr().out

@@ -21,7 +21,11 @@
 #             shapes), MODEL (default FiT-B/2), unmasked (65 536 tokens a step) and 50 % plain (32 768 kept), each
 #             at most 320 images, or with ROWS=decoder 50 % kept with the decoder (its full-grid stream padded to a
 #             static length since 2026-12-02, so CUDA graphs apply to it too); COMPILE_MODE (default
-#             reduce-overhead, i.e. CUDA graphs; or default); carry .carry/imagenette/train-128.zip
+#             reduce-overhead, i.e. CUDA graphs; or default); PROFILE=1 adds `--profile`: where the real row's main
+#             thread spent its timed window (maskfit.hostprofile); carry .carry/imagenette/train-128.zip
+#   host      the one folder row under the 0.95 floor (FiT-B/2-dit, 50 % plain, 0.844 on 2026-12-02) again, after
+#             the bin planner's speed-up, with PROFILE=1: does it now reach the floor, and if not, where does the
+#             main process spend the time the GPU waits
 #   remaining the two folder rows still unmeasured: ROWS=plain50 MODEL=FiT-B/2-dit and ROWS=decoder MODEL=FiT-B/2 of
 #             folder128_tokens, one command (ROWS: plain = unmasked and 50 % plain, or unmasked, plain50, decoder)
 #   graphs    CUDA graphs in maskfit train (train.compile_mode) on the small pixel model, token batching,
@@ -30,7 +34,7 @@
 #             8192 images), unmasked, 50 % plain, 50 % decoder
 # Each writes JSON lines and a log under OUT_DIR (default: $OUT, else ./device_out).
 set -uo pipefail
-stage=${1:?usage: tools/real_path.sh tests|pixels|sampling|latents|rest|workers|folder|folder128|folder128_tokens|remaining|graphs [OUT_DIR]}
+stage=${1:?usage: tools/real_path.sh tests|pixels|sampling|latents|rest|workers|folder|folder128|folder128_tokens|host|remaining|graphs [OUT_DIR]}
 out=${2:-${OUT:-device_out}}
 mkdir -p "$out"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -108,6 +112,7 @@ case "$stage" in
     mode=${COMPILE_MODE:-reduce-overhead}
     tok=(--set train.compile=true --set model.preset="\"${MODEL:-FiT-B/2}\"" --set data.batching='"tokens"' --set train.batch_size=null
          --set data.max_images_per_step=320 --set train.compile_mode="\"$mode\"")
+    [ "${PROFILE:-0}" = 1 ] && tok+=(--profile)
     rows=${ROWS:-plain}
     if [ "$rows" = plain ] || [ "$rows" = unmasked ]; then
       bench 200 --data configs/study/base.toml "${tok[@]}" --set data.tokens_per_step=65536 --steps 40 --warmup 10
@@ -119,6 +124,8 @@ case "$stage" in
       bench 250 --data configs/study/base.toml "${tok[@]}" --set data.tokens_per_step=32768 --set mask.keep_ratio=0.5 \
         --set mask.design='"decoder"' --steps 40 --warmup 10
     fi ;;
+  host)
+    ROWS=plain50 MODEL=FiT-B/2-dit PROFILE=1 "$0" folder128_tokens "$out" ;;
   remaining)
     # The folder rows of item 2 not measured by 2026-12-02: FiT-B/2-dit at 50 % plain and FiT-B/2 with the decoder,
     # both under token batching with CUDA graphs (about 2 minutes each; carry .carry/imagenette/train-128.zip).

@@ -303,7 +303,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="append JSON lines here")
-    p.add_argument("--profile", action="store_true", help="print the top kernels of 3 profiled steps")
+    p.add_argument("--profile", action="store_true",
+                   help="print the top kernels of 3 profiled steps; with --data: where the real row's main thread "
+                        "spent its timed window, from samples of its Python stack (maskfit.hostprofile)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--decoder-depth", type=int, default=None, help="decoder blocks (design 'decoder')")
     p.add_argument("--mixer-depth", type=int, default=None, help="patch-mixer blocks (design 'mixer')")
@@ -341,7 +343,8 @@ def run_bench(args) -> int:
         from maskfit.config import load_config
 
         for path in args.data:
-            for row in bench_config(load_config(path, args.set), Path(path).name, args.steps, args.warmup):
+            for row in bench_config(load_config(path, args.set), Path(path).name, args.steps, args.warmup,
+                                    host_profile=args.profile):
                 record(row)
         return 0
     if args.sampling:

@@ -55,15 +55,22 @@ class DataBenchResult:
     host_step_fraction: Optional[float] = None
     ms_per_step: Optional[float] = None  # wall time per step (synthetic, real)
     gpu_ms_per_step: Optional[float] = None  # real row on CUDA: each step's time on the GPU (RateWindow)
+    # real row with host_profile: the main thread's timed window by innermost frame and by innermost maskfit
+    # frame, label -> share of the samples (maskfit.hostprofile; the ten largest of each)
+    host_profile: Optional[dict] = None
 
 
-def bench_config(cfg, name: str, steps: int = 30, warmup: int = 10, distinct_batches: int = 4):
+def bench_config(cfg, name: str, steps: int = 30, warmup: int = 10, distinct_batches: int = 4,
+                 host_profile: bool = False):
     """(synthetic, loader, real) rows for a run config; the real row's ratio is real / synthetic images/s.
 
     The loader row runs the run's loader alone (batches built by the workers and copied to the device,
     no model): the rate at which data can arrive, whatever the model. Under torchrun with several ranks
     only the real row is measured (the other two are one process's and equal to a one-GPU run's), with
     images/s over every rank and per GPU (scaling: per-GPU rate at N GPUs / the one-GPU rate).
+
+    host_profile: sample the main thread's stack through the real row and report its timed window
+    (:class:`maskfit.hostprofile.StackSampler`), printed and in the row's ``host_profile``.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     from maskfit.bench import sync_device
@@ -84,7 +91,7 @@ def bench_config(cfg, name: str, steps: int = 30, warmup: int = 10, distinct_bat
         dev = resolve_device(cfg.train.device)
         peak = peak_tflops(dev)
         if world > 1:
-            return (_bench_real(cfg, common, steps, warmup, peak, world),)
+            return (_bench_real(cfg, common, steps, warmup, peak, world, host_profile),)
 
         # --- synthetic: a few real batches, on the GPU once, cycled (its memory is freed on return)
         synthetic = _bench_synthetic(cfg, common, steps, warmup, distinct_batches)
@@ -111,24 +118,37 @@ def bench_config(cfg, name: str, steps: int = 30, warmup: int = 10, distinct_bat
         del data
 
         # --- real: the training loop itself
-        real = _bench_real(cfg, common, steps, warmup, peak, world)
+        real = _bench_real(cfg, common, steps, warmup, peak, world, host_profile)
         real.real_over_synthetic = round(real.images_per_s / synthetic.images_per_s, 3)
         _free_memory()
         return synthetic, loader, real
 
 
-def _bench_real(cfg, common: dict, steps: int, warmup: int, peak, world: int) -> "DataBenchResult":
+def _bench_real(cfg, common: dict, steps: int, warmup: int, peak, world: int,
+                host_profile: bool = False) -> "DataBenchResult":
     """The real row: ``maskfit train``'s loop (:func:`maskfit.train.train`) timed after ``warmup`` steps.
 
     The loop's window counts this rank's images (rank 0 under torchrun): that is the per-GPU rate; the
     total is it times the ranks (image batching gives every rank the same images per step; under token
     batching the ranks' counts differ by a few images).
     """
+    from maskfit.hostprofile import StackSampler
     from maskfit.train import train
 
     torch._dynamo.reset()
-    result = train(cfg, resume=False, progress=False, stop_after=warmup + steps, measure_after=warmup)
+    sampler = StackSampler()
+    if host_profile:
+        with sampler:
+            result = train(cfg, resume=False, progress=False, stop_after=warmup + steps, measure_after=warmup)
+    else:
+        result = train(cfg, resume=False, progress=False, stop_after=warmup + steps, measure_after=warmup)
     m = result.measured
+    profile = None
+    if host_profile:
+        found = sampler.profile(m["window_start"], m["window_end"])
+        print("\n".join(found.lines()), flush=True)
+        profile = {"samples": found.samples, "innermost": dict(list(found.innermost.items())[:10]),
+                   "maskfit": dict(list(found.maskfit.items())[:10])}
     per_gpu = m["images_per_s"]
     return DataBenchResult(
         path="real", params_m=round(result.num_params / 1e6, 1), images_per_s=round(per_gpu * world, 1),
@@ -138,7 +158,7 @@ def _bench_real(cfg, common: dict, steps: int, warmup: int, peak, world: int) ->
         compile_seconds=m["compile_seconds_in_window"], world_size=world,
         images_per_s_per_gpu=round(per_gpu, 1), loader_wait_fraction=m["loader_wait_fraction"],
         host_step_fraction=m["host_step_fraction"], ms_per_step=m["ms_per_step"],
-        gpu_ms_per_step=m["gpu_ms_per_step"], **common,
+        gpu_ms_per_step=m["gpu_ms_per_step"], host_profile=profile, **common,
     )
 
 

@@ -596,13 +596,15 @@ def _end_measure(device: torch.device, mark: dict, step: int, window: RateWindow
 
     sync_device(device)
     window.settle()
-    seconds = time.perf_counter() - mark["t"]
+    end = time.perf_counter()
+    seconds = end - mark["t"]
     steps = step - mark["step"]
     images, tokens, flops, wait, host, gpu_ms, gpu_steps = (window.totals[k] - mark[k] for k in RateWindow.COUNTERS)
     return {
         "ms_per_step": round(1000 * seconds / max(steps, 1), 2),
         "gpu_ms_per_step": round(gpu_ms / gpu_steps, 2) if gpu_steps else None,
-        "steps": steps, "seconds": seconds, "images_per_s": images / max(seconds, 1e-9),
+        "steps": steps, "seconds": seconds, "window_start": mark["t"], "window_end": end,
+        "images_per_s": images / max(seconds, 1e-9),
         "tokens_per_s": tokens / max(seconds, 1e-9), "flops": flops,
         "loader_wait_fraction": round(wait / max(seconds, 1e-9), 3),
         "host_step_fraction": round(host / max(seconds, 1e-9), 3),

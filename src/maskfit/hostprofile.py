@@ -1,0 +1,109 @@
+"""Where one thread of this process spends its wall time: a sampling profiler of Python stacks.
+
+The real training loop loses time on the host between GPU steps (BENCHMARKS.md, the real path): its main process
+waits for batches, plans token-batching bins, receives and pins what the workers send, and launches the step.
+The loop's own counters split the window only into "waiting for a batch" and "running train_step". This samples
+the main thread's Python stack from a daemon thread every ``interval`` seconds (``sys._current_frames``) and says,
+for a chosen time window, which functions the samples fall in:
+
+- ``innermost``: the frame executing when sampled (``Condition.wait``, ``_plan``, a compiled graph's call, ...);
+- ``maskfit``: the innermost frame in this package, i.e. which of our calls the time is under.
+
+Sampling adds no work to the sampled thread itself, but the sampler needs the GIL for each sample (a few
+microseconds); at the default 1 ms interval that is well under 1 % of a step. Wall time, not CPU time: a thread
+blocked in a queue read shows up in the read.
+"""
+from __future__ import annotations
+
+import collections
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+def _label(frame) -> str:
+    code = frame.f_code
+    return f"{Path(code.co_filename).name}:{code.co_name}"
+
+
+def _innermost_in_package(frame) -> Optional[str]:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+            return _label(frame)
+        frame = frame.f_back
+    return None
+
+
+@dataclass(frozen=True)
+class HostProfile:
+    """Shares of a window's samples: ``innermost`` and ``maskfit`` map a label to its fraction, largest first."""
+
+    samples: int
+    seconds: float
+    innermost: dict
+    maskfit: dict
+
+    def lines(self, top: int = 12) -> list[str]:
+        """Human-readable summary: the ``top`` labels of each kind with their share of the window."""
+        out = [f"host profile: {self.samples} samples over {self.seconds:.2f} s of the main thread"]
+        for name, shares in (("innermost frame", self.innermost), ("innermost maskfit frame", self.maskfit)):
+            out.append(f"  by {name}:")
+            out.extend(f"    {share:6.1%}  {label}" for label, share in list(shares.items())[:top])
+        return out
+
+
+class StackSampler:
+    """Samples thread ``thread_id``'s stack (default: the thread that creates the sampler) every ``interval`` s.
+
+    Use as a context manager; :meth:`profile` then summarises the samples taken between two ``time.perf_counter``
+    readings (the whole run by default).
+    """
+
+    def __init__(self, thread_id: Optional[int] = None, interval: float = 0.001):
+        if interval <= 0:
+            raise ValueError(f"interval={interval} must be a positive number of seconds (e.g. 0.001)")
+        self.thread_id = threading.get_ident() if thread_id is None else thread_id
+        self.interval = interval
+        self._samples: list[tuple[float, str, Optional[str]]] = []  # (time, innermost, innermost in maskfit)
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "StackSampler":
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="maskfit-stack-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            frame = sys._current_frames().get(self.thread_id)
+            if frame is None:  # the thread has ended
+                return
+            self._samples.append((time.perf_counter(), _label(frame), _innermost_in_package(frame)))
+
+    def profile(self, start: float = float("-inf"), end: float = float("inf")) -> HostProfile:
+        """The samples taken in [start, end] (``time.perf_counter`` seconds), as shares."""
+        window = [s for s in self._samples if start <= s[0] <= end]
+        if not window:
+            raise ValueError(
+                f"no samples in the window [{start}, {end}] ({len(self._samples)} in all); sample over the window "
+                "(enter the sampler before it starts) or lengthen it"
+            )
+
+        def shares(labels) -> dict:
+            counts = collections.Counter(labels)
+            return {label: n / len(window) for label, n in counts.most_common()}
+
+        seconds = window[-1][0] - window[0][0]
+        return HostProfile(len(window), seconds, shares(s[1] for s in window),
+                           shares(s[2] or "(outside maskfit)" for s in window))
