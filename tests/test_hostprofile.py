@@ -52,6 +52,27 @@ def test_maskfit_frames_name_the_package_call_the_time_is_under():
     assert found.maskfit.get("packing.py:pick_next", 0) > 0.5
 
 
+def test_other_threads_are_reported_by_name():
+    stop = threading.Event()
+
+    def helper():
+        while not stop.is_set():
+            _spin(0.01)
+
+    t = threading.Thread(target=helper, name="busy-helper")
+    t.start()
+    try:
+        with StackSampler(interval=0.002) as sampler:
+            _wait(0.2)
+    finally:
+        stop.set()
+        t.join()
+    found = sampler.profile()
+    assert found.innermost.get("threading.py:wait", 0) > 0.9  # the sampled (main) thread
+    assert found.threads["busy-helper"].get("test_hostprofile.py:_spin", 0) > 0.8
+    assert "thread 'busy-helper'" in "\n".join(found.lines())
+
+
 def test_errors_name_the_value():
     with pytest.raises(ValueError, match="interval=0"):
         StackSampler(interval=0)

@@ -148,7 +148,8 @@ def _bench_real(cfg, common: dict, steps: int, warmup: int, peak, world: int,
         found = sampler.profile(m["window_start"], m["window_end"])
         print("\n".join(found.lines()), flush=True)
         profile = {"samples": found.samples, "innermost": dict(list(found.innermost.items())[:10]),
-                   "maskfit": dict(list(found.maskfit.items())[:10])}
+                   "maskfit": dict(list(found.maskfit.items())[:10]),
+                   "threads": {name: dict(list(shares.items())[:5]) for name, shares in found.threads.items()}}
     per_gpu = m["images_per_s"]
     return DataBenchResult(
         path="real", params_m=round(result.num_params / 1e6, 1), images_per_s=round(per_gpu * world, 1),

@@ -7,7 +7,9 @@ the main thread's Python stack from a daemon thread every ``interval`` seconds (
 for a chosen time window, which functions the samples fall in:
 
 - ``innermost``: the frame executing when sampled (``Condition.wait``, ``_plan``, a compiled graph's call, ...);
-- ``maskfit``: the innermost frame in this package, i.e. which of our calls the time is under.
+- ``maskfit``: the innermost frame in this package, i.e. which of our calls the time is under;
+- ``threads``: every other Python thread's innermost frame, by thread name (the DataLoader's pin-memory thread
+  takes each batch from the workers and pins it in this process, competing with the main thread for the GIL).
 
 Sampling adds no work to the sampled thread itself, but the sampler needs the GIL for each sample (a few
 microseconds); at the default 1 ms interval that is well under 1 % of a step. Wall time, not CPU time: a thread
@@ -41,18 +43,24 @@ def _innermost_in_package(frame) -> Optional[str]:
 
 @dataclass(frozen=True)
 class HostProfile:
-    """Shares of a window's samples: ``innermost`` and ``maskfit`` map a label to its fraction, largest first."""
+    """Shares of a window's samples: ``innermost`` and ``maskfit`` map a label to its fraction, largest first;
+    ``threads`` maps another thread's name to the same for its innermost frame (shares of the samples the thread
+    was alive in)."""
 
     samples: int
     seconds: float
     innermost: dict
     maskfit: dict
+    threads: dict
 
     def lines(self, top: int = 12) -> list[str]:
         """Human-readable summary: the ``top`` labels of each kind with their share of the window."""
         out = [f"host profile: {self.samples} samples over {self.seconds:.2f} s of the main thread"]
         for name, shares in (("innermost frame", self.innermost), ("innermost maskfit frame", self.maskfit)):
             out.append(f"  by {name}:")
+            out.extend(f"    {share:6.1%}  {label}" for label, share in list(shares.items())[:top])
+        for name, shares in self.threads.items():
+            out.append(f"  thread {name!r}, by innermost frame:")
             out.extend(f"    {share:6.1%}  {label}" for label, share in list(shares.items())[:top])
         return out
 
@@ -69,7 +77,8 @@ class StackSampler:
             raise ValueError(f"interval={interval} must be a positive number of seconds (e.g. 0.001)")
         self.thread_id = threading.get_ident() if thread_id is None else thread_id
         self.interval = interval
-        self._samples: list[tuple[float, str, Optional[str]]] = []  # (time, innermost, innermost in maskfit)
+        # (time, innermost, innermost in maskfit, ((other thread's name, its innermost), ...))
+        self._samples: list[tuple[float, str, Optional[str], tuple]] = []
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -85,11 +94,18 @@ class StackSampler:
             self._thread.join()
 
     def _run(self) -> None:
+        me = threading.get_ident()
+        names: dict[int, str] = {}
         while not self._stop.wait(self.interval):
-            frame = sys._current_frames().get(self.thread_id)
+            frames = sys._current_frames()
+            frame = frames.pop(self.thread_id, None)
             if frame is None:  # the thread has ended
                 return
-            self._samples.append((time.perf_counter(), _label(frame), _innermost_in_package(frame)))
+            frames.pop(me, None)
+            if any(tid not in names for tid in frames):
+                names = {t.ident: t.name for t in threading.enumerate()}
+            others = tuple((names.get(tid, str(tid)), _label(f)) for tid, f in frames.items())
+            self._samples.append((time.perf_counter(), _label(frame), _innermost_in_package(frame), others))
 
     def profile(self, start: float = float("-inf"), end: float = float("inf")) -> HostProfile:
         """The samples taken in [start, end] (``time.perf_counter`` seconds), as shares."""
@@ -104,6 +120,14 @@ class StackSampler:
             counts = collections.Counter(labels)
             return {label: n / len(window) for label, n in counts.most_common()}
 
+        by_thread: dict[str, list[str]] = collections.defaultdict(list)
+        for s in window:
+            for name, label in s[3]:
+                by_thread[name].append(label)
+        threads = {}
+        for name, labels in sorted(by_thread.items(), key=lambda kv: -len(kv[1])):
+            counts = collections.Counter(labels)
+            threads[name] = {label: n / len(labels) for label, n in counts.most_common()}
         seconds = window[-1][0] - window[0][0]
         return HostProfile(len(window), seconds, shares(s[1] for s in window),
-                           shares(s[2] or "(outside maskfit)" for s in window))
+                           shares(s[2] or "(outside maskfit)" for s in window), threads)
