@@ -623,7 +623,7 @@ def test_git_dirty_reports_a_tree_that_differs_from_its_commit(tmp_path, monkeyp
     assert _git_dirty() is True
 
 
-def _grid_archive(path: Path, run: str, steps=(10, 20)) -> None:
+def _grid_archive(path: Path, run: str, steps=(10, 20), extra: bool = True) -> None:
     """An archive shaped like tools/study.sh run's: grids of two checkpoints, 8 x 2 images of HxW with 2-px borders,
     under the main evaluation ``abc``; then, as ``--also-cfg`` adds, the last checkpoint's 64x64 grid under another
     evaluation ``xyz`` (colour 250, 0, 0)."""
@@ -646,7 +646,8 @@ def _grid_archive(path: Path, run: str, steps=(10, 20)) -> None:
             for split, (h, w), method in (("id", (64, 64), "none"), ("id", (48, 80), "none"),
                                           ("ood", (96, 96), "vision_yarn"), ("ood", (96, 96), "none")):
                 add(tar, f"{run}/eval/abc/step_{step:07d}/{split}/samples/{method}/grid_{h}x{w}.png", (h, w), (step, h, w))
-        add(tar, f"{run}/eval/xyz/step_{steps[-1]:07d}/id/samples/none/grid_64x64.png", (64, 64), (250, 0, 0))
+        if extra:
+            add(tar, f"{run}/eval/xyz/step_{steps[-1]:07d}/id/samples/none/grid_64x64.png", (64, 64), (250, 0, 0))
 
 
 def test_sample_sheet_takes_the_final_checkpoint_one_row_per_set_in_protocol_order(tmp_path):
@@ -670,11 +671,26 @@ def test_sample_sheet_takes_the_final_checkpoint_one_row_per_set_in_protocol_ord
     strip = np.asarray(sheet_strip(read, keys, (64, 64, "none")), dtype=float)
     assert strip.shape == (2 + 64 + 2, 2 + 8 * 66, 3)
     assert np.abs(strip[10:-10, 10:-10] - [20, 64, 64]).max() <= 6
+    # The final checkpoint's extra evaluation (xyz) has a sheet of its own, its strips named by eval id ...
+    assert (study / "sheets" / "packed_s0.extras.txt").read_text() == "step 20; strips top to bottom: 64x64 none (eval xyz)\n"
+    extras = np.asarray(Image.open(study / "sheets" / "packed_s0.extras.jpg"), dtype=float)
+    assert extras.shape == (2 + 64 + 2, 2 + 8 * 66, 3) and np.abs(extras[10:-10, 10:-10] - [250, 0, 0]).max() <= 8
     (study / "results").mkdir()
-    (study / "results" / "a.jsonl").write_text(json.dumps(synthetic_line("packed", 0, "64x64", "none", 5.0)) + "\n")
+    main = [synthetic_line("packed", 0, res, "none", 5.0) for res in ("64x64", "48x80")]
+    subsets = {**synthetic_line("packed", 0, "64x64", "none", 7.0), "eval_id": "xyz", "subset_keep": 0.5}
+    (study / "results" / "a.jsonl").write_text("".join(json.dumps(l) + "\n" for l in [*main, subsets]))
     write_report(study / "results", tmp_path / "REPORT.md")
     text = (tmp_path / "REPORT.md").read_text()
     assert "![samples of packed_s0](study/sheets/packed_s0.jpg)" in text and "step 20 (eval abc); strips top to bottom" in text
+    assert "![samples of packed_s0.extras]" not in text  # not listed as a run's sheet
+    # ... which the report names by the setting that evaluation changed
+    assert ("**packed_s0, extra evaluations of the same checkpoint** (step 20; strips top to bottom: 64x64 none "
+            "(token subsets of 0.5))") in text
+    assert "![extra evaluations of packed_s0](study/sheets/packed_s0.extras.jpg)" in text
+    # a sheet rewritten from an archive without extras drops the old extras sheet
+    _grid_archive(tmp_path / "plain.tar.gz", "packed_s0", extra=False)
+    assert sheets_main([str(tmp_path / "plain.tar.gz"), "--out", str(study / "sheets")]) == 0
+    assert not (study / "sheets" / "packed_s0.extras.jpg").exists()
     assert sheets_main([str(tmp_path / "missing.tar.gz"), "--out", str(study / "sheets")]) == 2
 
 

@@ -491,22 +491,27 @@ def _extra_table(lines: Sequence[dict], extra: Sequence[dict], labels, heading: 
     return out + [""]
 
 
+def extra_setting(line: dict, main: dict) -> Tuple[str, str]:
+    """(kind, words) of an extra evaluation's line against its run's main line: what it changed, the first
+    difference in the order raw weights, token subsets, attention scale, guidance scale."""
+    if line.get("weights") != main.get("weights"):
+        return "raw", f"{line.get('weights')} weights"
+    if line.get("subset_keep", 1.0) != main.get("subset_keep", 1.0):
+        return "subsets", f"token subsets of {line['subset_keep']:g}"
+    if line.get("attn_scale", "none") != main.get("attn_scale", "none"):
+        return "attn", f"attention scale {line['attn_scale']}"
+    return "cfg", f"CFG {line['cfg_scale']:g}"
+
+
 def extra_tables(lines: Sequence[dict], extra: Sequence[dict], labels) -> List[str]:
     """One table per kind of extra evaluation: the final raw weights, each other guidance scale, each attention
     scale and subset sampling (these two with their FD and their samples' contrast). Every extra line's run has
     main lines too (split_extra takes the main setting from the run's own lines)."""
     main_of_run = {l["run"]: l for l in lines}
-    raw, other_attn, other_cfg, subsets = [], [], [], []
+    kinds = {"raw": [], "subsets": [], "attn": [], "cfg": []}
     for l in extra:
-        main = main_of_run[l["run"]]
-        if l.get("weights") != main.get("weights"):
-            raw.append(l)
-        elif l.get("subset_keep", 1.0) != main.get("subset_keep", 1.0):
-            subsets.append(l)
-        elif l.get("attn_scale", "none") != main.get("attn_scale", "none"):
-            other_attn.append(l)
-        else:
-            other_cfg.append(l)
+        kinds[extra_setting(l, main_of_run[l["run"]])[0]].append(l)
+    raw, other_attn, other_cfg, subsets = kinds["raw"], kinds["attn"], kinds["cfg"], kinds["subsets"]
     out = _extra_table(lines, raw, labels, "The final checkpoint's raw weights beside its EMA",
                        "A short last phase (the unmasked fine-tune) barely moves an EMA with a memory of hundreds of "
                        "steps: the raw weights show what that phase reached. Proxy FD, lower is better; EMA / raw.")
@@ -595,7 +600,7 @@ def report_block(lines: Sequence[dict], plots: Path, report: Path, sheets: Optio
     out += floor_table(floor)
     out += gap_table(gap)
     out += trajectory_table(gap)
-    out += sample_sheets(sheets, report)
+    out += sample_sheets(sheets, report, lines, extra)
     out.append(END)
     return "\n".join(out)
 
@@ -712,9 +717,15 @@ def trajectory_table(gap: Optional[Path]) -> List[str]:
             "| --- | --- |" + " ---: |" * (len(TRAJECTORY_STEPS) + 2), *rows, ""]
 
 
-def sample_sheets(sheets: Optional[Path], report: Path) -> List[str]:
-    """Links to the sample sheets of :mod:`maskfit.study_sheets` (RUN.jpg with its strip order in RUN.txt)."""
-    found = sorted(sheets.glob("*.jpg")) if sheets is not None and sheets.is_dir() else []
+def sample_sheets(sheets: Optional[Path], report: Path, lines: Sequence[dict] = (),
+                  extra: Sequence[dict] = ()) -> List[str]:
+    """Links to the sample sheets of :mod:`maskfit.study_sheets` (RUN.jpg with its strip order in RUN.txt), each
+    followed by its extra evaluations' sheet (RUN.extras.jpg) where there is one, every strip's eval id named by
+    the setting it changed (from the result lines ``extra`` of that run)."""
+    from maskfit.study_sheets import EXTRAS
+
+    found = sorted(p for p in sheets.glob("*.jpg") if not p.stem.endswith(EXTRAS)) \
+        if sheets is not None and sheets.is_dir() else []
     if not found:
         return []
     rel = Path(os.path.relpath(sheets, report.parent))
@@ -726,7 +737,26 @@ def sample_sheets(sheets: Optional[Path], report: Path) -> List[str]:
         order = image.with_suffix(".txt")
         caption = order.read_text().strip() if order.is_file() else "strip order not recorded"
         out += [f"**{image.stem}** ({caption})", "", f"![samples of {image.stem}]({(rel / image.name).as_posix()})", ""]
+        extras = image.with_name(image.stem + EXTRAS + ".jpg")
+        if extras.is_file():
+            out += [f"**{image.stem}, extra evaluations of the same checkpoint** ({_extras_caption(extras, image.stem, lines, extra)})",
+                    "", f"![extra evaluations of {image.stem}]({(rel / extras.name).as_posix()})", ""]
     return out
+
+
+def _extras_caption(extras: Path, run: str, lines: Sequence[dict], extra: Sequence[dict]) -> str:
+    """The extras sheet's strip order with each eval id replaced by the setting its result lines say it changed."""
+    order = extras.with_suffix(".txt")
+    if not order.is_file():
+        return "strip order not recorded"
+    text = order.read_text().strip()
+    main = next((l for l in lines if l["run"] == run), None)
+    if main is None:
+        return text
+    for l in extra:
+        if l["run"] == run:
+            text = text.replace(f"(eval {l['eval_id']})", f"({extra_setting(l, main)[1]})")
+    return text
 
 
 def write_report(results: Path, report: Path, plots: Optional[Path] = None) -> Path:

@@ -8,6 +8,11 @@ final checkpoint (8 samples), one strip per (resolution, RoPE method) in the pro
 out of distribution), stacked on a white page, saved as a JPEG at quality 92 (a PNG of these noisy
 samples is ~3 MB a run, and the repository travels to the GPU machine whole). The strips carry no text (no font is assumed); the order is
 :func:`sheet_order`, and :mod:`maskfit.study_report` writes it under each sheet it links.
+
+The extra evaluations of the final checkpoint (``--also-cfg``, ``--raw-final``, ``--also-attn-scale``,
+``--also-subset-sampling``: the same weights under another setting, at a few sizes) get a second sheet,
+``RUN.extras.jpg``, one strip per (evaluation, size, method), its order in ``RUN.extras.txt`` with each strip's
+eval id; :mod:`maskfit.study_report` names each id's setting from the result lines.
 """
 from __future__ import annotations
 
@@ -33,12 +38,27 @@ def sheet_order(keys: Sequence[Tuple[int, int, str]]) -> List[Tuple[int, int, st
     return sorted(keys, key=lambda k: (k[0] * k[1] > 4096, k[0] * k[1], k[1], k[2] != "none", k[2]))
 
 
-def read_final_grids(archive: Path) -> Tuple[str, int, str, Dict[Tuple[int, int, str], Image.Image]]:
+Grids = Dict[Tuple[int, int, str], Image.Image]  # (H, W, method) -> a sampling run's grid
+
+
+def read_final_grids(archive: Path) -> Tuple[str, int, str, Grids]:
     """(run, step, eval id, {(H, W, method): grid}) of the archive's last checkpoint (the run's final one), under
     its main evaluation: the eval id with the most grids there. The extra evaluations (``--also-cfg``,
     ``--raw-final``, ``--also-attn-scale``) sample the same checkpoint at a few sizes under other settings, and
     their grids must not stand in for the main one's (sheets written before 2026-12-02's third session could take
     a 64x64 strip from one of them)."""
+    run, step, by_eval = read_final_evaluations(archive)
+    eval_id = main_evaluation(by_eval)
+    return run, step, eval_id, by_eval[eval_id]
+
+
+def main_evaluation(by_eval: Dict[str, Grids]) -> str:
+    """The main evaluation's id: the one with the most grids (ties: the smallest id)."""
+    return min(by_eval, key=lambda e: (-len(by_eval[e]), e))
+
+
+def read_final_evaluations(archive: Path) -> Tuple[str, int, Dict[str, Grids]]:
+    """(run, step, {eval id: {(H, W, method): grid}}) of the archive's last checkpoint, every evaluation of it."""
     found: Dict[Tuple[int, str], Dict[Tuple[int, int, str], str]] = {}
     run = None
     with tarfile.open(archive, "r:gz") as tar:
@@ -53,12 +73,14 @@ def read_final_grids(archive: Path) -> Tuple[str, int, str, Dict[Tuple[int, int,
                 "archive written by tools/study.sh run"
             )
         step = max(s for s, _ in found)
-        eval_id = min((e for s, e in found if s == step), key=lambda e: (-len(found[(step, e)]), e))
-        grids = {}
-        for key, name in found[(step, eval_id)].items():
-            with tar.extractfile(name) as f:
-                grids[key] = Image.open(BytesIO(f.read())).convert("RGB")
-    return run, step, eval_id, grids
+        by_eval: Dict[str, Grids] = {}
+        for (s, eval_id), names in found.items():
+            if s != step:
+                continue
+            for key, name in names.items():
+                with tar.extractfile(name) as f:
+                    by_eval.setdefault(eval_id, {})[key] = Image.open(BytesIO(f.read())).convert("RGB")
+    return run, step, by_eval
 
 
 def top_rows(grid: Image.Image, height: int, rows: int = ROWS_PER_STRIP) -> Image.Image:
@@ -67,16 +89,20 @@ def top_rows(grid: Image.Image, height: int, rows: int = ROWS_PER_STRIP) -> Imag
     return grid.crop((0, 0, grid.width, min(grid.height, pad + rows * (height + pad))))
 
 
-def make_sheet(grids: Dict[Tuple[int, int, str], Image.Image]) -> Tuple[Image.Image, List[Tuple[int, int, str]]]:
+def make_sheet(grids: Grids) -> Tuple[Image.Image, List[Tuple[int, int, str]]]:
     order = sheet_order(list(grids))
-    strips = [top_rows(grids[k], k[0]) for k in order]
+    return stack_strips([top_rows(grids[k], k[0]) for k in order]), order
+
+
+def stack_strips(strips: Sequence[Image.Image]) -> Image.Image:
+    """Strips one below the other, GAP white pixels apart, on a white page as wide as the widest."""
     sheet = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips) + GAP * (len(strips) - 1)),
                       "white")
     y = 0
     for strip in strips:
         sheet.paste(strip, (0, y))
         y += strip.height + GAP
-    return sheet, order
+    return sheet
 
 
 GRID_COLUMNS = 8  # sampling_run's grids: 8 samples a row
@@ -110,15 +136,29 @@ def sheet_strip(sheet: Image.Image, order: Sequence[Tuple[int, int, str]], key: 
     raise KeyError(f"no {key[0]}x{key[1]} {key[2]} strip on this sheet; it has {strips}")
 
 
+EXTRAS = ".extras"  # RUN.extras.jpg / RUN.extras.txt: the final checkpoint's extra evaluations
+
+
 def write_sheet(archive: Path, out: Path) -> Path:
-    run, step, eval_id, grids = read_final_grids(archive)
-    sheet, order = make_sheet(grids)
+    run, step, by_eval = read_final_evaluations(archive)
+    eval_id = main_evaluation(by_eval)
+    sheet, order = make_sheet(by_eval[eval_id])
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{run}.jpg"
     sheet.save(path, quality=JPEG_QUALITY, optimize=True)
     (out / f"{run}.txt").write_text(
         f"step {step} (eval {eval_id}); strips top to bottom: " + ", ".join(f"{h}x{w} {m}" for h, w, m in order) + "\n"
     )
+    extras = [(e, k) for e in sorted(by_eval) if e != eval_id for k in sheet_order(list(by_eval[e]))]
+    extras_jpg, extras_txt = out / f"{run}{EXTRAS}.jpg", out / f"{run}{EXTRAS}.txt"
+    if extras:
+        stack_strips([top_rows(by_eval[e][k], k[0]) for e, k in extras]).save(extras_jpg, quality=JPEG_QUALITY,
+                                                                              optimize=True)
+        extras_txt.write_text(f"step {step}; strips top to bottom: "
+                              + ", ".join(f"{h}x{w} {m} (eval {e})" for e, (h, w, m) in extras) + "\n")
+    else:  # a rewritten sheet must not keep another archive's extras beside it
+        extras_jpg.unlink(missing_ok=True)
+        extras_txt.unlink(missing_ok=True)
     return path
 
 
