@@ -87,7 +87,7 @@ def test_data_bench_host_profile_reports_the_real_rows_window(tmp_path, capsys):
         "diffusion": {"objective": "flow"}, "mask": {"keep_ratio": 0.5},
         "train": {"out_dir": str(tmp_path / "unused"), "steps": 3, "device": "cpu", "seed": 0},
     })
-    *_, real = bench_config(cfg, "tiny.toml", steps=4, warmup=1, host_profile=True)
+    *_, real = bench_config(cfg, "tiny.toml", steps=12, warmup=1, host_profile=True)  # a window of ~50 samples
     profile = real.host_profile
     assert profile["samples"] > 10
     for shares in (profile["innermost"], profile["maskfit"]):
