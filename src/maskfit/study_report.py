@@ -32,16 +32,20 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from maskfit.evaluate.report import METRIC_INFO
+
 BEGIN, END = "<!-- study_report:begin -->", "<!-- study_report:end -->"
-METRICS = OrderedDict([
-    ("proxy_fd", ("proxy FD", "lower")),
-    ("proxy_class_accuracy", ("class accuracy of samples", "higher")),
-    ("proxy_precision", ("proxy precision", "higher")),
-    ("proxy_recall", ("proxy recall", "higher")),
+# The report's column labels (lower case, shorter than evaluate.report's); which way is better comes from
+# evaluate.report.METRIC_INFO, the one place that says it.
+METRICS = OrderedDict((key, (label, METRIC_INFO[key][1])) for key, label in [
+    ("proxy_fd", "proxy FD"),
+    ("proxy_class_accuracy", "class accuracy of samples"),
+    ("proxy_precision", "proxy precision"),
+    ("proxy_recall", "proxy recall"),
     # Pixel statistics of the samples over the references' (maskfit.evaluate.image_stats), from 2026-12-02 on:
     # which way a run's samples differ (blur or noise, washed out or not), where the FD says only how much.
-    ("detail_ratio", ("samples' detail ÷ references'", "closer to 1")),
-    ("contrast_ratio", ("samples' contrast ÷ references'", "closer to 1")),
+    ("detail_ratio", "samples' detail ÷ references'"),
+    ("contrast_ratio", "samples' contrast ÷ references'"),
 ])
 # Decimals per quantity (metrics and the runs table's columns); others get 2.
 DIGITS = {"proxy_class_accuracy": 3, "proxy_precision": 3, "proxy_recall": 3, "count": 0, "rate": 0, "mem": 1, "sec": 1}
