@@ -98,3 +98,21 @@ def test_data_bench_host_profile_reports_the_real_rows_window(tmp_path, capsys):
     data_files = ("datasets.py", "synthetic.py", "masking.py", "pipeline.py", "tokens.py", "transfer.py", "packing.py")
     assert sum(v for k, v in profile["maskfit"].items() if k.startswith(data_files)) > 0
     assert "host profile:" in capsys.readouterr().out
+
+
+def test_data_bench_loader_row_times_several_rounds_of_the_prefetched_batches(tmp_path):
+    """With workers, the loader row's window is at least 4x the batches they hold in flight (2 each), so batches
+    begun while the prefetch queue drained cannot stand for the steady rate."""
+    from maskfit.bench_data import bench_config
+    from maskfit.config import config_from_dict
+
+    cfg = config_from_dict({
+        "model": {"preset": "FiTv2-tiny", "attention": "dense", "overrides": {"patch_size": 4, "num_classes": 4}},
+        "data": {"source": "synthetic", "num_images": 64, "num_classes": 4, "token_budget": 16,
+                 "autoencoder": "identity", "layout": "packed", "num_workers": 1},
+        "diffusion": {"objective": "flow"},
+        "train": {"out_dir": str(tmp_path / "unused"), "steps": 3, "batch_size": 4, "device": "cpu", "seed": 0},
+    })
+    synthetic, loader, real = bench_config(cfg, "tiny.toml", steps=3, warmup=1)
+    assert (synthetic.steps, loader.steps, real.steps) == (3, 8, 3)
+    assert loader.images_per_s > 0

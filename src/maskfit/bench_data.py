@@ -105,15 +105,19 @@ def bench_config(cfg, name: str, steps: int = 30, warmup: int = 10, distinct_bat
         for s in range(drain):
             data.next_device_batch(s, dev)
         sync_device(dev)
+        # At least four times the batches the workers hold in flight (2 each): batches begun during the drain
+        # then make a small part of the window, which otherwise could overstate the workers' steady rate.
+        loader_steps = max(steps, 8 * cfg.data.num_workers)
         t0, images = time.perf_counter(), 0
-        for s in range(drain, drain + steps):
+        for s in range(drain, drain + loader_steps):
             data.next_device_batch(s, dev)
             images += data.last_info.num_images
         sync_device(dev)
         seconds = time.perf_counter() - t0
         loader = DataBenchResult(
             path="loader", params_m=synthetic.params_m, images_per_s=round(images / seconds, 1),
-            tokens_per_s=0.0, mfu=None, peak_mem_gib=None, compile_graphs=0, compile_seconds=0.0, **common,
+            tokens_per_s=0.0, mfu=None, peak_mem_gib=None, compile_graphs=0, compile_seconds=0.0,
+            **{**common, "steps": loader_steps},
         )
         del data
 
