@@ -929,3 +929,13 @@ def test_trajectory_table_reads_the_probes_sampler_path_lines(tmp_path):
     table = trajectory_table(tmp_path)
     assert "| decoder50_s0 | step_0000391 | 0.999 | 0.749 | 0.500 | 0.250 | 0.125 | 0.042 | 0.000 | 0.250 | 0.500 |" in table
     assert gap_table(tmp_path) == []  # no epsilon lines: no gap table, and no error
+
+
+def test_run_styles_differ_for_the_first_thirty_runs():
+    from maskfit.study_report import run_style
+
+    styles = [tuple(sorted(run_style(j).items())) for j in range(30)]
+    assert len(set(styles)) == 30
+    # same colour ten apart, told apart by the line and the marker
+    assert run_style(0)["color"] == run_style(10)["color"]
+    assert run_style(0)["linestyle"] != run_style(10)["linestyle"] and run_style(0)["marker"] != run_style(10)["marker"]

@@ -52,6 +52,13 @@ DIGITS = {"proxy_class_accuracy": 3, "proxy_precision": 3, "proxy_recall": 3, "c
 # The decisive comparison's baselines (issue 12): every other run is read against them where they have results.
 REFERENCE_RUNS = ("packed", "fit_padded")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+LINESTYLES = ("-", "--", ":")
+
+
+def run_style(j: int) -> dict:
+    """Line style of the j-th run in a plot: matplotlib's ten colours, then the same colours dashed, then dotted,
+    each with its own marker, so no two of the first 30 runs look alike (colour alone repeats after ten)."""
+    return {"color": f"C{j % 10}", "marker": MARKERS[j % len(MARKERS)], "linestyle": LINESTYLES[(j // 10) % 3]}
 
 TEMPLATE = """# The study: does masked flexible training reach FiT's quality for less compute, at every resolution?
 
@@ -379,7 +386,7 @@ def plot_curves(cells, row_labels, columns, x_key: str, x_label: str, path: Path
         for label, points in runs.items():
             j = list(row_labels).index(label)
             ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
-                        marker=MARKERS[j % len(MARKERS)], capsize=3, label=label)
+                        capsize=3, label=label, **run_style(j))
         ax.set_xlim(left=0)
         _log_fd_axis(ax)
         ax.set_title(f"{res}, {method}")
