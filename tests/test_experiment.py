@@ -543,6 +543,7 @@ def test_report_tables_and_plots_from_synthetic_lines(tmp_path):
     assert "| plain50 [1] | 9.00 | 11.00 |" in text and "| plain50 [2] | 30.00 | – |" in text
     assert "ID 64x64 none | OOD 96x96 vision_yarn" in text
     assert "**250,000 images**" in text and "| packed | 32.00 ± 2.00 (n=3) |" in text
+    assert "At a glance" not in text  # one run with three seeds: nothing to set beside it
     for name in ("fd_vs_gpu_time", "fd_vs_images_seen", "fd_vs_resolution", "throughput_memory"):
         assert (tmp_path / "study" / "plots" / f"{name}.png").stat().st_size > 1000
         assert f"](study/plots/{name}.png)" in text
@@ -562,6 +563,23 @@ def test_report_tables_and_plots_from_synthetic_lines(tmp_path):
     assert all(ax.get_yscale() == "log" for ax in fig.axes)
     low, high = fig.axes[0].get_ylim()
     assert low < 9.0 and high > 30.0  # spans every run's points (plain50 [1] at 9, plain50 [2] at 30)
+
+
+def test_glance_table_sets_the_runs_with_three_seeds_side_by_side(tmp_path):
+    from maskfit.study_report import write_report
+
+    results = tmp_path / "study" / "results"
+    results.mkdir(parents=True)
+    lines = [synthetic_line(variant, seed, "64x64", "none", fd + seed, images=images)
+             for variant, fd, images in (("packed", 10.0, 200_000), ("plain50_ft", 8.0, 360_000)) for seed in range(3)]
+    lines += [synthetic_line("plain75", 0, "64x64", "none", 7.0)]  # one seed: not at a glance
+    (results / "a.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    write_report(results, tmp_path / "REPORT.md")
+    text = (tmp_path / "REPORT.md").read_text()
+    glance = text[text.index("### At a glance"):text.index("### Runs")]
+    assert "| | packed (3 seeds) | plain50_ft (3 seeds) |" in glance and "plain75" not in glance
+    assert "| images seen | 200,000 ± 0 | 360,000 ± 0 |" in glance  # equal across seeds: a spread of 0
+    assert "| ID 64x64 none | 11.00 ± 1.00 | 9.00 ± 1.00 |" in glance
 
 
 def test_report_without_results_says_so_and_creates_the_template(tmp_path):

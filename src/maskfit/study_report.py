@@ -323,6 +323,43 @@ def runs_table(lines: Sequence[dict], labels, row_labels: Sequence[str]) -> List
     return out
 
 
+GLANCE_SEEDS = 3  # issue 12: the decisive comparison has at least three seeds a run
+
+
+def glance_table(lines: Sequence[dict], labels, row_labels: Sequence[str], cells, columns) -> List[str]:
+    """The runs with at least GLANCE_SEEDS seeds side by side (a column each): how fast they trained, how many images
+    they saw in the budget, and their proxy FD at every resolution and method at the final checkpoint. Nothing when
+    fewer than two runs have that many seeds."""
+    chosen = []
+    for label in row_labels:
+        finals = {l["seed"]: l for l in lines if label_of(l, labels) == label and l["is_final"]}
+        if len(finals) >= GLANCE_SEEDS:
+            chosen.append((label, list(finals.values())))
+    if len(chosen) < 2:
+        return []
+
+    def plain(values, digits: int) -> str:  # mean ± std, the seed count is in the header
+        mean, spread, _ = mean_spread(values)
+        if mean is None:
+            return "–"
+        return f"{mean:,.{digits}f}" + ("" if spread is None else f" ± {spread:,.{digits}f}")
+
+    out = [f"### At a glance: the runs with {GLANCE_SEEDS} or more seeds", "",
+           "_Final checkpoints after the same training budget; mean ± sample std over seeds; proxy FD, lower is "
+           "better. Their differences, with p-values and paired by seed, are in the tables below._", "",
+           "| | " + " | ".join(f"{label} ({len(runs)} seeds)" for label, runs in chosen) + " |",
+           "| --- | " + " | ".join("---:" for _ in chosen) + " |",
+           "| images/s (average over the budget) | " + " | ".join(plain([r["images_per_s"] for r in runs], 0)
+                                                          for _, runs in chosen) + " |",
+           "| images seen | " + " | ".join(plain([r["images_seen"] for r in runs], 0) for _, runs in chosen) + " |"]
+    for res, method in columns:
+        row = [plain([l.get("proxy_fd") for l in cells.get((label, "final", res, method), [])], 2) for label, _ in chosen]
+        if any(c != "–" for c in row):
+            split = next(l["split"] for label, _ in chosen for l in cells.get((label, "final", res, method), []))
+            out.append(f"| {split} {res} {method} | " + " | ".join(row) + " |")
+    return out + [""]
+
+
 # --------------------------------------------------------------------------------------------------
 # Plots
 # --------------------------------------------------------------------------------------------------
@@ -588,6 +625,7 @@ def report_block(lines: Sequence[dict], plots: Path, report: Path, sheets: Optio
     if len(proxies) > 1:
         out += [f"> **Warning:** {len(proxies)} proxy classifiers ({', '.join(sorted(p[:12] for p in proxies))}); proxy "
                 "numbers compare only within one.", ""]
+    out += glance_table(lines, labels, row_labels, cells, columns)
     out += ["### Runs", ""] + runs_table(lines, labels, row_labels) + [""]
     out += ["### At equal GPU time (final checkpoints, equal training budget)", ""]
     for key in METRICS:
