@@ -116,3 +116,26 @@ def test_data_bench_loader_row_times_several_rounds_of_the_prefetched_batches(tm
     synthetic, loader, real = bench_config(cfg, "tiny.toml", steps=3, warmup=1)
     assert (synthetic.steps, loader.steps, real.steps) == (3, 8, 3)
     assert loader.images_per_s > 0
+
+
+def test_data_bench_host_profile_of_a_window_without_samples_keeps_the_row(tmp_path, capsys, monkeypatch):
+    """A timed window shorter than the sampling interval has no samples: the row is kept, the profile left out,
+    and the message says to time more steps."""
+    import maskfit.hostprofile as hostprofile
+    from maskfit.bench_data import bench_config
+    from maskfit.config import config_from_dict
+
+    original = hostprofile.StackSampler.__init__
+    monkeypatch.setattr(hostprofile.StackSampler, "__init__",
+                        lambda self, thread_id=None, interval=0.005: original(self, thread_id, interval=60.0))
+    cfg = config_from_dict({
+        "model": {"preset": "FiTv2-tiny", "attention": "dense", "overrides": {"patch_size": 4, "num_classes": 4}},
+        "data": {"source": "synthetic", "num_images": 64, "num_classes": 4, "token_budget": 16,
+                 "autoencoder": "identity", "layout": "packed"},
+        "diffusion": {"objective": "flow"},
+        "train": {"out_dir": str(tmp_path / "unused"), "steps": 3, "batch_size": 4, "device": "cpu", "seed": 0},
+    })
+    *_, real = bench_config(cfg, "tiny.toml", steps=2, warmup=1, host_profile=True)
+    assert real.host_profile is None and real.images_per_s > 0
+    out = capsys.readouterr().out
+    assert "no samples in the window" in out and "raise --steps" in out

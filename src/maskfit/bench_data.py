@@ -149,11 +149,15 @@ def _bench_real(cfg, common: dict, steps: int, warmup: int, peak, world: int,
     m = result.measured
     profile = None
     if host_profile:
-        found = sampler.profile(m["window_start"], m["window_end"])
-        print("\n".join(found.lines()), flush=True)
-        profile = {"samples": found.samples, "innermost": dict(list(found.innermost.items())[:10]),
-                   "maskfit": dict(list(found.maskfit.items())[:10]),
-                   "threads": {name: dict(list(shares.items())[:5]) for name, shares in found.threads.items()}}
+        try:
+            found = sampler.profile(m["window_start"], m["window_end"])
+        except ValueError as exc:  # a window shorter than the sampling interval: say so, keep the row
+            print(f"host profile: {exc} (the window was {m['seconds'] * 1000:.0f} ms; raise --steps)", flush=True)
+        else:
+            print("\n".join(found.lines()), flush=True)
+            profile = {"samples": found.samples, "innermost": dict(list(found.innermost.items())[:10]),
+                       "maskfit": dict(list(found.maskfit.items())[:10]),
+                       "threads": {name: dict(list(sh.items())[:5]) for name, sh in found.threads.items()}}
     per_gpu = m["images_per_s"]
     return DataBenchResult(
         path="real", params_m=round(result.num_params / 1e6, 1), images_per_s=round(per_gpu * world, 1),
