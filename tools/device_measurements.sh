@@ -19,8 +19,11 @@
 #   item3-xl   FiTv2-XL/2 unmasked and 50 % kept beside the published FiTv2 at batch 64 (profiled), then ours at
 #              batch 128; needs third_party/FiT (about 8 minutes)
 #   xl-graphs  FiTv2-XL/2 at 50 % kept under CUDA graphs (compile mode reduce-overhead), batch 64 and 128
-#   autotune   FiT-B/2 unmasked with torch.compile's max-autotune-no-cudagraphs (matmul epilogue fusion)
+#   autotune   FiT-B/2-dit unmasked beside the published code, then FiT-B/2 unmasked, with torch.compile's
+#              max-autotune-no-cudagraphs (Triton matmul templates, elementwise work in their epilogues)
 #   rope       tools/probes/rope_variants.py: four forms of the RoPE pair rotation, compiled, forward + backward
+#   swiglu     tools/probes/swiglu_backward.py: the SwiGLU backward as the model has it, as two matmuls on the weight's
+#              halves, and as one hand-written Triton kernel; 12 compiled sublayers, hidden 2048 and 3072 (~2 min)
 #   tuning     FiT-B/2-dit unmasked beside the published code with Inductor's coordinate-descent tuning of its
 #              pointwise and reduction kernels (TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1; the profile has SwiGLU's
 #              backward at about half the bandwidth its forward reaches), then FiT-B/2 the same way
@@ -107,6 +110,12 @@ case "$stage" in
   rope)
     timeout 300 python3 tools/probes/rope_variants.py 2>&1 | tee -a "$out/$stage.log"
     ;;
+  swiglu)
+    # The SwiGLU backward three ways (the model's, two matmuls on the weight's halves, one hand-written Triton kernel
+    # that reads each input once), 12 compiled sublayers: FiT-B/2-dit's hidden width, then FiT-B/2's
+    timeout 200 python3 tools/probes/swiglu_backward.py 256 2048 2>&1 | tee -a "$out/$stage.log"
+    timeout 200 python3 tools/probes/swiglu_backward.py 256 3072 2>&1 | tee -a "$out/$stage.log"
+    ;;
   tuning)
     export TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1
     bench 280 --published-fit third_party/FiT --models FiT-B/2-dit --modes packed
@@ -121,5 +130,5 @@ case "$stage" in
     timeout 120 python3 tools/probes/attention_buckets.py 2>&1 | tee -a "$out/$stage.log"
     bench 220 --models FiT-B/2-dit --modes packed --attention varlen
     ;;
-  *) echo "unknown stage $stage: use checks, designs, designs-b2, missing, profile, item3, item3-xl, xl-graphs, autotune, rope, recheck, tuning or attention" >&2; exit 2 ;;
+  *) echo "unknown stage $stage: use checks, designs, designs-b2, missing, profile, item3, item3-xl, xl-graphs, autotune, rope, swiglu, recheck, tuning or attention" >&2; exit 2 ;;
 esac

@@ -1,0 +1,179 @@
+"""Probe: the SwiGLU backward's cost in the compiled step, and two other forms of it (issue 14 item 3).
+
+    PYTHONPATH=src python3 tools/probes/swiglu_backward.py [IMAGES] [FFN_HIDDEN]
+
+The 2026-12-01 profile of FiT-B/2-dit (bench_results/h200_2026-12-01_item3.log) gives the SwiGLU backward, one
+Inductor kernel ``fused_cat_mul_silu_silu_backward``, 534 us a layer (6.4 ms of a 92.8 ms step): 2.4 TB/s on the
+bytes it must move (read the gate and value halves of fc1's output and the incoming gradient, write the two
+halves of fc1's output gradient), where the forward's kernel moves its bytes at 4.4 TB/s. Its output is the
+concatenation of the two halves, computed one output element at a time, so each half re-reads what the other read.
+This times 12 compiled FFN sublayers (LayerNorm, SwiGLU 768 -> 2 x FFN_HIDDEN -> 768, residual), forward and
+backward in bf16 on an ImageNet-like stream, three ways:
+
+- ``model``: ``maskfit.models.transformer.SwiGLU`` as it is;
+- ``split``: the gate and value halves as two matmuls on the halves of the same weight (no concatenation in the
+  backward: the two halves' gradients are separate tensors, each feeding its own matmul);
+- ``triton_bwd``: the model's forward, and a backward whose one Triton kernel reads each input once and writes
+  both halves of the gradient (``swiglu_grad_kernel`` below).
+
+Each form is first checked against the model's gradients. Without CUDA only the checks run (``triton_bwd`` under
+Triton's interpreter when triton is installed). Prints one line per form: ms for 12 sublayers' forward + backward
+(median of 20).
+"""
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: its kernels then run on the CPU
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the checks of the other forms still run
+    triton = None
+
+from maskfit.models.transformer import SwiGLU
+
+if triton is not None:
+
+    @triton.jit
+    def swiglu_grad_kernel(y_ptr, dh_ptr, dy_ptr, T, H, stride_y, stride_dh, stride_dy,
+                           BT: tl.constexpr, BH: tl.constexpr):
+        """dy[:, :H] = dh * v * s * (1 + g (1 - s)), dy[:, H:] = dh * g * s, with (g, v) = (y[:, :H], y[:, H:]) and
+        s = sigmoid(g): the derivative of silu(g) * v, each input read once, in fp32."""
+        rows = tl.program_id(0) * BT + tl.arange(0, BT)[:, None]
+        cols = tl.program_id(1) * BH + tl.arange(0, BH)[None, :]
+        mask = (rows < T) & (cols < H)
+        rows = rows.to(tl.int64)  # T x 2H elements may pass 2^31
+        g = tl.load(y_ptr + rows * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(y_ptr + rows * stride_y + H + cols, mask=mask, other=0.0).to(tl.float32)
+        d = tl.load(dh_ptr + rows * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+        s = tl.sigmoid(g)
+        dg = d * v * s * (1.0 + g * (1.0 - s))
+        dv = d * g * s
+        tl.store(dy_ptr + rows * stride_dy + cols, dg.to(dy_ptr.dtype.element_ty), mask=mask)
+        tl.store(dy_ptr + rows * stride_dy + H + cols, dv.to(dy_ptr.dtype.element_ty), mask=mask)
+
+
+def swiglu_grad(y: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
+    """(T, 2H) fc1 output and (T, H) gradient of silu(gate) * value -> (T, 2H) gradient of the fc1 output."""
+    T, H = dh.shape
+    dy = torch.empty_like(y)
+    grid = (triton.cdiv(T, 16), triton.cdiv(H, 128))
+    swiglu_grad_kernel[grid](y, dh, dy, T, H, y.stride(0), dh.stride(0), dy.stride(0), BT=16, BH=128)
+    return dy
+
+
+class _TritonSwiGLUActivation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y):  # (T, 2H) -> (T, H)
+        ctx.save_for_backward(y)
+        gate, value = y.chunk(2, dim=-1)
+        return F.silu(gate) * value
+
+    @staticmethod
+    def backward(ctx, dh):  # (T, H) -> (T, 2H)
+        (y,) = ctx.saved_tensors
+        return _swiglu_grad_op(y, dh.contiguous())
+
+
+_swiglu_grad_op = swiglu_grad
+if triton is not None and torch.cuda.is_available():
+    # As a triton_op, torch.compile sees the kernel (no graph break) and Inductor launches it as it is.
+    from torch.library import triton_op, wrap_triton
+
+    @triton_op("maskfit_probe::swiglu_grad", mutates_args=())
+    def _swiglu_grad_op(y: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
+        T, H = dh.shape
+        dy = torch.empty_like(y)
+        grid = (triton.cdiv(T, 16), triton.cdiv(H, 128))
+        wrap_triton(swiglu_grad_kernel)[grid](y, dh, dy, T, H, y.stride(0), dh.stride(0), dy.stride(0), BT=16, BH=128)
+        return dy
+
+
+class SplitSwiGLU(SwiGLU):
+    def forward(self, x):
+        h = self.hidden
+        w, b = self.fc1.weight, self.fc1.bias
+        gate, value = F.linear(x, w[:h], b[:h]), F.linear(x, w[h:], b[h:])  # (T, h) each
+        return self.fc2(F.silu(gate) * value)
+
+
+class TritonSwiGLU(SwiGLU):
+    def forward(self, x):
+        return self.fc2(_TritonSwiGLUActivation.apply(self.fc1(x)))
+
+
+def check_kernel() -> None:
+    """The kernel against autograd's derivative of silu(g) * v, fp32, odd sizes (masks at both edges)."""
+    g = torch.Generator().manual_seed(0)
+    y = (3 * torch.randn(37, 2 * 200, generator=g)).requires_grad_()
+    dh = torch.randn(37, 200, generator=g)
+    gate, value = y.chunk(2, dim=-1)
+    (expected,) = torch.autograd.grad(F.silu(gate) * value, y, dh)
+    torch.testing.assert_close(swiglu_grad(y.detach(), dh), expected, atol=1e-5, rtol=1e-5)
+    print("triton_bwd kernel equals autograd's derivative (fp32, 37 x 200)", flush=True)
+
+
+def main():
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    images = int(sys.argv[1]) if len(sys.argv) > 1 else (256 if cuda else 4)
+    hidden = int(sys.argv[2]) if len(sys.argv) > 2 else 2048  # FiT-B/2-dit; FiT-B/2 is 3072
+    if triton is not None:
+        check_kernel()
+    T = images * 241  # the mean tokens per image of the ImageNet-like stream (61 762 for 256 images)
+    torch.manual_seed(0)
+    forms = {"model": SwiGLU, "split": SplitSwiGLU}
+    if triton is not None:
+        forms["triton_bwd"] = TritonSwiGLU
+    layers = {name: torch.nn.ModuleList(cls(768, hidden) for _ in range(12)).to(dev) for name, cls in forms.items()}
+    for name in forms:
+        layers[name].load_state_dict(layers["model"].state_dict())
+    x0 = torch.randn(T, 768, device=dev)
+
+    def run(name, x):
+        for layer in layers[name]:
+            x = x + layer(F.layer_norm(x, x.shape[-1:]))
+        return x
+
+    def grads(name):
+        x = x0.clone().requires_grad_()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+            out = run(name, x)
+        out.float().square().mean().backward()
+        return [x.grad] + [p.grad for p in layers[name].parameters()]
+
+    reference = grads("model")
+    for name in forms:
+        if name == "model":
+            continue
+        for got, want in zip(grads(name), reference):
+            torch.testing.assert_close(got, want, atol=3e-2 if cuda else 1e-5, rtol=3e-2 if cuda else 1e-5)
+        print(f"{name} gradients equal the model's on {T} tokens ({dev.type})", flush=True)
+    if not cuda:
+        return
+    for name in forms:
+        compiled = torch.compile(lambda x, name=name: run(name, x))
+        x = x0.clone().requires_grad_()
+
+        def step():
+            x.grad = None
+            for p in layers[name].parameters():
+                p.grad = None
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = compiled(x)
+            out.float().square().mean().backward()
+
+        print(f"{name:10s} {median_cuda_ms(step):8.3f} ms (12 SwiGLU sublayers, hidden {hidden}, on {T} tokens, "
+              "forward + backward, compiled, bf16)", flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from cuda_timing import median_cuda_ms  # tools/probes/, the script's own folder
+
+    main()
