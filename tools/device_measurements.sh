@@ -22,8 +22,9 @@
 #   autotune   FiT-B/2-dit unmasked beside the published code, then FiT-B/2 unmasked, with torch.compile's
 #              max-autotune-no-cudagraphs (Triton matmul templates, elementwise work in their epilogues)
 #   rope       tools/probes/rope_variants.py: four forms of the RoPE pair rotation, compiled, forward + backward
-#   swiglu     tools/probes/swiglu_backward.py: the SwiGLU backward as the model has it, as two matmuls on the weight's
-#              halves, and as one hand-written Triton kernel; 12 compiled sublayers, hidden 2048 and 3072 (~2 min)
+#   kernels    tools/probes/swiglu_backward.py (the SwiGLU backward as the model has it, as two matmuls on the
+#              weight's halves, and as one hand-written Triton kernel; hidden 2048 and 3072), then
+#              tools/probes/attention_rope.py (RoPE and the qkv gradient, with a hand-written Triton backward) (~4 min)
 #   tuning     FiT-B/2-dit unmasked beside the published code with Inductor's coordinate-descent tuning of its
 #              pointwise and reduction kernels (TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1; the profile has SwiGLU's
 #              backward at about half the bandwidth its forward reaches), then FiT-B/2 the same way
@@ -110,11 +111,14 @@ case "$stage" in
   rope)
     timeout 300 python3 tools/probes/rope_variants.py 2>&1 | tee -a "$out/$stage.log"
     ;;
-  swiglu)
-    # The SwiGLU backward three ways (the model's, two matmuls on the weight's halves, one hand-written Triton kernel
-    # that reads each input once), 12 compiled sublayers: FiT-B/2-dit's hidden width, then FiT-B/2's
-    timeout 200 python3 tools/probes/swiglu_backward.py 256 2048 2>&1 | tee -a "$out/$stage.log"
-    timeout 200 python3 tools/probes/swiglu_backward.py 256 3072 2>&1 | tee -a "$out/$stage.log"
+  kernels)
+    # The two backward kernels of the profile that move their bytes at half the forward's speed, each beside a
+    # hand-written Triton form that reads every input once: the SwiGLU backward (12 compiled sublayers at FiT-B/2-dit's
+    # and FiT-B/2's hidden width; also as two matmuls on the weight's halves), then RoPE with the qkv gradient's
+    # assembly (12 compiled attention layers)
+    timeout 170 python3 tools/probes/swiglu_backward.py 256 2048 2>&1 | tee -a "$out/$stage.log"
+    timeout 170 python3 tools/probes/swiglu_backward.py 256 3072 2>&1 | tee -a "$out/$stage.log"
+    timeout 200 python3 tools/probes/attention_rope.py 2>&1 | tee -a "$out/$stage.log"
     ;;
   tuning)
     export TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1
@@ -130,5 +134,5 @@ case "$stage" in
     timeout 120 python3 tools/probes/attention_buckets.py 2>&1 | tee -a "$out/$stage.log"
     bench 220 --models FiT-B/2-dit --modes packed --attention varlen
     ;;
-  *) echo "unknown stage $stage: use checks, designs, designs-b2, missing, profile, item3, item3-xl, xl-graphs, autotune, rope, swiglu, recheck, tuning or attention" >&2; exit 2 ;;
+  *) echo "unknown stage $stage: use checks, designs, designs-b2, missing, profile, item3, item3-xl, xl-graphs, autotune, rope, kernels, recheck, tuning or attention" >&2; exit 2 ;;
 esac

@@ -109,9 +109,10 @@ class TritonSwiGLU(SwiGLU):
 
 def check_kernel() -> None:
     """The kernel against autograd's derivative of silu(g) * v, fp32, odd sizes (masks at both edges)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # a compiled Triton kernel reads device memory only
     g = torch.Generator().manual_seed(0)
-    y = (3 * torch.randn(37, 2 * 200, generator=g)).requires_grad_()
-    dh = torch.randn(37, 200, generator=g)
+    y = (3 * torch.randn(37, 2 * 200, generator=g)).to(dev).requires_grad_()
+    dh = torch.randn(37, 200, generator=g).to(dev)
     gate, value = y.chunk(2, dim=-1)
     (expected,) = torch.autograd.grad(F.silu(gate) * value, y, dh)
     torch.testing.assert_close(swiglu_grad(y.detach(), dh), expected, atol=1e-5, rtol=1e-5)
@@ -123,8 +124,13 @@ def main():
     dev = torch.device("cuda" if cuda else "cpu")
     images = int(sys.argv[1]) if len(sys.argv) > 1 else (256 if cuda else 4)
     hidden = int(sys.argv[2]) if len(sys.argv) > 2 else 2048  # FiT-B/2-dit; FiT-B/2 is 3072
+    global triton
     if triton is not None:
-        check_kernel()
+        try:
+            check_kernel()
+        except Exception as exc:  # a kernel that does not compile here must not cost the other forms' numbers
+            print(f"triton_bwd left out: {type(exc).__name__}: {exc}", flush=True)
+            triton = None
     T = images * 241  # the mean tokens per image of the ImageNet-like stream (61 762 for 256 images)
     torch.manual_seed(0)
     forms = {"model": SwiGLU, "split": SplitSwiGLU}
