@@ -211,3 +211,33 @@ def test_per_image_std_and_the_trajectory_of_a_model_that_predicts_no_noise():
     expected = probe.per_image_std(noise, layout) / acp_last**0.5
     assert len(stds) == probe.TRAJECTORY_STEPS + 1 and max(k for k in stds if k != "final") == 999
     assert all(v == pytest.approx(expected, rel=1e-4) for v in stds.values())
+
+
+def test_swiglu_probe_split_form_matches_the_model():
+    """tools/probes/swiglu_backward.py: its two matmuls on the weight's halves give the model's SwiGLU output and
+    gradients."""
+    probe = _load_probe("swiglu_backward.py")
+    from maskfit.models.transformer import SwiGLU
+
+    torch.manual_seed(0)
+    model, split = SwiGLU(16, 24), probe.SplitSwiGLU(16, 24)
+    split.load_state_dict(model.state_dict())
+    x = torch.randn(7, 16)
+    outs = []
+    for layer in (model, split):
+        xi = x.clone().requires_grad_()
+        out = layer(xi)
+        out.square().sum().backward()
+        outs.append([out, xi.grad, *(p.grad for p in layer.parameters())])
+    for got, want in zip(outs[1], outs[0]):
+        torch.testing.assert_close(got, want)
+
+
+def test_swiglu_probe_triton_kernel_matches_autograd(monkeypatch):
+    """Its Triton backward kernel gives autograd's derivative of silu(gate) * value (Triton's interpreter on the
+    CPU; skipped where triton is not installed, as in the project's venv)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    probe = _load_probe("swiglu_backward.py")
+    if probe.triton is None:
+        pytest.skip("triton is not installed: the kernel's check needs its interpreter")
+    probe.check_kernel()
