@@ -20,26 +20,19 @@ bf16 autocast), forward and backward, on an ImageNet-like packed stream, three w
 without CUDA only the checks run (dense attention, fp32; ``triton_bwd`` under Triton's interpreter when triton is
 installed). Prints one line per form: ms for 12 layers' forward + backward (median of 20).
 """
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: its kernels then run on the CPU
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
 
 from maskfit.models.attention import attention, prepare_attention
 from maskfit.models.rope import RopeTables, apply_rope, rope_tables
 from maskfit.models.transformer import Attention
 from maskfit.tokens import pack
 
-from cuda_timing import median_cuda_ms  # tools/probes/, the script's own folder
+from cuda_timing import check_then_time, import_triton  # tools/probes/, the script's own folder
+
+triton, tl = import_triton()  # None, None without triton: the other forms are still checked and timed
 
 
 class JointAttention(Attention):
@@ -97,18 +90,21 @@ def qkv_rope_grad(dq, dk, dv, cos, sin):
     return out
 
 
-_qkv_rope_grad_op = qkv_rope_grad
 if triton is not None and torch.cuda.is_available():
     from torch.library import triton_op, wrap_triton
 
     @triton_op("maskfit_probe::qkv_rope_grad", mutates_args=())
-    def _qkv_rope_grad_op(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
-                          sin: torch.Tensor) -> torch.Tensor:
+    def _qkv_rope_grad_cuda(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
+                            sin: torch.Tensor) -> torch.Tensor:
         T, H, Dh = dq.shape
         out = torch.empty(T, 3, H, Dh, dtype=dv.dtype, device=dv.device)
         grid = (triton.cdiv(T, 16), 3, triton.cdiv(H * Dh // 2, 128))
         wrap_triton(qkv_rope_grad_kernel)[grid](dq, dk, dv, cos, sin, out, T, H * Dh, Dh, BT=16, BP=128)
         return out
+
+    _qkv_rope_grad_op = _qkv_rope_grad_cuda
+else:
+    _qkv_rope_grad_op = qkv_rope_grad
 
 
 class _QKVRope(torch.autograd.Function):
@@ -196,34 +192,8 @@ def main():
             x = x + layer(F.layer_norm(x, x.shape[-1:]), tables, plan)
         return x
 
-    def grads(name):
-        x = x0.clone().requires_grad_()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
-            out = run(name, x)
-        out.float().square().mean().backward()
-        return [out.detach().float(), x.grad] + [p.grad for p in layers[name].parameters()]
-
-    reference = grads("model")
-    for name in [n for n in forms if n in ("joint_qk", "triton_bwd")]:
-        for got, want in zip(grads(name), reference):
-            torch.testing.assert_close(got, want, atol=3e-2 if cuda else 1e-5, rtol=3e-2 if cuda else 1e-5)
-        print(f"{name} equals model on {T} tokens, output and gradients ({dev.type})", flush=True)
-    if not cuda:
-        return
-    for name in forms:
-        compiled = torch.compile(lambda x, name=name: run(name, x))
-        x = x0.clone().requires_grad_()
-
-        def step():
-            x.grad = None
-            for p in layers[name].parameters():
-                p.grad = None
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = compiled(x)
-            out.float().square().mean().backward()
-
-        print(f"{name:9s} {median_cuda_ms(step):8.3f} ms (12 attention layers on {T} tokens, forward + "
-              "backward, compiled, bf16)", flush=True)
+    check_then_time(layers, run, x0, [n for n in forms if n in ("joint_qk", "triton_bwd")],
+                    f"12 attention layers on {T} tokens")
 
 
 if __name__ == "__main__":

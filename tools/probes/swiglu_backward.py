@@ -26,16 +26,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: its kernels then run on the CPU
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/probes/: the probes' shared helpers
+from cuda_timing import check_then_time, import_triton  # noqa: E402
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the checks of the other forms still run
-    triton = None
+from maskfit.models.transformer import SwiGLU  # noqa: E402
 
-from maskfit.models.transformer import SwiGLU
+triton, tl = import_triton()  # None, None without triton: the other forms are still checked and timed
 
 if triton is not None:
 
@@ -80,18 +76,21 @@ class _TritonSwiGLUActivation(torch.autograd.Function):
         return _swiglu_grad_op(y, dh.contiguous())
 
 
-_swiglu_grad_op = swiglu_grad
 if triton is not None and torch.cuda.is_available():
     # As a triton_op, torch.compile sees the kernel (no graph break) and Inductor launches it as it is.
     from torch.library import triton_op, wrap_triton
 
     @triton_op("maskfit_probe::swiglu_grad", mutates_args=())
-    def _swiglu_grad_op(y: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
+    def _swiglu_grad_cuda(y: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
         T, H = dh.shape
         dy = torch.empty_like(y)
         grid = (triton.cdiv(T, 16), triton.cdiv(H, 128))
         wrap_triton(swiglu_grad_kernel)[grid](y, dh, dy, T, H, y.stride(0), dh.stride(0), dy.stride(0), BT=16, BH=128)
         return dy
+
+    _swiglu_grad_op = _swiglu_grad_cuda
+else:
+    _swiglu_grad_op = swiglu_grad
 
 
 class SplitSwiGLU(SwiGLU):
@@ -146,40 +145,9 @@ def main():
             x = x + layer(F.layer_norm(x, x.shape[-1:]))
         return x
 
-    def grads(name):
-        x = x0.clone().requires_grad_()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
-            out = run(name, x)
-        out.float().square().mean().backward()
-        return [x.grad] + [p.grad for p in layers[name].parameters()]
-
-    reference = grads("model")
-    for name in forms:
-        if name == "model":
-            continue
-        for got, want in zip(grads(name), reference):
-            torch.testing.assert_close(got, want, atol=3e-2 if cuda else 1e-5, rtol=3e-2 if cuda else 1e-5)
-        print(f"{name} gradients equal the model's on {T} tokens ({dev.type})", flush=True)
-    if not cuda:
-        return
-    for name in forms:
-        compiled = torch.compile(lambda x, name=name: run(name, x))
-        x = x0.clone().requires_grad_()
-
-        def step():
-            x.grad = None
-            for p in layers[name].parameters():
-                p.grad = None
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = compiled(x)
-            out.float().square().mean().backward()
-
-        print(f"{name:10s} {median_cuda_ms(step):8.3f} ms (12 SwiGLU sublayers, hidden {hidden}, on {T} tokens, "
-              "forward + backward, compiled, bf16)", flush=True)
+    check_then_time(layers, run, x0, [n for n in forms if n != "model"],
+                    f"12 SwiGLU sublayers, hidden {hidden}, on {T} tokens")
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from cuda_timing import median_cuda_ms  # tools/probes/, the script's own folder
-
     main()
