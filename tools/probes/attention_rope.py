@@ -30,7 +30,7 @@ from maskfit.models.rope import RopeTables, apply_rope, rope_tables
 from maskfit.models.transformer import Attention
 from maskfit.tokens import pack
 
-from cuda_timing import check_then_time, import_triton  # tools/probes/, the script's own folder
+from cuda_timing import check_then_time, import_triton, kernel_checked  # tools/probes/, the script's own folder
 
 triton, tl = import_triton()  # None, None without triton: the other forms are still checked and timed
 
@@ -170,12 +170,7 @@ def main():
     dev = torch.device("cuda" if cuda else "cpu")
     images = int(sys.argv[1]) if len(sys.argv) > 1 else (256 if cuda else 6)
     global triton
-    if triton is not None:
-        try:
-            check_kernel()
-        except Exception as exc:  # a kernel that does not compile here must not cost the other forms' numbers
-            print(f"triton_bwd left out: {type(exc).__name__}: {exc}", flush=True)
-            triton = None
+    triton = kernel_checked(triton, check_kernel)
     layout, tables, plan = stream(images, dev, "varlen" if cuda else "dense")
     T = layout.num_tokens
     torch.manual_seed(0)

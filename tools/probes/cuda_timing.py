@@ -71,3 +71,16 @@ def check_then_time(forms, run, x0, checked, what: str) -> None:
             out.float().square().mean().backward()
 
         print(f"{name:10s} {median_cuda_ms(step):8.3f} ms ({what}, forward + backward, compiled, bf16)", flush=True)
+
+
+def kernel_checked(triton, check):
+    """``triton`` after a probe's kernel ``check()`` passed, or None: a kernel that fails (one that does not compile
+    on this machine, say) is reported and leaves the probe's Triton form out, not the other forms' numbers."""
+    if triton is None:
+        return None
+    try:
+        check()
+    except Exception as exc:
+        print(f"triton_bwd left out: {type(exc).__name__}: {exc}", flush=True)
+        return None
+    return triton

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/probes/: the probes' shared helpers
-from cuda_timing import check_then_time, import_triton  # noqa: E402
+from cuda_timing import check_then_time, import_triton, kernel_checked  # noqa: E402
 
 from maskfit.models.transformer import SwiGLU  # noqa: E402
 
@@ -124,12 +124,7 @@ def main():
     images = int(sys.argv[1]) if len(sys.argv) > 1 else (256 if cuda else 4)
     hidden = int(sys.argv[2]) if len(sys.argv) > 2 else 2048  # FiT-B/2-dit; FiT-B/2 is 3072
     global triton
-    if triton is not None:
-        try:
-            check_kernel()
-        except Exception as exc:  # a kernel that does not compile here must not cost the other forms' numbers
-            print(f"triton_bwd left out: {type(exc).__name__}: {exc}", flush=True)
-            triton = None
+    triton = kernel_checked(triton, check_kernel)
     T = images * 241  # the mean tokens per image of the ImageNet-like stream (61 762 for 256 images)
     torch.manual_seed(0)
     forms = {"model": SwiGLU, "split": SplitSwiGLU}
