@@ -18,6 +18,7 @@ prepare`` writes, so the latent-cache path can be timed where no autoencoder wei
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
@@ -140,15 +141,12 @@ def _bench_real(cfg, common: dict, steps: int, warmup: int, peak, world: int,
     from maskfit.train import train
 
     torch._dynamo.reset()
-    sampler = StackSampler()
-    if host_profile:
-        with sampler:
-            result = train(cfg, resume=False, progress=False, stop_after=warmup + steps, measure_after=warmup)
-    else:
+    sampler = StackSampler() if host_profile else None
+    with sampler or contextlib.nullcontext():
         result = train(cfg, resume=False, progress=False, stop_after=warmup + steps, measure_after=warmup)
     m = result.measured
     profile = None
-    if host_profile:
+    if sampler is not None:
         try:
             found = sampler.profile(m["window_start"], m["window_end"])
         except ValueError as exc:  # a window shorter than the sampling interval: say so, keep the row
