@@ -510,7 +510,8 @@ class TokenBudgetSampler:
         # Every count is taken at this bin's step, so each pending image's length is read once per bin and kept
         # beside it (lengths[j] is pending[j]'s), not re-read for the whole buffer at every pick: this runs in the
         # training loop's main process (the DataLoader asks for bins there), where a bin of 300 images from a
-        # buffer of 64 cost ~20 000 reads (about 14 ms on a 2-core CPU) per step.
+        # buffer of 64 cost ~20 000 reads per step (tools/probes/bin_planner.py: 17-19 ms a bin on a 2-core CPU,
+        # now ~2).
         lengths = [self.count(i, step) for i in self.pending]
         while self.pending and (self.max_images is None or len(chosen) < self.max_images):
             pick = pick_next(lengths, room)
