@@ -12,9 +12,9 @@ for a chosen time window, which functions the samples fall in:
   takes each batch from the workers and pins it in this process, competing with the main thread for the GIL).
 
 Sampling adds no work to the sampled thread itself, but the sampler holds the GIL while it reads the stacks: 69 us
-a sample on this project's 2-core CPU (2026-12-02) with 13 threads 100 frames deep (the worst case: no maskfit frame to stop
-the walk), so at the default 5 ms interval it takes at most ~1.4 % of the interpreter from the sampled threads, and
-a 2-second window still gets ~400 samples. Wall time, not CPU time: a thread blocked in a queue read shows up in
+a sample on this project's 2-core CPU (2026-12-02) with 13 threads 100 frames deep (the worst case: no maskfit
+frame to stop the walk), so at the default 5 ms interval it takes at most ~1.4 % of the interpreter from the
+sampled threads, and a 2-second window still gets ~400 samples. Wall time, not CPU time: a thread blocked in a queue read shows up in
 the read.
 """
 from __future__ import annotations
