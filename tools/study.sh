@@ -54,6 +54,8 @@ set -uo pipefail
 cmd=${1:?usage: tools/study.sh carry|proxy|run|next|collect|unpack|list}
 shift
 PY=${PYTHON:-python3}
+# a relative interpreter path (.venv/bin/python) would break inside the `cd` of `carry`: resolve it here
+case "$PY" in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 DATA=${DATA:-.carry/imagenette/train-128}
 PROXY=${PROXY:-study/proxy/proxy_classifier.safetensors}
@@ -63,7 +65,9 @@ case "$cmd" in
   carry)
     src=${1:-../shared/data/imagenette/train-128}
     git check-ignore -q .carry/x || { echo ".carry/ is not ignored by git; it must not be committed" >&2; exit 2; }
-    $PY -m maskfit.data.reencode "$src" "$DATA" --quality "${QUALITY:-85}" || exit $?
+    # MANIFEST.json is written last, so a folder holding it is a finished copy: zip it again without re-encoding
+    if [ -f "$DATA/MANIFEST.json" ]; then echo "reusing the finished copy $DATA (delete it to re-encode)"
+    else $PY -m maskfit.data.reencode "$src" "$DATA" --quality "${QUALITY:-85}" || exit $?; fi
     rm -f "$DATA.zip"; (cd "$(dirname "$DATA")" && $PY -m zipfile -c "$(basename "$DATA").zip" "$(basename "$DATA")") || exit $?
     carried=$(du -sb "$DATA.zip" | cut -f1)
     tracked=$(git ls-files -z | du --files0-from=- -cb 2>/dev/null | tail -1 | cut -f1)
