@@ -80,3 +80,25 @@ def test_errors_name_the_value():
         _spin(0.02)
     with pytest.raises(ValueError, match="no samples in the window"):
         sampler.profile(0.0, 1.0)
+
+
+def test_a_sampled_function_s_locals_are_freed_when_it_returns():
+    # The sampler must not keep the frames it read alive between samples: a frame object holds its function's
+    # locals after the function returns, and under CUDA graphs a tensor kept alive that way fails the run
+    # ("tensor(s) in the cudagraph pool not tracked as outputs", seen on the H200 on 2026-12-02).
+    import weakref
+
+    class Payload:
+        pass
+
+    def hold(seconds: float) -> weakref.ref:
+        payload = Payload()
+        _spin(seconds)  # sampled here, many times
+        return weakref.ref(payload)
+
+    with StackSampler(interval=0.05) as sampler:
+        ref = hold(0.3)
+        alive_after_return = ref() is not None  # the next sample is up to 50 ms away
+        _wait(0.1)
+    assert sampler.profile().samples >= 3
+    assert not alive_after_return

@@ -352,6 +352,7 @@ def test_random_crop_grids_are_replayed_per_epoch_as_loading_draws_them(tmp_path
         Image.fromarray(arr).save(tmp_path / "imgs" / "c0" / f"{i}.png")
     transform = ImageTransform(token_budget=64, patch_px=PATCH, random_crop=True, preprocess=preprocess)
     for dataset in (ImageFolderDataset(tmp_path / "imgs", transform=transform, seed=7),
+                    ImageFolderDataset(tmp_path / "imgs", transform=transform, seed=7, decode_once=True),
                     ImageListDataset(arrays, [0] * len(arrays), transform=transform, seed=7)):
         grids = token_grids(dataset, PATCH)
         seen = set()
@@ -361,6 +362,29 @@ def test_random_crop_grids_are_replayed_per_epoch_as_loading_draws_them(tmp_path
                 assert grids.at(i, epoch) == (x.shape[1] // PATCH, x.shape[2] // PATCH), (epoch, i)
                 seen.add(grids.at(i, epoch))
         assert len(seen) > 4  # the crops really change the grids
+        # "flexible" replays the epoch's first two draws at once; "mixed" needs the item's generator
+        assert grids._replay is (preprocess == "flexible")
+
+
+def test_an_epoch_replayed_at_once_gives_the_grids_of_one_generator_per_item():
+    """The planner's vectorised replay (maskfit.data.rng_replay) against the plain rule it replaces,
+    ImageTransform.output_size with the item's own generator, over many sizes, seeds and epochs."""
+    from maskfit.data.datasets import ImageTransform, item_rng
+    from maskfit.data.pipeline import RandomCropTokenGrids
+
+    rng = np.random.default_rng(3)
+    sizes = [tuple(int(v) for v in rng.integers(8, 300, 2)) for _ in range(1500)]  # (W, H)
+    transform = ImageTransform(token_budget=256, patch_px=4, random_crop=True, crop_ratio_range=(0.25, 4.0),
+                               crop_min_area=0.2)
+    for seed in (0, 11, 2**32 - 1):
+        grids = RandomCropTokenGrids(len(sizes), lambda i: sizes[i], transform, seed)
+        for epoch in (0, 1, 9):
+            for i, (w0, h0) in enumerate(sizes):
+                w, h = transform.output_size(w0, h0, item_rng(seed, epoch, i))
+                assert grids.at(i, epoch) == (h // 4, w // 4), (seed, epoch, i)
+        assert grids._replay is True
+    # a seed past 32 bits (two entropy words in numpy) takes the generators
+    assert RandomCropTokenGrids(3, lambda i: (64, 64), transform, 2**32)._replay is False
 
 
 def test_random_crops_of_an_unknown_dataset_cannot_be_packed_ahead():

@@ -108,6 +108,10 @@ class StackSampler:
                 names = {t.ident: t.name for t in threading.enumerate()}
             others = tuple((names.get(tid, str(tid)), _label(f)) for tid, f in frames.items())
             self._samples.append((time.perf_counter(), _label(frame), _innermost_in_package(frame), others))
+            # Drop the frames before sleeping: a frame object keeps its function's locals alive after the function
+            # returns, which would hold the sampled thread's tensors (under CUDA graphs, cudagraph trees then fail
+            # with "tensor(s) in the cudagraph pool not tracked as outputs") until the next sample.
+            del frames, frame
 
     def profile(self, start: float = float("-inf"), end: float = float("inf")) -> HostProfile:
         """The samples taken in [start, end] (``time.perf_counter`` seconds), as shares."""

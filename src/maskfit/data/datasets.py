@@ -11,6 +11,7 @@ uninterrupted run would. ``dataset[i]`` is ``dataset.get(i, epoch=0)``; the load
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from PIL import Image
 from torch import Tensor
 
 from maskfit.data.resize import (
+    aspect_crop_size,
     center_crop_to_square,
     check_budget,
     check_preprocess,
@@ -32,6 +34,7 @@ from maskfit.data.resize import (
     resize_to_token_budget,
     square_side,
 )
+from maskfit.data.rng_replay import uniform_from
 from maskfit.data.synthetic import SyntheticSizes, check_num_classes, synthetic_sample
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -203,6 +206,21 @@ class ImageTransform:
             return side, side
         return fit_to_token_budget(width, height, self.token_budget, self.patch_px)
 
+    @property
+    def size_needs_two_draws(self) -> bool:
+        """Whether :meth:`output_size` depends on the item's first two draws only (a random aspect crop and no
+        mixed choice, which would follow the crop's position draws): token batching's planner then replays
+        an epoch's sizes from those draws (:meth:`output_size_from_draws`)."""
+        return self.random_crop and self.preprocess != "mixed"
+
+    def output_size_from_draws(self, width: int, height: int, first: float, second: float) -> tuple[int, int]:
+        """:meth:`output_size` given the item generator's first two ``random()`` values instead of the generator
+        (only where :attr:`size_needs_two_draws`): the crop's ratio and area draws, then FiT's budget rule."""
+        lo, hi = self.crop_ratio_range
+        log_ratio = uniform_from(first, math.log(lo), math.log(hi))
+        cw, ch = aspect_crop_size(width, height, log_ratio, uniform_from(second, self.crop_min_area, 1.0))
+        return fit_to_token_budget(cw, ch, self.token_budget, self.patch_px)
+
     def _has_crop(self, img: Image.Image) -> bool:
         return self.preprocess == "mixed" and has_crop_version(img.width, img.height, self.token_budget, self.patch_px)
 
@@ -344,17 +362,28 @@ class ImageFolderDataset(_EpochDataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _load(self, index: int) -> tuple[Image.Image, int]:
-        path, label = self.samples[index]
+    def decoded_size(self, index: int) -> Optional[tuple[int, int]]:
+        """(width, height) of item ``index`` from its decoded array, or None without :meth:`decode_all`."""
         if self._decoded is None:
-            return load_rgb(path), label
+            return None
+        h, w = self._decoded_array(index).shape[:2]
+        return w, h
+
+    def _decoded_array(self, index: int) -> np.ndarray:
+        path = self.samples[index][0]
         if index >= len(self._decoded) or self._decoded[index][0] != path:
             # samples changed after decode_all (e.g. a split applied later): never hand out another file's pixels
             raise RuntimeError(
                 f"image folder {self.root}: item {index} ({path}) is not the image decoded at that position; "
                 "the sample list changed after decoding: call decode_all() again after changing samples"
             )
-        return Image.fromarray(self._decoded[index][1]), label
+        return self._decoded[index][1]
+
+    def _load(self, index: int) -> tuple[Image.Image, int]:
+        path, label = self.samples[index]
+        if self._decoded is None:
+            return load_rgb(path), label
+        return Image.fromarray(self._decoded_array(index)), label
 
 
 def check_class_count(count: int, num_classes: Optional[int], where: str) -> None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -246,15 +247,44 @@ class TokenGrids:
 class RandomCropTokenGrids(TokenGrids):
     """:class:`TokenGrids` of an image dataset whose transform cuts a random aspect crop per (epoch, item).
 
-    Each image's own size is read once (the file header); its grid in an epoch is the size the transform
-    makes of it with the item's random stream of that epoch (:meth:`ImageTransform.output_size`, the same
-    draws as loading). The last epoch's grid of each item is kept, since the sampler asks for it more than once.
+    Each image's own size is read once (the file header, or the decoded array's shape); its grid in an epoch is
+    the size the transform makes of it with the item's random stream of that epoch (:meth:`ImageTransform.
+    output_size`, the same draws as loading). The last epoch's grid of each item is kept, since the sampler
+    asks for it more than once.
+
+    This runs in the training loop's main process, once per image and epoch. Making each item's generator was
+    most of the planner's time, so where the size depends on the first two draws only (a random crop without
+    FiTv2's mixed choice) those draws are replayed for the whole epoch at once (:mod:`maskfit.data.rng_replay`,
+    checked against numpy's own generators on a few items first; a platform where they differ falls back to the
+    generators, with a warning).
     """
+
+    CHECKED_ITEMS = 8  # items whose replayed draws are compared with numpy's generators, once per run
 
     def __init__(self, num_items: int, read_size: Callable[[int], tuple[int, int]], transform, seed: int):
         super().__init__(num_items, lambda i: (read_size(i), None))  # "grid" slot: the image's (W, H)
         self._transform, self._seed = transform, seed
         self._last: list[Optional[tuple[int, tuple[int, int]]]] = [None] * num_items  # (epoch, grid)
+        replayable = transform.size_needs_two_draws and 0 <= seed < 2**32 and num_items <= 2**32
+        self._replay: Optional[bool] = None if replayable else False  # None: not yet checked
+        self._draws: Optional[tuple[int, np.ndarray]] = None  # (epoch, (N, 2) first two random() values)
+
+    def _epoch_draws(self, epoch: int) -> Optional[np.ndarray]:
+        """(N, 2) every item's first two draws in ``epoch``, or None where the replay does not apply."""
+        from maskfit.data.rng_replay import agrees_with_numpy, first_doubles
+
+        if self._replay is False or epoch >= 2**32:
+            return None
+        if self._draws is None or self._draws[0] != epoch:
+            n = len(self._grids)
+            if self._replay is None:
+                self._replay = agrees_with_numpy(self._seed, epoch, np.arange(min(n, self.CHECKED_ITEMS)), 2)
+                if not self._replay:
+                    warnings.warn("token batching: numpy's generators here differ from maskfit.data.rng_replay; "
+                                  "the planner makes one generator per image instead (slower, same grids)")
+                    return None
+            self._draws = (epoch, first_doubles(self._seed, epoch, np.arange(n), 2))
+        return self._draws[1]
 
     def at(self, index: int, epoch: int) -> tuple[int, int]:
         from maskfit.data.datasets import item_rng
@@ -265,7 +295,11 @@ class RandomCropTokenGrids(TokenGrids):
         if self._grids[index] is None:
             self._grids[index] = (tuple(int(v) for v in self._read(index)[0]), None)
         w0, h0 = self._grids[index][0]
-        w, h = self._transform.output_size(w0, h0, item_rng(self._seed, epoch, index))
+        draws = self._epoch_draws(epoch)
+        if draws is None:
+            w, h = self._transform.output_size(w0, h0, item_rng(self._seed, epoch, index))
+        else:
+            w, h = self._transform.output_size_from_draws(w0, h0, float(draws[index, 0]), float(draws[index, 1]))
         p = self._transform.patch_px
         self._last[index] = (epoch, (h // p, w // p))
         return self._last[index][1]
@@ -358,6 +392,9 @@ def _image_size(dataset, index: int) -> tuple[int, int]:
         return w, h
     from PIL import Image
 
+    decoded = dataset.decoded_size(index)
+    if decoded is not None:  # data.decode_once: the array in memory, no file to open (~0.15 ms a header)
+        return decoded
     path = dataset.samples[index][0]
     try:
         with Image.open(path) as im:  # lazy: reads the header, decodes no pixels

@@ -175,12 +175,19 @@ def draw_aspect_crop(
         raise ValueError(f"min_area={min_area} must lie in (0, 1] (a fraction of the image area)")
     if W < 1 or H < 1:
         raise ValueError(f"image size {W}x{H} is empty; cannot crop it")
-    ratio = math.exp(rng.uniform(math.log(lo), math.log(hi)))
-    area = rng.uniform(min_area, 1.0) * W * H
-    cw, ch = math.sqrt(area * ratio), math.sqrt(area / ratio)
-    shrink = min(1.0, W / cw, H / ch)  # largest crop of this ratio that fits
-    cw = min(W, max(1, int(round(cw * shrink))))
-    ch = min(H, max(1, int(round(ch * shrink))))
+    log_ratio = rng.uniform(math.log(lo), math.log(hi))
+    cw, ch = aspect_crop_size(W, H, log_ratio, rng.uniform(min_area, 1.0))
     x0 = int(rng.integers(0, W - cw + 1))
     y0 = int(rng.integers(0, H - ch + 1))
     return x0, y0, cw, ch
+
+
+def aspect_crop_size(W: int, H: int, log_ratio: float, area_fraction: float) -> tuple[int, int]:
+    """(width, height) of :func:`draw_aspect_crop`'s box from its first two draws (the log aspect ratio and the
+    area fraction): the size does not depend on the position drawn after them, so token batching's planner
+    computes it from draws replayed for a whole epoch at once (:mod:`maskfit.data.rng_replay`)."""
+    ratio = math.exp(log_ratio)
+    area = area_fraction * W * H
+    cw, ch = math.sqrt(area * ratio), math.sqrt(area / ratio)
+    shrink = min(1.0, W / cw, H / ch)  # largest crop of this ratio that fits
+    return min(W, max(1, int(round(cw * shrink)))), min(H, max(1, int(round(ch * shrink))))
