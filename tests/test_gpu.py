@@ -70,11 +70,18 @@ def test_bf16_packed_padded_per_image_agree(preset):
     assert (a[cu[1] : cu[2]] - single).abs().mean() < 0.02 * scale
 
 
-@pytest.mark.parametrize("preset,design,backend", [
-    ("FiT-B/2-dit", "plain", "varlen"), ("FiT-B/2-dit", "decoder", "varlen"), ("FiTv2-B/2", "plain", "varlen"),
-    ("FiT-B/2-dit", "side_interp", "varlen"), ("FiT-B/2-dit", "mixer", "varlen"), ("FiTv2-B/2", "unmasked", "varlen"),
+@pytest.mark.parametrize("preset,design,backend,swiglu", [
+    ("FiT-B/2-dit", "plain", "varlen", "autograd"), ("FiT-B/2-dit", "decoder", "varlen", "autograd"),
+    ("FiTv2-B/2", "plain", "varlen", "autograd"), ("FiT-B/2-dit", "side_interp", "varlen", "autograd"),
+    ("FiT-B/2-dit", "mixer", "varlen", "autograd"), ("FiTv2-B/2", "unmasked", "varlen", "autograd"),
+    # SwiGLU's hand-written Triton backward (models/swiglu_backward.py, MASKFIT_SWIGLU_BACKWARD=triton)
+    ("FiT-B/2-dit", "plain", "varlen", "triton"), ("FiTv2-B/2", "unmasked", "varlen", "triton"),
 ])
-def test_compiled_masked_gradients_agree_with_eager(preset, design, backend):
+def test_compiled_masked_gradients_agree_with_eager(preset, design, backend, swiglu, monkeypatch):
+    import maskfit.models.swiglu_backward as swiglu_backward
+
+    monkeypatch.setattr(swiglu_backward, "BACKWARD", swiglu)
+    torch._dynamo.reset()  # compile afresh under this choice
     # The compiled step has its own kernels: the per-image window sums of the adaLN backward (models/segments.py)
     # and the RoPE tables as one op. Against fp32 gradients (dense attention, no autocast), the compiled bf16
     # gradients must be as close as the eager bf16 ones: rounding noise is the same order for both (0.05 of a
@@ -119,6 +126,22 @@ def test_compiled_masked_gradients_agree_with_eager(preset, design, backend):
     worse = {n: (round(e_compiled[n], 4), round(e_eager[n], 4)) for n in exact if e_compiled[n] > 2 * e_eager[n] + 0.01}
     assert not worse, f"compiled gradients further from fp32 than eager bf16 (compiled, eager): {worse}"
     assert max(e_compiled.values()) < 0.2
+
+
+def test_the_swiglu_backward_kernel_equals_autograd_on_cuda():
+    import torch.nn.functional as F
+
+    from maskfit.models.swiglu_backward import _grad_op
+
+    g = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        for T, h in ((37, 200), (61_696 // 64, 2048)):
+            y = (3 * torch.randn(T, 2 * h, generator=g)).to(DEV, dtype).requires_grad_()
+            dh = torch.randn(T, h, generator=g).to(DEV, dtype)
+            with torch.autocast("cuda", enabled=False):
+                yf = y.float().detach().requires_grad_()
+                (expected,) = torch.autograd.grad(F.silu(yf[:, :h]) * yf[:, h:], yf, dh.float())
+            torch.testing.assert_close(_grad_op()(y.detach(), dh).float(), expected, atol=tol, rtol=tol)
 
 
 def test_training_step_has_no_host_sync():

@@ -35,13 +35,16 @@
 #              counts and against nested-jagged SDPA (flash, cuDNN, efficient backends), 12 calls forward +
 #              backward, ImageNet-like and uniform; then the FiT-B/2-dit unmasked step with varlen (measured
 #              2026-12-02: varlen is fastest; the model's "jagged" backend was removed after it)
+#   swiglu     SwiGLU's Triton backward (MASKFIT_SWIGLU_BACKWARD=triton) in the whole compiled step: its GPU tests,
+#              FiT-B/2-dit unmasked beside the published code with it, then FiT-B/2-dit and FiT-B/2 without and with
+#              it (needs third_party/FiT; about 8 minutes)
 #
 # The published code is not part of this repository: put a checkout of github.com/whlzy/FiT (its fit/ and
 # configs/ folders suffice) in the ignored folder third_party/FiT and carry that path to the device. Each
 # stage writes JSON lines and a log under OUT_DIR (default: $OUT, else ./device_out); copy them into
 # bench_results/ and the figures, with date, device and command, into BENCHMARKS.md.
 set -uo pipefail
-stage=${1:?usage: tools/device_measurements.sh checks|designs|designs-b2|missing|profile|item3|item3-xl|xl-graphs|autotune|rope|recheck|tuning|attention [OUT_DIR]}
+stage=${1:?usage: tools/device_measurements.sh checks|designs|designs-b2|missing|profile|item3|item3-xl|xl-graphs|autotune|rope|kernels|recheck|tuning|attention|swiglu [OUT_DIR]}
 out=${2:-${OUT:-device_out}}
 mkdir -p "$out"
 export PYTHONPATH=src
@@ -134,5 +137,18 @@ case "$stage" in
     timeout 120 python3 tools/probes/attention_buckets.py 2>&1 | tee -a "$out/$stage.log"
     bench 220 --models FiT-B/2-dit --modes packed --attention varlen
     ;;
-  *) echo "unknown stage $stage: use checks, designs, designs-b2, missing, profile, item3, item3-xl, xl-graphs, autotune, rope, kernels, recheck, tuning or attention" >&2; exit 2 ;;
+  swiglu)
+    # SwiGLU's hand-written Triton backward in the whole compiled step (models/swiglu_backward.py; the kernel alone
+    # saved 6-7 % of 12 FFN sublayers, BENCHMARKS.md): its GPU tests, then FiT-B/2-dit unmasked beside the
+    # published code with the kernel, FiT-B/2-dit and FiT-B/2 without and with it (each row its own JSON file)
+    timeout 150 python3 -m pytest -q -p no:logging tests/test_gpu.py -k "swiglu or triton" 2>&1 | tail -5 | tee -a "$out/$stage.log"
+    MASKFIT_SWIGLU_BACKWARD=triton timeout 200 python3 -m maskfit.cli bench --steps 12 --warmup 4 \
+      --published-fit third_party/FiT --models FiT-B/2-dit --modes packed --out "$out/swiglu_triton.jsonl" 2>&1 | tee -a "$out/$stage.log"
+    for model in FiT-B/2-dit FiT-B/2; do
+      timeout 100 python3 -m maskfit.cli bench --steps 12 --warmup 4 --models $model --modes packed \
+        --out "$out/swiglu_autograd.jsonl" 2>&1 | tee -a "$out/$stage.log"
+      MASKFIT_SWIGLU_BACKWARD=triton timeout 100 python3 -m maskfit.cli bench --steps 12 --warmup 4 --models $model \
+        --modes packed --out "$out/swiglu_triton.jsonl" 2>&1 | tee -a "$out/$stage.log"
+    done ;;
+  *) echo "unknown stage $stage: use checks, designs, designs-b2, missing, profile, item3, item3-xl, xl-graphs, autotune, rope, kernels, recheck, tuning, attention or swiglu" >&2; exit 2 ;;
 esac

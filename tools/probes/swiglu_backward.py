@@ -14,7 +14,7 @@ backward in bf16 on an ImageNet-like stream, three ways:
 - ``split``: the gate and value halves as two matmuls on the halves of the same weight (no concatenation in the
   backward: the two halves' gradients are separate tensors, each feeding its own matmul);
 - ``triton_bwd``: the model's forward, and a backward whose one Triton kernel reads each input once and writes
-  both halves of the gradient (``swiglu_grad_kernel`` below).
+  both halves of the gradient (the model's own since 2026-12-02: ``maskfit.models.swiglu_backward``).
 
 Each form is first checked against the model's gradients. Without CUDA only the checks run (``triton_bwd`` under
 Triton's interpreter when triton is installed). Prints one line per form: ms for 12 sublayers' forward + backward
@@ -33,64 +33,13 @@ from maskfit.models.transformer import SwiGLU  # noqa: E402
 
 triton, tl = import_triton()  # None, None without triton: the other forms are still checked and timed
 
-if triton is not None:
-
-    @triton.jit
-    def swiglu_grad_kernel(y_ptr, dh_ptr, dy_ptr, T, H, stride_y, stride_dh, stride_dy,
-                           BT: tl.constexpr, BH: tl.constexpr):
-        """dy[:, :H] = dh * v * s * (1 + g (1 - s)), dy[:, H:] = dh * g * s, with (g, v) = (y[:, :H], y[:, H:]) and
-        s = sigmoid(g): the derivative of silu(g) * v, each input read once, in fp32."""
-        rows = tl.program_id(0) * BT + tl.arange(0, BT)[:, None]
-        cols = tl.program_id(1) * BH + tl.arange(0, BH)[None, :]
-        mask = (rows < T) & (cols < H)
-        rows = rows.to(tl.int64)  # T x 2H elements may pass 2^31
-        g = tl.load(y_ptr + rows * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(y_ptr + rows * stride_y + H + cols, mask=mask, other=0.0).to(tl.float32)
-        d = tl.load(dh_ptr + rows * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
-        s = tl.sigmoid(g)
-        dg = d * v * s * (1.0 + g * (1.0 - s))
-        dv = d * g * s
-        tl.store(dy_ptr + rows * stride_dy + cols, dg.to(dy_ptr.dtype.element_ty), mask=mask)
-        tl.store(dy_ptr + rows * stride_dy + H + cols, dv.to(dy_ptr.dtype.element_ty), mask=mask)
-
 
 def swiglu_grad(y: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
-    """(T, 2H) fc1 output and (T, H) gradient of silu(gate) * value -> (T, 2H) gradient of the fc1 output."""
-    T, H = dh.shape
-    dy = torch.empty_like(y)
-    grid = (triton.cdiv(T, 16), triton.cdiv(H, 128))
-    swiglu_grad_kernel[grid](y, dh, dy, T, H, y.stride(0), dh.stride(0), dy.stride(0), BT=16, BH=128)
-    return dy
+    """(T, 2H) fc1 output and (T, H) gradient of silu(gate) * value -> (T, 2H) gradient of the fc1 output, by the
+    model's kernel (maskfit.models.swiglu_triton) launched directly."""
+    from maskfit.models.swiglu_backward import launch_grad_kernel, make_grad_kernel
 
-
-class _TritonSwiGLUActivation(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y):  # (T, 2H) -> (T, H)
-        ctx.save_for_backward(y)
-        gate, value = y.chunk(2, dim=-1)
-        return F.silu(gate) * value
-
-    @staticmethod
-    def backward(ctx, dh):  # (T, H) -> (T, 2H)
-        (y,) = ctx.saved_tensors
-        return _swiglu_grad_op(y, dh.contiguous())
-
-
-if triton is not None and torch.cuda.is_available():
-    # As a triton_op, torch.compile sees the kernel (no graph break) and Inductor launches it as it is.
-    from torch.library import triton_op, wrap_triton
-
-    @triton_op("maskfit_probe::swiglu_grad", mutates_args=())
-    def _swiglu_grad_cuda(y: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
-        T, H = dh.shape
-        dy = torch.empty_like(y)
-        grid = (triton.cdiv(T, 16), triton.cdiv(H, 128))
-        wrap_triton(swiglu_grad_kernel)[grid](y, dh, dy, T, H, y.stride(0), dh.stride(0), dy.stride(0), BT=16, BH=128)
-        return dy
-
-    _swiglu_grad_op = _swiglu_grad_cuda
-else:
-    _swiglu_grad_op = swiglu_grad
+    return launch_grad_kernel(make_grad_kernel(), y, dh)
 
 
 class SplitSwiGLU(SwiGLU):
@@ -102,8 +51,10 @@ class SplitSwiGLU(SwiGLU):
 
 
 class TritonSwiGLU(SwiGLU):
-    def forward(self, x):
-        return self.fc2(_TritonSwiGLUActivation.apply(self.fc1(x)))
+    def forward(self, x):  # the model's form under MASKFIT_SWIGLU_BACKWARD=triton, whether compiled or not
+        from maskfit.models.swiglu_backward import _TritonBackward
+
+        return self.fc2(_TritonBackward.apply(self.fc1(x)))
 
 
 def check_kernel() -> None:

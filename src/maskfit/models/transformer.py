@@ -22,6 +22,7 @@ from torch import Tensor
 from maskfit.models.attention import ATTENTION_BACKENDS, AttentionPlan, attention, prepare_attention
 from maskfit.models.rope import RopeExtrapolation, RopeTables, apply_rope, rope_tables
 from maskfit.models.segments import TokensOfImages
+from maskfit.models.swiglu_backward import swiglu
 from maskfit.tokens import MaskedView, TokenLayout
 
 
@@ -181,8 +182,7 @@ class SwiGLU(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, value = self.fc1(x).chunk(2, dim=-1)  # (T, h) each
-        return self.fc2(F.silu(gate) * value)  # (T, d)
+        return self.fc2(swiglu(self.fc1(x)))  # (T, 2h) -> (T, h) -> (T, d)
 
 
 class Attention(nn.Module):
