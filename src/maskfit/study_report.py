@@ -150,14 +150,18 @@ def mean_spread(values: Iterable[Optional[float]]) -> Tuple[Optional[float], Opt
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None), len(vals)
 
 
-def fmt_cell(values: Sequence[Optional[float]], key: str) -> str:
+def fmt_cell(values: Sequence[Optional[float]], key: str, digits: Optional[int] = None, show_n: bool = True,
+             grouped: bool = False) -> str:
+    """mean ± sample std (n=seeds) of a cell's values, the mean alone for one value, "–" for none; ``digits`` (default
+    DIGITS[key]), ``show_n`` off where a header gives the seed count, ``grouped``: thousands separators."""
     mean, spread, n = mean_spread(values)
     if mean is None:
         return "–"
-    digits = DIGITS.get(key, 2)
+    digits = DIGITS.get(key, 2) if digits is None else digits
+    form = f",.{digits}f" if grouped else f".{digits}f"
     if spread is None:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {spread:.{digits}f} (n={n})"
+        return f"{mean:{form}}"
+    return f"{mean:{form}} ± {spread:{form}}" + (f" (n={n})" if show_n else "")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,10 +343,7 @@ def glance_table(lines: Sequence[dict], labels, row_labels: Sequence[str], cells
         return []
 
     def plain(values, digits: int) -> str:  # mean ± std, the seed count is in the header
-        mean, spread, _ = mean_spread(values)
-        if mean is None:
-            return "–"
-        return f"{mean:,.{digits}f}" + ("" if spread is None else f" ± {spread:,.{digits}f}")
+        return fmt_cell(values, "", digits=digits, show_n=False, grouped=True)
 
     out = [f"### At a glance: the runs with {GLANCE_SEEDS} or more seeds", "",
            "_Final checkpoints after the same training budget; mean ± sample std over seeds; proxy FD, lower is "
