@@ -40,7 +40,9 @@
 #              it (needs third_party/FiT; about 8 minutes)
 #
 # The published code is not part of this repository: put a checkout of github.com/whlzy/FiT (its fit/ and
-# configs/ folders suffice) in the ignored folder third_party/FiT and carry that path to the device. Each
+# configs/ folders suffice) in the ignored folder third_party/FiT and carry that path to the device; from a bare
+# clone of it (commit b22b7b0 measured so far): mkdir -p third_party/FiT && git --git-dir=CLONE archive HEAD fit
+# configs | tar -x -C third_party/FiT (260 KB). Each
 # stage writes JSON lines and a log under OUT_DIR (default: $OUT, else ./device_out); copy them into
 # bench_results/ and the figures, with date, device and command, into BENCHMARKS.md.
 set -uo pipefail
