@@ -387,6 +387,23 @@ def test_an_epoch_replayed_at_once_gives_the_grids_of_one_generator_per_item():
     assert RandomCropTokenGrids(3, lambda i: (64, 64), transform, 2**32)._replay is False
 
 
+def test_a_platform_whose_generators_differ_falls_back_to_them_with_a_warning(monkeypatch):
+    import maskfit.data.rng_replay as rng_replay
+    from maskfit.data.datasets import ImageTransform, item_rng
+    from maskfit.data.pipeline import RandomCropTokenGrids
+
+    monkeypatch.setattr(rng_replay, "agrees_with_numpy", lambda *args: False)
+    transform = ImageTransform(token_budget=64, patch_px=4, random_crop=True)
+    sizes = [(64, 64), (90, 40), (33, 70)]
+    grids = RandomCropTokenGrids(len(sizes), lambda i: sizes[i], transform, seed=3)
+    with pytest.warns(UserWarning, match="numpy's generators here differ from maskfit.data.rng_replay"):
+        first = grids.at(0, 2)
+    assert grids._replay is False
+    for i, (w0, h0) in enumerate(sizes):
+        w, h = transform.output_size(w0, h0, item_rng(3, 2, i))
+        assert (first if i == 0 else grids.at(i, 2)) == (h // 4, w // 4)
+
+
 def test_random_crops_of_an_unknown_dataset_cannot_be_packed_ahead():
     class Cropping(torch.utils.data.Dataset):
         from maskfit.data.datasets import ImageTransform

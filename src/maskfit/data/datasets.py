@@ -207,7 +207,7 @@ class ImageTransform:
         return fit_to_token_budget(width, height, self.token_budget, self.patch_px)
 
     @property
-    def size_needs_two_draws(self) -> bool:
+    def size_from_first_two_draws(self) -> bool:
         """Whether :meth:`output_size` depends on the item's first two draws only (a random aspect crop and no
         mixed choice, which would follow the crop's position draws): token batching's planner then replays
         an epoch's sizes from those draws (:meth:`output_size_from_draws`)."""
@@ -215,7 +215,7 @@ class ImageTransform:
 
     def output_size_from_draws(self, width: int, height: int, first: float, second: float) -> tuple[int, int]:
         """:meth:`output_size` given the item generator's first two ``random()`` values instead of the generator
-        (only where :attr:`size_needs_two_draws`): the crop's ratio and area draws, then FiT's budget rule."""
+        (only where :attr:`size_from_first_two_draws`): the crop's ratio and area draws, then FiT's budget rule."""
         lo, hi = self.crop_ratio_range
         log_ratio = uniform_from(first, math.log(lo), math.log(hi))
         cw, ch = aspect_crop_size(width, height, log_ratio, uniform_from(second, self.crop_min_area, 1.0))

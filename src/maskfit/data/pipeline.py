@@ -265,7 +265,7 @@ class RandomCropTokenGrids(TokenGrids):
         super().__init__(num_items, lambda i: (read_size(i), None))  # "grid" slot: the image's (W, H)
         self._transform, self._seed = transform, seed
         self._last: list[Optional[tuple[int, tuple[int, int]]]] = [None] * num_items  # (epoch, grid)
-        replayable = transform.size_needs_two_draws and 0 <= seed < 2**32 and num_items <= 2**32
+        replayable = transform.size_from_first_two_draws and 0 <= seed < 2**32 and num_items <= 2**32
         self._replay: Optional[bool] = None if replayable else False  # None: not yet checked
         self._draws: Optional[tuple[int, np.ndarray]] = None  # (epoch, (N, 2) first two random() values)
 
