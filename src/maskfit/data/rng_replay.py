@@ -3,8 +3,9 @@
 Token batching plans each step's bin in the training loop's main process (the DataLoader asks its batch
 sampler there), and under random aspect crops an image's token grid changes every epoch: the planner replays
 each item's crop from its generator ``np.random.default_rng([seed, epoch, index])``
-(:func:`maskfit.data.datasets.item_rng`). Making that generator costs ~11 us, ~70 % of the planner's time
-(2026-12-02, 2-core CPU: 13-15 ms a bin of ~270 images). The crop's size depends on its first two draws only
+(:func:`maskfit.data.datasets.item_rng`). Replaying it (~11 us to make the generator, then its draws) was ~70 % of the planner's time
+(2026-12-02, 2-core CPU: 9-17 ms a bin of ~266 images, 4-5 ms with this module;
+tools/probes/bin_planner.py FOLDER). The crop's size depends on its first two draws only
 (ratio and area; the position comes after), so :func:`first_doubles` computes those draws for a whole epoch
 with array arithmetic, and the planner does the rest of the size rule per item.
 
