@@ -580,6 +580,19 @@ def test_glance_table_sets_the_runs_with_three_seeds_side_by_side(tmp_path):
     assert "| | packed (3 seeds) | plain50_ft (3 seeds) |" in glance and "plain75" not in glance
     assert "| images seen | 200,000 ± 0 | 360,000 ± 0 |" in glance  # equal across seeds: a spread of 0
     assert "| ID 64x64 none | 11.00 ± 1.00 | 9.00 ± 1.00 |" in glance
+    # ... and drawn: one series per run at the table's means, bars the sample std
+    assert "](study/plots/glance.png)" in glance and (tmp_path / "study" / "plots" / "glance.png").stat().st_size > 1000
+    from maskfit.study_report import _collect, glance_runs, group_labels, label_of, plot_glance, split_extra
+
+    main_lines, _ = split_extra(lines)
+    labels = group_labels(main_lines)
+    row_labels = list(dict.fromkeys(label_of(l, labels) for l in main_lines))
+    chosen = glance_runs(main_lines, labels, row_labels)
+    assert [label for label, _ in chosen] == ["packed", "plain50_ft"]
+    fig = plot_glance(chosen, row_labels, _collect(main_lines, labels), [("64x64", "none")], tmp_path / "g.png")
+    series = fig.axes[0].containers  # errorbar containers, one per run
+    assert [list(c.lines[0].get_ydata()) for c in series] == [[11.0], [9.0]]
+    assert fig.axes[0].get_ylim()[0] == 0
 
 
 def test_report_without_results_says_so_and_creates_the_template(tmp_path):

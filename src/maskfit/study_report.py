@@ -330,16 +330,21 @@ def runs_table(lines: Sequence[dict], labels, row_labels: Sequence[str]) -> List
 GLANCE_SEEDS = 3  # issue 12: the decisive comparison has at least three seeds a run
 
 
-def glance_table(lines: Sequence[dict], labels, row_labels: Sequence[str], cells, columns) -> List[str]:
-    """The runs with at least GLANCE_SEEDS seeds side by side (a column each): how fast they trained, how many images
-    they saw in the budget, and their proxy FD at every resolution and method at the final checkpoint. Nothing when
-    fewer than two runs have that many seeds."""
+def glance_runs(lines: Sequence[dict], labels, row_labels: Sequence[str]) -> List[Tuple[str, List[dict]]]:
+    """(label, one final line per seed) of every run with at least GLANCE_SEEDS seeds; empty when fewer than two
+    runs have that many (nothing to set side by side)."""
     chosen = []
     for label in row_labels:
         finals = {l["seed"]: l for l in lines if label_of(l, labels) == label and l["is_final"]}
         if len(finals) >= GLANCE_SEEDS:
             chosen.append((label, list(finals.values())))
-    if len(chosen) < 2:
+    return chosen if len(chosen) >= 2 else []
+
+
+def glance_table(chosen: Sequence[Tuple[str, List[dict]]], cells, columns) -> List[str]:
+    """The :func:`glance_runs` side by side (a column each): how fast they trained, how many images they saw in the
+    budget, and their proxy FD at every resolution and method at the final checkpoint."""
+    if not chosen:
         return []
 
     def plain(values, digits: int) -> str:  # mean ± std, the seed count is in the header
@@ -470,6 +475,38 @@ def plot_resolution(cells, row_labels, columns, path: Path):
         ax.grid(True, alpha=0.3)
         ax.legend(title="RoPE method", fontsize="small")
     fig.suptitle("Proxy FD against resolution at equal GPU time (final checkpoints), mean over seeds")
+    fig.savefig(path, dpi=100)
+    return fig
+
+
+def plot_glance(chosen: Sequence[Tuple[str, List[dict]]], row_labels: Sequence[str], cells, columns, path: Path):
+    """The :func:`glance_runs` at equal GPU time in one panel: proxy FD (mean ± sample std over seeds) at every
+    resolution and method evaluated at the final checkpoint, a series per run (in its colour and marker of the other
+    plots), side by side at each position."""
+    fig, _, _ = _figure(1, 1, width=max(6.0, 0.55 * len(columns) + 2), height=4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    shown = [c for c in columns if any(cells.get((label, "final", *c)) for label, _ in chosen)]
+    width = 0.6 / max(len(chosen), 1)
+    for j, (label, runs) in enumerate(chosen):
+        xs, ys, es = [], [], []
+        for x, (res, method) in enumerate(shown):
+            y, dy, _ = mean_spread(l.get("proxy_fd") for l in cells.get((label, "final", res, method), []))
+            if y is not None:
+                xs.append(x + (j - (len(chosen) - 1) / 2) * width)
+                ys.append(y)
+                es.append(dy or 0.0)
+        style = {k: v for k, v in run_style(list(row_labels).index(label)).items() if k != "linestyle"}
+        ax.errorbar(xs, ys, yerr=es, capsize=3, linestyle="none", label=f"{label} ({len(runs)} seeds)", **style)
+    split_of = {c: next(l["split"] for label, _ in chosen for l in cells.get((label, "final", *c), [])) for c in shown}
+    ax.set_xticks(range(len(shown)), [f"{split_of[c]} {c[0]}\n{c[1]}" for c in shown], rotation=45, ha="right",
+                  fontsize="small")
+    # A linear axis from 0: these runs' FDs span less than a decade, and equal heights should read as equal FDs.
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("proxy FD (lower is better)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.suptitle("At equal GPU time, the runs with 3 or more seeds: proxy FD at the final checkpoint\n"
+                 "mean over seeds, bars = sample std")
     fig.savefig(path, dpi=100)
     return fig
 
@@ -626,7 +663,12 @@ def report_block(lines: Sequence[dict], plots: Path, report: Path, sheets: Optio
     if len(proxies) > 1:
         out += [f"> **Warning:** {len(proxies)} proxy classifiers ({', '.join(sorted(p[:12] for p in proxies))}); proxy "
                 "numbers compare only within one.", ""]
-    out += glance_table(lines, labels, row_labels, cells, columns)
+    chosen = glance_runs(lines, labels, row_labels)
+    out += glance_table(chosen, cells, columns)
+    if chosen:
+        glance_png = plots / "glance.png"
+        plot_glance(chosen, row_labels, cells, columns, glance_png)
+        out += [f"![The runs with {GLANCE_SEEDS} or more seeds at equal GPU time]({(rel / glance_png.name).as_posix()})", ""]
     out += ["### Runs", ""] + runs_table(lines, labels, row_labels) + [""]
     out += ["### At equal GPU time (final checkpoints, equal training budget)", ""]
     for key in METRICS:
