@@ -54,3 +54,11 @@ def test_the_kernel_equals_autograds_derivative_under_the_interpreter(monkeypatc
         (expected,) = torch.autograd.grad(F.silu(y[:, :h]) * y[:, h:], y, dh)
         got = swiglu_backward.launch_grad_kernel(kernel, y.detach(), dh)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_backward_without_its_registered_op_says_how_to_register_it(monkeypatch):
+    monkeypatch.setattr(swiglu_backward, "_OP", None)
+    y = torch.randn(4, 6, requires_grad=True)
+    out = swiglu_backward._TritonBackward.apply(y)
+    with pytest.raises(RuntimeError, match=r"not registered: call maskfit.models.swiglu_backward.grad_op\(\)"):
+        out.sum().backward()

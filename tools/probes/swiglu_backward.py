@@ -57,6 +57,12 @@ class TritonSwiGLU(SwiGLU):
         return self.fc2(_TritonBackward.apply(self.fc1(x)))
 
 
+if triton is not None:
+    from maskfit.models.swiglu_backward import grad_op
+
+    grad_op()  # the custom op registered before any form is compiled
+
+
 def check_kernel() -> None:
     """The kernel against autograd's derivative of silu(g) * v, fp32, odd sizes (masks at both edges)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # a compiled Triton kernel reads device memory only

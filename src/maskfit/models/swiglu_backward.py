@@ -2,8 +2,9 @@
 
 The H200 profile of FiT-B/2-dit (BENCHMARKS.md, issue 14 item 3) has Inductor's SwiGLU backward kernel moving its
 bytes at 2.4 TB/s where the forward reaches 4.4: it writes the gradient of fc1's (T, 2h) output one element at a
-time, so the gate half and the value half each re-read the inputs the other reads. :func:`_grad_kernel` reads
-the gate, the value and the incoming gradient once per element pair and writes both halves, in fp32 arithmetic.
+time, so the gate half and the value half each re-read the inputs the other reads. Our kernel
+(:mod:`maskfit.models.swiglu_triton`) reads the gate, the value and the incoming gradient once per element pair
+and writes both halves, in fp32 arithmetic.
 Measured on the H200 (2026-12-02, `tools/probes/swiglu_backward.py`, 12 compiled FFN sublayers forward +
 backward on 61 696 tokens, bf16): 47.22 -> 44.03 ms at hidden 2048, 65.73 -> 61.89 ms at 3072.
 
@@ -17,6 +18,7 @@ The derivative (s = sigmoid(g), h = silu(g) * v = g s v):
 from __future__ import annotations
 
 import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -55,15 +57,22 @@ def launch_grad_kernel(kernel, y: Tensor, dh: Tensor) -> Tensor:
     return dy
 
 
-_OP = None  # the registered triton_op, made on first use (triton is imported only then)
+_OP = None  # the registered triton_op (triton is imported only when it is registered)
 
 
-def _grad_op():
+def grad_op():
+    """The kernel as the custom op ``maskfit::swiglu_grad``, registered on the first call. Registered at import under
+    MASKFIT_SWIGLU_BACKWARD=triton on a CUDA machine; whoever switches :data:`BACKWARD` later calls this first, so
+    that no traced step registers it (a registration inside torch.compile's tracing would break the graph)."""
     global _OP
     if _OP is None:
-        from torch.library import triton_op, wrap_triton
+        try:
+            from torch.library import triton_op, wrap_triton
 
-        kernel = make_grad_kernel()
+            kernel = make_grad_kernel()
+        except ImportError as err:
+            raise RuntimeError(f"SwiGLU's Triton backward needs triton ({err}); install it or unset "
+                               "MASKFIT_SWIGLU_BACKWARD") from err
 
         @triton_op("maskfit::swiglu_grad", mutates_args=())
         def swiglu_grad(y: Tensor, dh: Tensor) -> Tensor:
@@ -93,4 +102,11 @@ class _TritonBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh: Tensor) -> Tensor:  # (T, h) -> (T, 2h)
         (y,) = ctx.saved_tensors
-        return _grad_op()(y, dh.contiguous())
+        if _OP is None:
+            raise RuntimeError("maskfit::swiglu_grad is not registered: call maskfit.models.swiglu_backward.grad_op() "
+                               "before the step is traced (it is, at import, under MASKFIT_SWIGLU_BACKWARD=triton)")
+        return _OP(y, dh.contiguous())
+
+
+if BACKWARD == "triton" and torch.cuda.is_available():
+    grad_op()  # before any step is traced
