@@ -24,8 +24,10 @@
 #             reduce-overhead, i.e. CUDA graphs; or default); PROFILE=1 adds `--profile`: where the real row's main
 #             thread spent its timed window (maskfit.hostprofile); carry .carry/imagenette/train-128.zip
 #   host      the one folder row under the 0.95 floor (FiT-B/2-dit, 50 % plain, 0.844 on 2026-12-02) again, after
-#             the bin planner's speed-up, with PROFILE=1: does it now reach the floor, and if not, where does the
-#             main process spend the time the GPU waits
+#             the bin planner's two speed-ups (counts read once per bin; an epoch's crop draws replayed at once,
+#             sizes from the decoded arrays), with PROFILE=1: does it now reach the floor, and if not, where does
+#             the main process spend the time the GPU waits (its first try, 2026-12-02 sixth session, failed on
+#             the profiler's kept frames under CUDA graphs, since fixed)
 #   remaining the two folder rows still unmeasured: ROWS=plain50 MODEL=FiT-B/2-dit and ROWS=decoder MODEL=FiT-B/2 of
 #             folder128_tokens, one command (ROWS: plain = unmasked and 50 % plain, or unmasked, plain50, decoder)
 #   graphs    CUDA graphs in maskfit train (train.compile_mode) on the small pixel model, token batching,
