@@ -584,3 +584,22 @@ def test_interleaved_unmasked_steps_train_the_decoder_on_the_full_grid_and_resum
     wa = load_file(str(ckpt_io.latest_checkpoint(tmp_path / "a") / "model.safetensors"))
     wb = load_file(str(ckpt_io.latest_checkpoint(tmp_path / "b") / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_an_unreadable_file_s_size_names_the_file(tmp_path):
+    """Token batching reads each image's size before loading it (the header, or the decoded array): a corrupt
+    file fails there, naming the file and what to do."""
+    from PIL import Image
+
+    from maskfit.data.datasets import ImageFileError, ImageFolderDataset, ImageTransform
+
+    (tmp_path / "imgs" / "c0").mkdir(parents=True)
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(tmp_path / "imgs" / "c0" / "good.png")
+    (tmp_path / "imgs" / "c0" / "bad.png").write_bytes(b"not an image")
+    dataset = ImageFolderDataset(tmp_path / "imgs", transform=ImageTransform(token_budget=64, patch_px=PATCH,
+                                                                             random_crop=True))
+    assert [p.name for p, _ in dataset.samples] == ["bad.png", "good.png"]
+    assert dataset.image_size(1) == (60, 40)
+    grids = token_grids(dataset, PATCH)
+    with pytest.raises(ImageFileError, match=r"cannot read the size of image file \S*bad.png .*replace it"):
+        grids.at(0, 0)

@@ -362,12 +362,20 @@ class ImageFolderDataset(_EpochDataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def decoded_size(self, index: int) -> Optional[tuple[int, int]]:
-        """(width, height) of item ``index`` from its decoded array, or None without :meth:`decode_all`."""
-        if self._decoded is None:
-            return None
-        h, w = self._decoded_array(index).shape[:2]
-        return w, h
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(width, height) of item ``index`` before any transform: from its decoded array after :meth:`decode_all`,
+        else from the file's header (PIL decodes no pixels for it; ~0.15 ms a file)."""
+        if self._decoded is not None:
+            h, w = self._decoded_array(index).shape[:2]
+            return w, h
+        path = self.samples[index][0]
+        try:
+            with Image.open(path) as im:
+                return im.size
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise ImageFileError(
+                f"cannot read the size of image file {path} ({type(err).__name__}: {err}); {REPLACE_IMAGE}"
+            ) from err
 
     def _decoded_array(self, index: int) -> np.ndarray:
         path = self.samples[index][0]
@@ -443,6 +451,11 @@ class ImageListDataset(_EpochDataset):
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(width, height) of item ``index`` before any transform."""
+        h, w = self.images[index].shape[:2]  # (H, W, 3) uint8
+        return w, h
 
     def _load(self, index: int) -> tuple[Image.Image, int]:
         return Image.fromarray(self.images[index]), self.labels[index]

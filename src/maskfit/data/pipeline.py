@@ -332,7 +332,7 @@ def token_grids(dataset, patch: int) -> TokenGrids:
     n = len(dataset)
     transform = getattr(dataset, "transform", None)
     if isinstance(dataset, (ImageFolderDataset, ImageListDataset)) and transform.random_crop:
-        return RandomCropTokenGrids(n, lambda i: _image_size(dataset, i), transform, dataset.seed)
+        return RandomCropTokenGrids(n, dataset.image_size, transform, dataset.seed)
     if transform is not None and getattr(transform, "random_crop", False):
         raise ValueError(
             "the dataset crops images at random (random_crop=True), so their token counts change every epoch "
@@ -369,7 +369,7 @@ def token_grids(dataset, patch: int) -> TokenGrids:
         side = square_side(budget, p) // p
 
         def read_image(i: int):
-            w0, h0 = _image_size(dataset, i)
+            w0, h0 = dataset.image_size(i)
             w, h = fit_to_token_budget(w0, h0, budget, p)
             crop = (side, side) if mixed and has_crop_version(w0, h0, budget, p) else None
             return (h // p, w // p), crop
@@ -381,28 +381,6 @@ def token_grids(dataset, patch: int) -> TokenGrids:
         return (x.shape[1] // patch, x.shape[2] // patch), None
 
     return TokenGrids(n, load)
-
-
-def _image_size(dataset, index: int) -> tuple[int, int]:
-    """(width, height) of an image file or in-memory image, before any resize."""
-    from maskfit.data.datasets import REPLACE_IMAGE, ImageFileError, ImageFolderDataset
-
-    if not isinstance(dataset, ImageFolderDataset):
-        h, w = dataset.images[index].shape[:2]  # (H, W, 3) uint8
-        return w, h
-    from PIL import Image
-
-    decoded = dataset.decoded_size(index)
-    if decoded is not None:  # data.decode_once: the array in memory, no file to open (~0.15 ms a header)
-        return decoded
-    path = dataset.samples[index][0]
-    try:
-        with Image.open(path) as im:  # lazy: reads the header, decodes no pixels
-            return im.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ImageFileError(
-            f"cannot read the size of image file {path} ({type(err).__name__}: {err}); {REPLACE_IMAGE}"
-        ) from err
 
 
 @dataclass(frozen=True)
