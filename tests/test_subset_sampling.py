@@ -125,3 +125,28 @@ def test_keep_one_is_the_full_grid_denoiser():
         return x
 
     assert subset_denoiser(model_fn, 1.0) is model_fn
+
+
+def test_a_layout_s_windows_are_read_once_and_give_the_same_covers(monkeypatch):
+    import maskfit.sample
+    from maskfit.tokens import subset_windows
+
+    lay = _stream().layout
+    for keep in (0.5, 0.75, 0.3):
+        windows = subset_windows(lay, keep)
+        plain = subset_cover(lay, keep, torch.Generator().manual_seed(4))
+        reused = subset_cover(lay, keep, torch.Generator().manual_seed(4), windows=windows)
+        assert torch.equal(plain.index, reused.index) and torch.equal(plain.coverage, reused.coverage)
+        assert torch.equal(plain.layout.keep, reused.layout.keep) and torch.equal(plain.layout.pos, reused.layout.pos)
+        assert plain.layout.max_seqlen == reused.layout.max_seqlen and plain.subsets == reused.subsets
+    # the denoiser reads the offsets (a host sync on a GPU) once per layout, not at every network call
+    reads = []
+    monkeypatch.setattr(maskfit.sample, "subset_windows", lambda *a: reads.append(a[0]) or subset_windows(*a))
+    fn = subset_denoiser(lambda x, t, y, layout, mask=None: x[:, :3] * 0 + 1.0, 0.5, torch.Generator().manual_seed(0))
+    x = torch.randn(lay.num_tokens, 8)
+    for _ in range(3):
+        out = fn(x, torch.zeros(3), torch.zeros(3, dtype=torch.long), lay)
+        assert torch.allclose(out, torch.ones(lay.num_tokens, 3))
+    other = _stream(seed=1).layout
+    fn(x, torch.zeros(3), torch.zeros(3, dtype=torch.long), other)
+    assert [r is lay for r in reads] == [True, False]

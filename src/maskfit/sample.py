@@ -27,7 +27,7 @@ from maskfit.diffusion.gaussian import _SAMPLERS as DDPM_SAMPLERS
 from maskfit.diffusion.guidance import GuidanceConfig, guided
 from maskfit.models.rope import RopeExtrapolation
 from maskfit.models.transformer import FiT
-from maskfit.tokens import MaskedView, pack, split_images, subset_cover, unpatchify
+from maskfit.tokens import MaskedView, pack, split_images, subset_cover, subset_windows, unpatchify
 from maskfit.runs import autocast_for
 
 # The samplers of each objective: "ddpm" = FiT v1 (gaussian.py), "flow" = FiTv2 (flow.py).
@@ -156,10 +156,13 @@ def subset_denoiser(model_fn, keep_ratio: float, generator: Optional[torch.Gener
     """
     if keep_ratio == 1.0:
         return model_fn
+    last: list = [None, None]  # (layout, its subset_windows): a sampler covers one layout at every step
 
     def fn(x: Tensor, t: Tensor, y: Tensor, layout) -> Tensor:
         T, B = x.shape[0], layout.num_images
-        cover = subset_cover(layout, keep_ratio, generator)
+        if last[0] is not layout:  # read the layout's offsets once (a host sync), not at every network call
+            last[:] = [layout, subset_windows(layout, keep_ratio)]
+        cover = subset_cover(layout, keep_ratio, generator, windows=last[1])
         m = cover.subsets
         # Segment i*B + b of the cover is subset i of image b, i.e. image i*B + b of the stream repeated m times,
         # and its tokens sit at cover.index + i*T there: the cover's own layout is that stream's kept layout.

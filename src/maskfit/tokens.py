@@ -274,16 +274,23 @@ class SubsetCover:
     subsets: int
 
 
-def subset_cover(layout: TokenLayout, keep_ratio: float, generator: Optional[torch.Generator] = None) -> SubsetCover:
-    """Cut every image of a packed stream of full grids into ceil(1/keep_ratio) random subsets of its tokens.
+@dataclass
+class SubsetWindows:
+    """What :func:`subset_cover` reads from a layout's offsets on the host, on the layout's device: the same for every
+    cover of one layout, so a sampler that covers the same stream at every step computes it once
+    (:func:`subset_windows`) and its later covers need no host sync."""
 
-    Each subset holds round(keep_ratio * n) of the image's n tokens (half up, at least 1), the count uniform masking
-    keeps in training (``maskfit.masking``). The subsets are windows of one random order of the image's tokens,
-    starting at i*n/m for i < m = ceil(1/keep_ratio) and wrapping around, so together they hold every token: with
-    1/keep_ratio an integer they are a partition (each token once), otherwise neighbouring windows overlap (75 %
-    kept: two windows of 3/4 of the tokens, half of them held twice). The draw runs on the layout's device (one sort
-    of T random keys); the window structure is read from the offsets on the host.
-    """
+    slot: Tensor  # (T_s,) place of each subset token in the stream sorted by (image, random key)
+    seq_id: Tensor  # (T_s,) segment (subset i of image b: i*B + b) of each subset token
+    cu_seqlens: Tensor  # (m*B+1,) int32 offsets of the segments
+    grid: Tensor  # (m*B, 2) each segment's image grid
+    max_seqlen: int
+    uniform_len: Optional[int]
+    subsets: int  # m
+
+
+def subset_windows(layout: TokenLayout, keep_ratio: float) -> SubsetWindows:
+    """The window structure of :func:`subset_cover` for ``layout`` (reads its offsets: one host sync)."""
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"keep_ratio={keep_ratio}: the fraction of tokens each subset holds is in (0, 1], e.g. 0.5")
     if layout.valid is not None or layout.keep is not None:
@@ -304,26 +311,47 @@ def subset_cover(layout: TokenLayout, keep_ratio: float, generator: Optional[tor
     img = seg_image[seg_of]  # (T_s,)
     start = (seg_window[seg_of] * n[img]) // m  # (T_s,) where its window starts in the image's random order
     slot = cu[img] + (start + j) % n[img].clamp_min(1)  # (T_s,) place in the stream sorted by (image, random key)
+    lengths = seg_len.tolist()
+    return SubsetWindows(
+        slot=slot.to(device), seq_id=seg_of.to(device), cu_seqlens=offsets.to(device), grid=layout.grid.repeat(m, 1),
+        max_seqlen=max(lengths) if lengths else 0,
+        uniform_len=lengths[0] if lengths and all(v == lengths[0] for v in lengths) else None, subsets=m,
+    )
+
+
+def subset_cover(layout: TokenLayout, keep_ratio: float, generator: Optional[torch.Generator] = None,
+                 windows: Optional[SubsetWindows] = None) -> SubsetCover:
+    """Cut every image of a packed stream of full grids into ceil(1/keep_ratio) random subsets of its tokens.
+
+    Each subset holds round(keep_ratio * n) of the image's n tokens (half up, at least 1), the count uniform masking
+    keeps in training (``maskfit.masking``). The subsets are windows of one random order of the image's tokens,
+    starting at i*n/m for i < m = ceil(1/keep_ratio) and wrapping around, so together they hold every token: with
+    1/keep_ratio an integer they are a partition (each token once), otherwise neighbouring windows overlap (75 %
+    kept: two windows of 3/4 of the tokens, half of them held twice). The draw runs on the layout's device (one sort
+    of T random keys); the window structure is read from the offsets on the host, or taken from ``windows``
+    (:func:`subset_windows` of this layout and ratio), and then nothing is read back.
+    """
+    if windows is None:
+        windows = subset_windows(layout, keep_ratio)
+    device = layout.pos.device
     # One random order of each image's tokens: sort by image id plus a key in [0, 1) (images stay contiguous).
     key = torch.rand(layout.num_tokens, generator=generator, device=device, dtype=torch.float64)
     order = torch.argsort(layout.seq_id.to(torch.float64) + key)  # (T,) stream positions, image by image, shuffled
-    index = order[slot.to(device)]  # (T_s,) stream position of each subset token
+    index = order[windows.slot]  # (T_s,) stream position of each subset token
     pos = layout.pos[index]  # (T_s, 2)
-    grid = layout.grid.repeat(m, 1)  # (m*B, 2)
-    seq_id = seg_of.to(device)
-    lengths = seg_len.tolist()
+    seq_id, grid = windows.seq_id, windows.grid
     subsets = TokenLayout(
         pos=pos,
         seq_id=seq_id,
-        cu_seqlens=offsets.to(device),
+        cu_seqlens=windows.cu_seqlens,
         grid=grid,
-        max_seqlen=max(lengths) if lengths else 0,
-        uniform_len=lengths[0] if lengths and all(v == lengths[0] for v in lengths) else None,
+        max_seqlen=windows.max_seqlen,
+        uniform_len=windows.uniform_len,
         keep=pos[:, 0] * grid[seq_id, 1] + pos[:, 1],
     )
     coverage = torch.zeros(layout.num_tokens, device=device).index_add_(
         0, index, torch.ones(index.shape[0], device=device))  # (T,)
-    return SubsetCover(index=index, layout=subsets, coverage=coverage, subsets=m)
+    return SubsetCover(index=index, layout=subsets, coverage=coverage, subsets=windows.subsets)
 
 
 def to_padded(batch: TokenBatch, seq_len: Optional[int] = None) -> TokenBatch:
