@@ -27,7 +27,8 @@
 #             the bin planner's two speed-ups (counts read once per bin; an epoch's crop draws replayed at once,
 #             sizes from the decoded arrays), with PROFILE=1: does it now reach the floor, and if not, where does
 #             the main process spend the time the GPU waits (its first try, 2026-12-02 sixth session, failed on
-#             the profiler's kept frames under CUDA graphs, since fixed)
+#             the profiler's kept frames under CUDA graphs, since fixed); first without the profiler, then with it
+#             (about 4.5 minutes)
 #   remaining the two folder rows still unmeasured: ROWS=plain50 MODEL=FiT-B/2-dit and ROWS=decoder MODEL=FiT-B/2 of
 #             folder128_tokens, one command (ROWS: plain = unmasked and 50 % plain, or unmasked, plain50, decoder)
 #   graphs    CUDA graphs in maskfit train (train.compile_mode) on the small pixel model, token batching,
@@ -127,7 +128,10 @@ case "$stage" in
         --set mask.design='"decoder"' --steps 40 --warmup 10
     fi ;;
   host)
-    ROWS=plain50 MODEL=FiT-B/2-dit PROFILE=1 "$0" folder128_tokens "$out" ;;
+    # The floor's row as measured before (no profiler: its sampler takes up to ~1.4 % of the interpreter), then the
+    # same row profiled (about 2 minutes each; each its own folder, as a stage's log starts afresh)
+    ROWS=plain50 MODEL=FiT-B/2-dit "$0" folder128_tokens "$out/unprofiled"
+    ROWS=plain50 MODEL=FiT-B/2-dit PROFILE=1 "$0" folder128_tokens "$out/profiled" ;;
   remaining)
     # The folder rows of item 2 not measured by 2026-12-02: FiT-B/2-dit at 50 % plain and FiT-B/2 with the decoder,
     # both under token batching with CUDA graphs (about 2 minutes each; carry .carry/imagenette/train-128.zip).
