@@ -30,6 +30,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+import maskfit.models.swiglu_backward as swiglu_backward
 from maskfit.throughput import design_flops, peak_tflops  # noqa: F401 (bench's public names)
 
 ASPECT_MIX = [((1, 1), 0.30), ((4, 3), 0.35), ((3, 4), 0.15), ((16, 9), 0.10), ((1, 2), 0.05), ((2, 1), 0.05)]
@@ -68,6 +69,9 @@ class BenchResult:
     useful_tflops: float
     mfu: Optional[float]
     loss: float
+    # SwiGLU's backward in this row (maskfit.models.swiglu_backward: "triton" acts in compiled CUDA steps only);
+    # None for the published code's rows
+    swiglu_backward: Optional[str] = None
 
 
 def build_batch(grids, mode: str, token_dim: int, seed: int, device):
@@ -191,6 +195,7 @@ def bench_train_step(
         peak_mem_gib=peak_mem,
         useful_tflops=round(tflops, 1), mfu=None if peak is None else round(tflops / peak, 3),
         loss=float(loss.detach()),
+        swiglu_backward=swiglu_backward.BACKWARD if compile and dev.type == "cuda" else "autograd",
     )
 
 
