@@ -341,6 +341,16 @@ def glance_runs(lines: Sequence[dict], labels, row_labels: Sequence[str]) -> Lis
     return chosen if len(chosen) >= 2 else []
 
 
+def glance_columns(chosen: Sequence[Tuple[str, List[dict]]], cells, columns) -> List[Tuple[str, str, str]]:
+    """(resolution, method, split) of every column at least one of the :func:`glance_runs` has a final value in."""
+    out = []
+    for res, method in columns:
+        found = [l for label, _ in chosen for l in cells.get((label, "final", res, method), [])]
+        if any(l.get("proxy_fd") is not None for l in found):
+            out.append((res, method, found[0]["split"]))
+    return out
+
+
 def glance_table(chosen: Sequence[Tuple[str, List[dict]]], cells, columns) -> List[str]:
     """The :func:`glance_runs` side by side (a column each): how fast they trained, how many images they saw in the
     budget, and their proxy FD at every resolution and method at the final checkpoint."""
@@ -358,11 +368,9 @@ def glance_table(chosen: Sequence[Tuple[str, List[dict]]], cells, columns) -> Li
            "| images/s (average over the budget) | " + " | ".join(plain([r["images_per_s"] for r in runs], 0)
                                                           for _, runs in chosen) + " |",
            "| images seen | " + " | ".join(plain([r["images_seen"] for r in runs], 0) for _, runs in chosen) + " |"]
-    for res, method in columns:
+    for res, method, split in glance_columns(chosen, cells, columns):
         row = [plain([l.get("proxy_fd") for l in cells.get((label, "final", res, method), [])], 2) for label, _ in chosen]
-        if any(c != "–" for c in row):
-            split = next(l["split"] for label, _ in chosen for l in cells.get((label, "final", res, method), []))
-            out.append(f"| {split} {res} {method} | " + " | ".join(row) + " |")
+        out.append(f"| {split} {res} {method} | " + " | ".join(row) + " |")
     return out + [""]
 
 
@@ -485,11 +493,11 @@ def plot_glance(chosen: Sequence[Tuple[str, List[dict]]], row_labels: Sequence[s
     plots), side by side at each position."""
     fig, _, _ = _figure(1, 1, width=max(6.0, 0.55 * len(columns) + 2), height=4.0)
     ax = fig.add_subplot(1, 1, 1)
-    shown = [c for c in columns if any(cells.get((label, "final", *c)) for label, _ in chosen)]
+    shown = glance_columns(chosen, cells, columns)
     width = 0.6 / max(len(chosen), 1)
     for j, (label, runs) in enumerate(chosen):
         xs, ys, es = [], [], []
-        for x, (res, method) in enumerate(shown):
+        for x, (res, method, _) in enumerate(shown):
             y, dy, _ = mean_spread(l.get("proxy_fd") for l in cells.get((label, "final", res, method), []))
             if y is not None:
                 xs.append(x + (j - (len(chosen) - 1) / 2) * width)
@@ -497,9 +505,8 @@ def plot_glance(chosen: Sequence[Tuple[str, List[dict]]], row_labels: Sequence[s
                 es.append(dy or 0.0)
         style = {k: v for k, v in run_style(list(row_labels).index(label)).items() if k != "linestyle"}
         ax.errorbar(xs, ys, yerr=es, capsize=3, linestyle="none", label=f"{label} ({len(runs)} seeds)", **style)
-    split_of = {c: next(l["split"] for label, _ in chosen for l in cells.get((label, "final", *c), [])) for c in shown}
-    ax.set_xticks(range(len(shown)), [f"{split_of[c]} {c[0]}\n{c[1]}" for c in shown], rotation=45, ha="right",
-                  fontsize="small")
+    ax.set_xticks(range(len(shown)), [f"{split} {res}\n{method}" for res, method, split in shown], rotation=45,
+                  ha="right", fontsize="small")
     # A linear axis from 0: these runs' FDs span less than a decade, and equal heights should read as equal FDs.
     ax.set_ylim(bottom=0)
     ax.set_ylabel("proxy FD (lower is better)")

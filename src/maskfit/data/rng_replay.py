@@ -29,7 +29,6 @@ from __future__ import annotations
 import numpy as np
 
 _M32 = 0xFFFFFFFF
-_M64 = (1 << 64) - 1
 # SeedSequence's hash constants (bit_generator.pyx)
 _INIT_A, _MULT_A = 0x43B0D7E5, 0x931E8875
 _INIT_B, _MULT_B = 0x8B51F9DD, 0x58F38DED
